@@ -23,10 +23,8 @@ phase "setup (system packages)" scripts/setup.sh
 if cargo fmt --version >/dev/null 2>&1; then
     phase "format check" cargo fmt --all --check
 fi
-if cargo clippy --version >/dev/null 2>&1; then
-    phase "lint (clippy)" cargo clippy --workspace --all-targets -- -D warnings
-fi
-phase "build (benches)" cargo build --workspace --benches
+# The first build compiles RocksDB's C++ (most of a cold run).
+phase "build (libraries, benches)" cargo build --workspace --benches
 if cargo nextest --version >/dev/null 2>&1; then
     phase "build (tests)" cargo nextest run --workspace --no-run
     phase "tests (nextest)" cargo nextest run --workspace --no-fail-fast
@@ -34,4 +32,7 @@ else
     echo "(cargo-nextest not installed: using cargo test)"
     phase "build (tests)" cargo test --workspace --no-run
     phase "tests (cargo test)" cargo test --workspace --no-fail-fast
+fi
+if cargo clippy --version >/dev/null 2>&1; then
+    phase "lint (clippy)" cargo clippy --workspace --all-targets -- -D warnings
 fi

@@ -30,7 +30,11 @@ impl Unstable {
 
     fn term(&self, i: u64) -> Option<u64> {
         if i < self.offset {
-            return self.snapshot.as_ref().filter(|s| s.meta.index == i).map(|s| s.meta.term);
+            return self
+                .snapshot
+                .as_ref()
+                .filter(|s| s.meta.index == i)
+                .map(|s| s.meta.term);
         }
         let last = self.last_index()?;
         if i > last {
@@ -140,7 +144,9 @@ impl<S: Storage> RaftLog<S> {
         }
         if hi > self.unstable.offset {
             let from = lo.max(self.unstable.offset);
-            for e in &self.unstable.entries[(from - self.unstable.offset) as usize..(hi - self.unstable.offset) as usize] {
+            for e in
+                &self.unstable.entries[(from - self.unstable.offset) as usize..(hi - self.unstable.offset) as usize]
+            {
                 size += e.size();
                 if !out.is_empty() && size > max_bytes {
                     break;
@@ -189,9 +195,11 @@ impl<S: Storage> RaftLog<S> {
         let last_new = index + ents.len() as u64;
         let ci = self.find_conflict(ents);
         if ci != 0 {
-            // A conflict with a committed entry would break Raft's safety:
-            // it cannot happen when the leader is honest, so refuse loudly.
-            assert!(ci > self.committed, "entry {ci} conflicts with committed {}", self.committed);
+            // A conflict with a committed entry cannot come from a correct
+            // leader; refuse it rather than lose a committed entry.
+            if ci <= self.committed {
+                return None;
+            }
             let start = (ci - (index + 1)) as usize;
             self.append(&ents[start..]);
         }
@@ -201,9 +209,12 @@ impl<S: Storage> RaftLog<S> {
 
     /// Appends entries (the first may overwrite a suffix); returns the last index.
     pub fn append(&mut self, ents: &[Entry]) -> u64 {
-        let Some(first) = ents.first() else { return self.last_index() };
-        let after = first.index - 1;
-        assert!(after >= self.committed, "append after {after} below committed {}", self.committed);
+        let Some(first) = ents.first() else {
+            return self.last_index();
+        };
+        if first.index <= self.committed {
+            return self.last_index(); // never overwrite committed entries
+        }
         let u = &mut self.unstable;
         if first.index == u.offset + u.entries.len() as u64 {
             u.entries.extend_from_slice(ents);
@@ -222,8 +233,8 @@ impl<S: Storage> RaftLog<S> {
     }
 
     pub fn commit_to(&mut self, to: u64) {
+        let to = to.min(self.last_index());
         if to > self.committed {
-            assert!(to <= self.last_index(), "commit {to} beyond last index {}", self.last_index());
             self.committed = to;
         }
     }
@@ -241,9 +252,7 @@ impl<S: Storage> RaftLog<S> {
     /// not behind an unstable snapshot.
     pub fn durable_index(&self) -> u64 {
         if self.unstable.snapshot.is_some() {
-            return self.storage.last_index().unwrap_or(0).min(self.unstable.offset - 1).min(
-                self.unstable.snapshot.as_ref().map_or(0, |s| s.meta.index.saturating_sub(1)),
-            );
+            return 0; // nothing is applicable before the snapshot is installed
         }
         self.unstable.offset - 1
     }
@@ -294,7 +303,7 @@ impl<S: Storage> RaftLog<S> {
             return;
         }
         // Ignore if the entry was overwritten in the meantime.
-        if u.term(index) != Some(term) || u.snapshot.is_some() {
+        if u.term(index) != Some(term) {
             return;
         }
         let n = (index + 1 - u.offset) as usize;
@@ -314,7 +323,7 @@ impl<S: Storage> RaftLog<S> {
 
     /// Replaces the log with a snapshot (a follower restoring one).
     pub fn restore(&mut self, snap: Snapshot) {
-        let idx = self.snapshot_index_for_restore(&snap);
+        let idx = snap.meta.index;
         self.committed = idx;
         self.unstable = Unstable {
             offset: idx + 1,
@@ -323,10 +332,6 @@ impl<S: Storage> RaftLog<S> {
             snapshot: Some(snap),
             snapshot_in_progress: false,
         };
-    }
-
-    fn snapshot_index_for_restore(&self, snap: &Snapshot) -> u64 {
-        snap.meta.index
     }
 
     pub fn applied_to(&mut self, index: u64) {

@@ -207,12 +207,15 @@ impl Tracker {
     }
 
     pub fn committed_index(&self) -> u64 {
-        self.voters.committed_index(|id| self.progress.get(&id).map(|p| p.matched))
+        self.voters
+            .committed_index(|id| self.progress.get(&id).map(|p| p.matched))
     }
 
     /// The newest heartbeat round acknowledged by a quorum.
     pub fn quorum_acked_seq(&self) -> u64 {
-        let q = self.voters.committed_index(|id| self.progress.get(&id).map(|p| p.acked_seq));
+        let q = self
+            .voters
+            .committed_index(|id| self.progress.get(&id).map(|p| p.acked_seq));
         if q == u64::MAX {
             0
         } else {

@@ -51,30 +51,52 @@ pub trait Storage {
     fn snapshot(&self, request_index: u64, to: u64) -> Result<Snapshot, StorageError>;
 }
 
+/// The index of the snapshot a new group starts from: log entries before it
+/// never exist, so a new member must be sent a snapshot.
+pub const BOOTSTRAP_INDEX: u64 = 1;
+/// The term of that snapshot.
+pub const BOOTSTRAP_TERM: u64 = 1;
+
 /// An in-memory Raft log, for the simulator and tests.
 #[derive(Clone, Debug, Default)]
 pub struct MemStorage {
     pub hard_state: HardState,
+    /// The configuration as of the last applied change (the node keeps it
+    /// durable with its state machine).
+    pub conf_state: ConfState,
     /// The snapshot the log starts after (index 0 for a new group).
     pub snapshot: Snapshot,
     /// Entries `snapshot.meta.index + 1 ..`.
     pub entries: Vec<Entry>,
+    /// The index the node's state machine has applied, with `conf_state`
+    /// current there: `snapshot()` is taken at it (on demand), so that it holds
+    /// every member added before it.
+    pub applied: u64,
 }
 
 impl MemStorage {
-    /// A new group's storage: its initial configuration, an empty log.
+    /// A new group's storage, bootstrapped as if from a snapshot at
+    /// (`BOOTSTRAP_INDEX`, `BOOTSTRAP_TERM`) holding the initial configuration.
+    /// Members added later start empty (`MemStorage::default()`) and are
+    /// initialized by a snapshot, never by replaying the log from index 1.
     pub fn new_with_conf(conf: ConfState) -> Self {
         MemStorage {
-            hard_state: HardState::default(),
+            hard_state: HardState {
+                term: BOOTSTRAP_TERM,
+                vote: 0,
+                commit: BOOTSTRAP_INDEX,
+            },
+            conf_state: conf.clone(),
             snapshot: Snapshot {
                 meta: SnapshotMeta {
-                    index: 0,
-                    term: 0,
+                    index: BOOTSTRAP_INDEX,
+                    term: BOOTSTRAP_TERM,
                     conf_state: conf,
                 },
                 data: Vec::new(),
             },
             entries: Vec::new(),
+            applied: BOOTSTRAP_INDEX,
         }
     }
 
@@ -92,7 +114,12 @@ impl MemStorage {
         let skip = off.saturating_sub(first.index) as usize;
         let ents = &ents[skip..];
         let start = (ents[0].index - off) as usize;
-        assert!(start <= self.entries.len(), "append leaves a gap: {} after {}", ents[0].index, self.last());
+        assert!(
+            start <= self.entries.len(),
+            "append leaves a gap: {} after {}",
+            ents[0].index,
+            self.last()
+        );
         self.entries.truncate(start);
         self.entries.extend_from_slice(ents);
     }
@@ -107,6 +134,8 @@ impl MemStorage {
         if self.hard_state.commit < snap.meta.index {
             self.hard_state.commit = snap.meta.index;
         }
+        self.conf_state = snap.meta.conf_state.clone();
+        self.applied = self.applied.max(snap.meta.index);
         self.snapshot = snap;
     }
 
@@ -131,7 +160,7 @@ impl MemStorage {
 
 impl Storage for MemStorage {
     fn initial_state(&self) -> Result<(HardState, ConfState), StorageError> {
-        Ok((self.hard_state, self.snapshot.meta.conf_state.clone()))
+        Ok((self.hard_state, self.conf_state.clone()))
     }
 
     fn entries(&self, lo: u64, hi: u64, max_bytes: u64) -> Result<Vec<Entry>, StorageError> {
@@ -175,6 +204,16 @@ impl Storage for MemStorage {
     }
 
     fn snapshot(&self, _request_index: u64, _to: u64) -> Result<Snapshot, StorageError> {
-        Ok(self.snapshot.clone())
+        if self.applied <= self.snapshot.meta.index {
+            return Ok(self.snapshot.clone());
+        }
+        Ok(Snapshot {
+            meta: SnapshotMeta {
+                index: self.applied,
+                term: self.term(self.applied)?,
+                conf_state: self.conf_state.clone(),
+            },
+            data: self.snapshot.data.clone(),
+        })
     }
 }

@@ -150,17 +150,32 @@ pub enum MessageBody {
         last_term: u64,
         transfer: bool,
     },
-    VoteResponse { pre: bool, reject: bool },
+    VoteResponse {
+        pre: bool,
+        reject: bool,
+    },
     /// The leader's heartbeat of round `seq`; `commit` is capped at what the
     /// follower is known to have.
-    Heartbeat { commit: u64, seq: u64 },
-    HeartbeatResponse { seq: u64 },
-    Snapshot { snapshot: Snapshot },
+    Heartbeat {
+        commit: u64,
+        seq: u64,
+    },
+    HeartbeatResponse {
+        seq: u64,
+    },
+    Snapshot {
+        snapshot: Snapshot,
+    },
     /// Campaign now, on a leader transfer.
     TimeoutNow,
     /// A follower asks the leader for a read index on behalf of `ctx`.
-    ReadIndex { ctx: Vec<u8> },
-    ReadIndexResponse { ctx: Vec<u8>, index: u64 },
+    ReadIndex {
+        ctx: Vec<u8>,
+    },
+    ReadIndexResponse {
+        ctx: Vec<u8>,
+        index: u64,
+    },
 }
 
 impl MessageBody {
