@@ -130,7 +130,8 @@ impl<S: Storage> RawNode<S> {
 
     pub fn has_ready(&self) -> bool {
         let r = &self.raft;
-        !r.msgs.is_empty()
+        r.proposals_unsent
+            || !r.msgs.is_empty()
             || !r.msgs_after_persist.is_empty()
             || r.hard_state() != self.prev_hs
             || r.soft_state() != self.prev_ss
@@ -143,6 +144,7 @@ impl<S: Storage> RawNode<S> {
 
     /// Takes the pending outputs.
     pub fn ready(&mut self) -> Ready {
+        self.raft.flush_proposals();
         let number = self.next_number;
         self.next_number += 1;
         let r = &mut self.raft;

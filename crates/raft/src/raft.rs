@@ -186,6 +186,9 @@ pub struct Raft<S: Storage> {
     pub(crate) reads_waiting_commit: Vec<(Vec<u8>, NodeId)>,
     /// The candidate's own vote, counted once it is durable.
     pub(crate) self_vote_pending: bool,
+    /// Proposals were appended since the last broadcast: appends go out once
+    /// per `Ready`, not once per proposal.
+    pub(crate) proposals_unsent: bool,
     pub counters: RaftCounters,
 }
 
@@ -219,6 +222,7 @@ impl<S: Storage> Raft<S> {
             pending_reads: Vec::new(),
             reads_waiting_commit: Vec::new(),
             self_vote_pending: false,
+            proposals_unsent: false,
             counters: RaftCounters::default(),
         };
         let next = r.log.last_index() + 1;
@@ -679,7 +683,14 @@ impl<S: Storage> Raft<S> {
             index,
             payload,
         }]);
-        self.bcast_append();
+        self.proposals_unsent = true;
         Ok((index, self.term))
+    }
+
+    /// Sends the appends that proposals since the last call need.
+    pub fn flush_proposals(&mut self) {
+        if std::mem::take(&mut self.proposals_unsent) && self.role == Role::Leader {
+            self.bcast_append();
+        }
     }
 }

@@ -8,11 +8,14 @@ use crate::storage::{Storage, StorageError};
 use crate::types::{Message, MessageBody, NodeId, Role, Snapshot, NONE};
 
 impl<S: Storage> Raft<S> {
-    /// Sends appends (or snapshots) to every other member.
+    /// Sends appends (or snapshots) to every other member, filling each
+    /// replicating follower's flow-control window.
     pub(crate) fn bcast_append(&mut self) {
         let ids: Vec<NodeId> = self.trk.progress.keys().copied().filter(|&id| id != self.id).collect();
         for id in ids {
-            self.send_append(id);
+            if self.maybe_send_append(id, true) {
+                while self.maybe_send_append(id, false) {}
+            }
         }
     }
 
