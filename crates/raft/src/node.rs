@@ -227,6 +227,11 @@ impl<S: Storage> RawNode<S> {
         self.raft.trk.conf_state()
     }
 
+    /// See [`Raft::leader_ready`].
+    pub fn leader_ready(&self) -> bool {
+        self.raft.leader_ready()
+    }
+
     /// See [`Raft::lease_round`].
     pub fn lease_round(&self) -> Option<u64> {
         self.raft.lease_round()

@@ -189,6 +189,8 @@ pub struct Raft<S: Storage> {
     /// Proposals were appended since the last broadcast: appends go out once
     /// per `Ready`, not once per proposal.
     pub(crate) proposals_unsent: bool,
+    /// Index of the empty entry this leader appended when elected.
+    pub(crate) term_start_index: u64,
     pub counters: RaftCounters,
 }
 
@@ -223,6 +225,7 @@ impl<S: Storage> Raft<S> {
             reads_waiting_commit: Vec::new(),
             self_vote_pending: false,
             proposals_unsent: false,
+            term_start_index: 0,
             counters: RaftCounters::default(),
         };
         let next = r.log.last_index() + 1;
@@ -354,6 +357,7 @@ impl<S: Storage> Raft<S> {
             index,
             payload: EntryPayload::Empty,
         }]);
+        self.term_start_index = index;
         // No configuration change until the term's first entry is applied.
         self.pending_conf_index = index;
         #[cfg(test)]
@@ -685,6 +689,13 @@ impl<S: Storage> Raft<S> {
         }]);
         self.proposals_unsent = true;
         Ok((index, self.term))
+    }
+
+    /// Whether this leader has applied the first entry of its term: only then
+    /// does its state hold every write an earlier leader may have acknowledged,
+    /// so only then may it evaluate reads and writes.
+    pub fn leader_ready(&self) -> bool {
+        self.role == Role::Leader && self.log.applied >= self.term_start_index
     }
 
     /// Sends the appends that proposals since the last call need.

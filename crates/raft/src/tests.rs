@@ -433,6 +433,26 @@ fn the_lease_round_is_the_newest_round_a_quorum_acknowledged() {
 }
 
 #[test]
+fn a_new_leader_is_not_ready_until_it_applies_an_entry_of_its_term() {
+    let mut n = Net::new(&[1, 2, 3]);
+    for id in [1, 2, 3] {
+        n.node(id).raft.ticks_since_start = 10;
+    }
+    n.node(1).campaign();
+    for _ in 0..4 {
+        n.step_round();
+        if n.node(1).role() == Role::Leader {
+            break;
+        }
+    }
+    assert_eq!(n.node(1).role(), Role::Leader);
+    assert!(!n.node(1).leader_ready(), "its empty entry is not applied yet");
+    n.settle();
+    assert!(n.node(1).leader_ready());
+    assert!(!n.node(2).leader_ready());
+}
+
+#[test]
 fn no_lease_after_sending_timeout_now() {
     let mut n = Net::new(&[1, 2, 3]);
     n.elect(1);
