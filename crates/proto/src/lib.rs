@@ -1,9 +1,36 @@
 //! Generated protobuf types for Tardigrade, compiled from `proto/*.proto` by
 //! `build.rs` with the pure-Rust `protox` compiler (no system `protoc`).
 //!
-//! This crate holds generated code only: no logic, and it depends on nothing of ours.
+//! Modules mirror the protobuf packages (prost's generated code refers across
+//! packages by relative paths). This crate holds generated code only: no
+//! logic, and it depends on nothing of ours.
 
-/// On-disk records of the storage crate (`proto/storage.proto`).
-pub mod storage {
-    include!(concat!(env!("OUT_DIR"), "/tardigrade.storage.rs"));
+/// Tardigrade's own packages.
+pub mod tardigrade {
+    /// On-disk records of the storage crate (`proto/storage.proto`).
+    pub mod storage {
+        include!(concat!(env!("OUT_DIR"), "/tardigrade.storage.rs"));
+    }
+
+    /// Raft commands and store records of kvserver (`proto/kvserver.proto`).
+    pub mod kvserver {
+        include!(concat!(env!("OUT_DIR"), "/tardigrade.kvserver.rs"));
+    }
+
+    /// Tardigrade's administrative API (`proto/admin.proto`).
+    pub mod admin {
+        include!(concat!(env!("OUT_DIR"), "/tardigrade.admin.rs"));
+    }
+}
+
+pub use tardigrade::{admin, kvserver, storage};
+
+/// etcd's v3 API messages and services (`proto/etcdserverpb.proto`).
+pub mod etcdserverpb {
+    include!(concat!(env!("OUT_DIR"), "/etcdserverpb.rs"));
+}
+
+/// etcd's key-value record (`proto/mvccpb.proto`).
+pub mod mvccpb {
+    include!(concat!(env!("OUT_DIR"), "/mvccpb.rs"));
 }

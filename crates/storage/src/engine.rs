@@ -160,6 +160,20 @@ impl Engine {
             .get_ticker_count(rocksdb::statistics::Ticker::WalFileSynced)
     }
 
+    /// Bytes the store's files take on disk (RocksDB files and staging).
+    pub fn disk_usage_bytes(&self) -> Result<u64> {
+        fn walk(p: &Path) -> std::io::Result<u64> {
+            let mut total = 0;
+            for e in std::fs::read_dir(p)? {
+                let e = e?;
+                let m = e.metadata()?;
+                total += if m.is_dir() { walk(&e.path())? } else { m.len() };
+            }
+            Ok(total)
+        }
+        Ok(walk(&self.inner.dir)?)
+    }
+
     /// Flushes every memtable to SST files (tests and tools).
     pub fn flush(&self) -> Result<()> {
         for cf in Cf::ALL {

@@ -220,7 +220,10 @@ const RANGE_APPLIED: u8 = b'a';
 const RANGE_DESCRIPTOR: u8 = b'd';
 const RANGE_GC_THRESHOLD: u8 = b'g';
 
-fn range_local_key(range_id: u64, suffix: u8) -> Vec<u8> {
+/// The key of range-local record `suffix` of `range_id`. Suffixes in use:
+/// `a` applied state, `d` descriptor, `g` GC threshold (this crate); `e` etcd
+/// revision state (kvserver). Upper-case letters are reserved for layers above.
+pub fn range_local_key(range_id: u64, suffix: u8) -> Vec<u8> {
     let mut k = range_prefix(Some(LOCAL_RANGE), range_id, 10);
     k.push(suffix);
     k
@@ -244,6 +247,13 @@ pub fn range_local_bounds(range_id: u64) -> (Vec<u8>, Vec<u8>) {
     let mut upper = lower.clone();
     upper.push(0xFF);
     (lower, upper)
+}
+
+/// The key of store-local record `name` (names must not start with `snapmark`).
+pub fn store_local_key(name: &[u8]) -> Vec<u8> {
+    let mut k = vec![LOCAL_STORE];
+    k.extend_from_slice(name);
+    k
 }
 
 const SNAPSHOT_MARKER: &[u8] = b"snapmark";

@@ -18,6 +18,8 @@ pub struct AppliedState {
     pub index: u64,
     pub term: u64,
     pub stats: MvccStats,
+    /// The highest lease-applied index applied (see kvserver's at-most-once rule).
+    pub lease_applied_index: u64,
 }
 
 impl From<AppliedState> for RangeAppliedState {
@@ -26,6 +28,7 @@ impl From<AppliedState> for RangeAppliedState {
             applied_index: a.index,
             applied_term: a.term,
             stats: Some(a.stats.into()),
+            lease_applied_index: a.lease_applied_index,
         }
     }
 }
@@ -36,6 +39,7 @@ impl From<RangeAppliedState> for AppliedState {
             index: a.applied_index,
             term: a.applied_term,
             stats: a.stats.map(Into::into).unwrap_or_default(),
+            lease_applied_index: a.lease_applied_index,
         }
     }
 }
@@ -68,6 +72,22 @@ pub fn descriptor(r: &dyn Reader, range_id: u64) -> Result<Option<RangeDescripto
     }
 }
 
+/// Every range descriptor stored in the engine, by range id.
+pub fn all_descriptors(r: &dyn Reader) -> Result<Vec<RangeDescriptor>> {
+    let (lo, _) = keys::range_local_bounds(0);
+    let hi = vec![b'r' + 1];
+    let mut c = r.cursor(Cf::Local, &lo, Some(&hi))?;
+    c.seek_ge(&lo)?;
+    let mut out = Vec::new();
+    while let Some((k, v)) = c.entry() {
+        if k.len() == 10 && k[9] == keys::range_descriptor_key(0)[9] {
+            out.push(decode("range descriptor", v)?);
+        }
+        c.next()?;
+    }
+    Ok(out)
+}
+
 pub fn set_descriptor(b: &mut Batch, desc: &RangeDescriptor) -> Result<()> {
     b.put(
         Cf::Local,
@@ -83,6 +103,25 @@ pub fn gc_threshold(r: &dyn Reader, range_id: u64) -> Result<Timestamp> {
         None => Ok(Timestamp::ZERO),
         Some(b) => Ok(decode::<proto::storage::Timestamp>("gc threshold", &b)?.into()),
     }
+}
+
+/// A range-local record owned by a layer above (suffixes are registered in
+/// `keys::range_local_key`'s documentation).
+pub fn local_record(r: &dyn Reader, range_id: u64, suffix: u8) -> Result<Option<Vec<u8>>> {
+    r.get(Cf::Local, &keys::range_local_key(range_id, suffix))
+}
+
+pub fn set_local_record(b: &mut Batch, range_id: u64, suffix: u8, value: &[u8]) -> Result<()> {
+    b.put(Cf::Local, &keys::range_local_key(range_id, suffix), value)
+}
+
+/// A store-local record (not tied to a range), e.g. the store's identity.
+pub fn store_record(r: &dyn Reader, name: &[u8]) -> Result<Option<Vec<u8>>> {
+    r.get(Cf::Local, &keys::store_local_key(name))
+}
+
+pub fn set_store_record(b: &mut Batch, name: &[u8], value: &[u8]) -> Result<()> {
+    b.put(Cf::Local, &keys::store_local_key(name), value)
 }
 
 pub fn set_gc_threshold(b: &mut Batch, range_id: u64, ts: Timestamp) -> Result<()> {

@@ -79,6 +79,7 @@ fn crash_child_synced_batches() {
                 index: i + 1,
                 term: 1,
                 stats,
+                ..Default::default()
             },
         )
         .unwrap();
@@ -310,6 +311,7 @@ fn fill(e: &Engine, prefix: &str, n: u64, applied: u64, term: u64, log: bool, de
             index: applied,
             term,
             stats: st,
+            ..Default::default()
         },
     )
     .unwrap();

@@ -181,6 +181,7 @@ fn snapshot_round_trip_between_two_engines_replaces_the_span_only() {
             index: 40,
             term: 3,
             stats: st,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -214,6 +215,7 @@ fn snapshot_round_trip_between_two_engines_replaces_the_span_only() {
             index: 7,
             term: 1,
             stats: st_b,
+            ..Default::default()
         },
     )
     .unwrap();

@@ -1,0 +1,233 @@
+//! `tardigrade kv` and `tardigrade debug`: clients of a node's gRPC APIs.
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use proto::admin::{admin_client::AdminClient, RangesRequest};
+use proto::etcdserverpb::{
+    compare, kv_client::KvClient, request_op, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp,
+    TxnRequest,
+};
+use tonic::transport::Channel;
+
+#[derive(Subcommand)]
+pub enum KvCmd {
+    /// Write VALUE at KEY.
+    Put {
+        key: String,
+        value: String,
+        /// Print the previous value too.
+        #[arg(long)]
+        prev_kv: bool,
+    },
+    /// Read KEY (or every key starting with it, with --prefix).
+    Get {
+        key: String,
+        #[arg(long)]
+        prefix: bool,
+        /// Read at this revision (a past state).
+        #[arg(long, default_value_t = 0)]
+        rev: i64,
+        #[arg(long, default_value_t = 0)]
+        limit: i64,
+    },
+    /// Delete KEY (or every key starting with it, with --prefix).
+    Del {
+        key: String,
+        #[arg(long)]
+        prefix: bool,
+    },
+    /// List keys in [START, END) (END omitted: to the end).
+    Scan {
+        start: String,
+        end: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        limit: i64,
+    },
+    /// Compare-and-swap: set KEY to NEW only if its value is EXPECTED.
+    Cas { key: String, expected: String, new: String },
+}
+
+async fn connect(host: &str) -> Result<Channel> {
+    let url = if host.starts_with("http") {
+        host.to_string()
+    } else {
+        format!("http://{host}")
+    };
+    Channel::from_shared(url.clone())
+        .with_context(|| format!("bad address {host}"))?
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {host}"))
+}
+
+fn prefix_end(key: &[u8]) -> Vec<u8> {
+    let mut end = key.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0] // every key
+}
+
+fn show(s: &[u8]) -> String {
+    String::from_utf8_lossy(s).into_owned()
+}
+
+pub async fn run(cmd: KvCmd, host: &str) -> Result<()> {
+    let mut kv = KvClient::new(connect(host).await?);
+    match cmd {
+        KvCmd::Put { key, value, prev_kv } => {
+            let r = kv
+                .put(PutRequest {
+                    key: key.into_bytes(),
+                    value: value.into_bytes(),
+                    prev_kv,
+                    ..Default::default()
+                })
+                .await
+                .context("put failed")?
+                .into_inner();
+            println!("OK (revision {})", r.header.map_or(0, |h| h.revision));
+            if let Some(p) = r.prev_kv {
+                println!("previous: {}", show(&p.value));
+            }
+        }
+        KvCmd::Get {
+            key,
+            prefix,
+            rev,
+            limit,
+        } => {
+            let k = key.into_bytes();
+            let range_end = if prefix { prefix_end(&k) } else { Vec::new() };
+            let r = kv
+                .range(RangeRequest {
+                    key: k,
+                    range_end,
+                    revision: rev,
+                    limit,
+                    ..Default::default()
+                })
+                .await
+                .context("get failed")?
+                .into_inner();
+            for kv in r.kvs {
+                println!("{}\n{}", show(&kv.key), show(&kv.value));
+            }
+        }
+        KvCmd::Del { key, prefix } => {
+            let k = key.into_bytes();
+            let range_end = if prefix { prefix_end(&k) } else { Vec::new() };
+            let r = kv
+                .delete_range(DeleteRangeRequest {
+                    key: k,
+                    range_end,
+                    prev_kv: false,
+                })
+                .await
+                .context("delete failed")?
+                .into_inner();
+            println!("{}", r.deleted);
+        }
+        KvCmd::Scan { start, end, limit } => {
+            let range_end = end.map(String::into_bytes).unwrap_or_else(|| vec![0]);
+            let r = kv
+                .range(RangeRequest {
+                    key: start.into_bytes(),
+                    range_end,
+                    limit,
+                    ..Default::default()
+                })
+                .await
+                .context("scan failed")?
+                .into_inner();
+            for kv in &r.kvs {
+                println!(
+                    "{}\t{}\t(mod revision {}, version {})",
+                    show(&kv.key),
+                    show(&kv.value),
+                    kv.mod_revision,
+                    kv.version
+                );
+            }
+            if r.more {
+                println!("... more keys ({} in the span)", r.count);
+            }
+        }
+        KvCmd::Cas { key, expected, new } => {
+            let k = key.into_bytes();
+            let txn = TxnRequest {
+                compare: vec![Compare {
+                    result: compare::CompareResult::Equal as i32,
+                    target: compare::CompareTarget::Value as i32,
+                    key: k.clone(),
+                    target_union: Some(compare::TargetUnion::Value(expected.into_bytes())),
+                    range_end: Vec::new(),
+                }],
+                success: vec![RequestOp {
+                    request: Some(request_op::Request::RequestPut(PutRequest {
+                        key: k,
+                        value: new.into_bytes(),
+                        ..Default::default()
+                    })),
+                }],
+                failure: Vec::new(),
+            };
+            let r = kv.txn(txn).await.context("cas failed")?.into_inner();
+            if r.succeeded {
+                println!("OK (revision {})", r.header.map_or(0, |h| h.revision));
+            } else {
+                bail!("not swapped: the current value is not the expected one");
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn debug_ranges(host: &str) -> Result<()> {
+    let mut admin = AdminClient::new(connect(host).await?);
+    let r = admin
+        .ranges(RangesRequest {})
+        .await
+        .context("ranges failed")?
+        .into_inner();
+    println!("node {}", r.node_id);
+    println!(
+        "{:<6} {:<8} {:<22} {:<10} {:<7} {:<6} {:<9} {:<9} {:>8} {:>10} {:>7}",
+        "range", "name", "span", "replicas", "leader", "term", "commit", "applied", "keys", "live bytes", "lease"
+    );
+    for info in r.ranges {
+        let d = info.descriptor.unwrap_or_default();
+        let st = info.stats.unwrap_or_default();
+        let replicas: Vec<String> = d.replicas.iter().map(|x| format!("n{}", x.node_id)).collect();
+        println!(
+            "{:<6} {:<8} {:<22} {:<10} {:<7} {:<6} {:<9} {:<9} {:>8} {:>10} {:>7}",
+            d.range_id,
+            info.name,
+            format!("[{:?}, {:?})", show_key(&d.start_key), show_key(&d.end_key)),
+            replicas.join(","),
+            info.raft_leader,
+            info.raft_term,
+            info.commit_index,
+            info.applied_index,
+            st.key_count,
+            st.live_bytes,
+            if info.lease_valid { "valid" } else { "-" }
+        );
+    }
+    Ok(())
+}
+
+fn show_key(k: &[u8]) -> String {
+    k.iter()
+        .map(|&b| {
+            if b.is_ascii_graphic() {
+                (b as char).to_string()
+            } else {
+                format!("\\x{b:02x}")
+            }
+        })
+        .collect()
+}

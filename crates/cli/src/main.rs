@@ -1,0 +1,145 @@
+//! `tardigrade`: the command line of Tardigrade.
+//!
+//! - `start-single-node`: run a one-node cluster (bootstraps itself the first
+//!   time, restarts from its store afterwards);
+//! - `kv put|get|del|scan|cas`: use the KV API (etcd's v3 API) of a node;
+//! - `debug ranges`: each range of a node with its raft and MVCC state.
+//!
+//! Errors end the program with a message and a non-zero exit status.
+
+mod kv;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "tardigrade",
+    version,
+    about = "Tardigrade: a distributed SQL database that also speaks etcd's v3 API."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a single-node cluster in the foreground (Ctrl-C stops it).
+    StartSingleNode {
+        /// Directory of the store; created and bootstrapped if empty.
+        #[arg(long)]
+        store: PathBuf,
+        /// Address of the gRPC API (etcd's v3 API and the admin API).
+        #[arg(long, default_value = "127.0.0.1:2379")]
+        listen_addr: SocketAddr,
+        /// Address of the HTTP endpoints (/health, /metrics).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http_addr: SocketAddr,
+        /// The raft tick, in milliseconds.
+        #[arg(long, default_value_t = 100)]
+        tick_ms: u64,
+        /// The minimum election timeout, in ticks.
+        #[arg(long, default_value_t = 10)]
+        election_ticks: u64,
+    },
+    /// Read and write keys through a node's KV API.
+    Kv {
+        #[command(subcommand)]
+        cmd: kv::KvCmd,
+        /// The node to talk to (its --listen-addr).
+        #[arg(long, global = true, default_value = "127.0.0.1:2379")]
+        host: String,
+    },
+    /// Inspect a node.
+    Debug {
+        #[command(subcommand)]
+        cmd: DebugCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum DebugCmd {
+    /// Every range on the node: span, replicas, raft leader, applied index, MVCC stats.
+    Ranges {
+        #[arg(long, default_value = "127.0.0.1:2379")]
+        host: String,
+    },
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("tardigrade: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        match cli.cmd {
+            Cmd::StartSingleNode {
+                store,
+                listen_addr,
+                http_addr,
+                tick_ms,
+                election_ticks,
+            } => start_single_node(store, listen_addr, http_addr, tick_ms, election_ticks).await,
+            Cmd::Kv { cmd, host } => kv::run(cmd, &host).await,
+            Cmd::Debug {
+                cmd: DebugCmd::Ranges { host },
+            } => kv::debug_ranges(&host).await,
+        }
+    })
+}
+
+async fn start_single_node(
+    store: PathBuf,
+    listen: SocketAddr,
+    http: SocketAddr,
+    tick_ms: u64,
+    election_ticks: u64,
+) -> Result<()> {
+    if tick_ms == 0 || election_ticks < 2 {
+        anyhow::bail!("--tick-ms must be positive and --election-ticks at least 2");
+    }
+    let mut cfg = server::NodeConfig::new(&store);
+    cfg.listen_addr = listen;
+    cfg.http_addr = http;
+    cfg.tick = Duration::from_millis(tick_ms);
+    cfg.election_ticks = election_ticks;
+    let node = server::Node::start(cfg)
+        .await
+        .with_context(|| format!("cannot start a node on store {}", store.display()))?;
+    let g = node.grpc_addr();
+    let h = node.http_addr();
+    println!("Tardigrade single node is running (store {}).", store.display());
+    println!("  etcd v3 API and admin API: {g}");
+    println!("  HTTP health and metrics:   http://{h}/health  http://{h}/metrics");
+    println!("Try:");
+    println!("  tardigrade kv put hello world --host {g}");
+    println!("  tardigrade kv get hello --host {g}");
+    println!("  etcdctl --endpoints={g} put hello world");
+    println!("  etcdctl --endpoints={g} get hello");
+    println!("  tardigrade debug ranges --host {g}");
+    println!("Press Ctrl-C to stop.");
+    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+    println!("stopping...");
+    node.shutdown().await;
+    Ok(())
+}

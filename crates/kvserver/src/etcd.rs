@@ -1,0 +1,570 @@
+//! etcd's v3 KV semantics over the MVCC engine, for the range that holds the
+//! etcd keyspace.
+//!
+//! Writes are evaluated when their raft entry is applied, in log order, as
+//! etcd does: that alone serializes every request on the same keys (two
+//! compare-and-swaps of one key cannot both succeed against the same old
+//! value). A write's revision is `max(last revision + 1, the proposer's HLC wall
+//! nanoseconds)`, so revisions are strictly increasing but not dense; the MVCC
+//! timestamp of every version it writes is that revision. Reads are MVCC reads
+//! at a revision. This module never talks to the network or to raft.
+
+use prost::Message as _;
+use proto::etcdserverpb::{
+    compare, range_request, request_op, response_op, CompactionRequest, Compare, DeleteRangeRequest,
+    DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, RequestOp, ResponseHeader, ResponseOp,
+    TxnRequest, TxnResponse,
+};
+use proto::mvccpb::KeyValue;
+use storage::mvcc::{self, MvccStats, ReadOptions, ScanOptions};
+use storage::{Batch, Reader, Timestamp};
+
+use crate::keyspace::{etcd_key, etcd_span_end, ETCD_PREFIX};
+
+/// etcd's own limits.
+pub const MAX_TXN_OPS: usize = 128;
+pub const MAX_REQUEST_BYTES: usize = 1536 * 1024;
+
+/// etcd's errors, with etcd's messages (clients match on them).
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    #[error("etcdserver: key is not provided")]
+    EmptyKey,
+    #[error("etcdserver: mvcc: required revision is a future revision")]
+    FutureRev,
+    #[error("etcdserver: mvcc: required revision has been compacted")]
+    Compacted,
+    #[error("etcdserver: duplicate key given in txn request")]
+    DuplicateKey,
+    #[error("etcdserver: too many operations in txn request")]
+    TooManyOps,
+    #[error("etcdserver: request is too large")]
+    TooLarge,
+    #[error("etcdserver: invalid sort option")]
+    InvalidSortOption,
+    /// Leases come in a later issue: every lease is unknown.
+    #[error("etcdserver: requested lease not found")]
+    LeaseNotFound(i64),
+    #[error("etcdserver: value is provided")]
+    ValueProvided,
+    #[error("etcdserver: lease is provided")]
+    LeaseProvided,
+    #[error("etcdserver: key not found")]
+    KeyNotFound,
+    #[error("etcdserver: request timed out")]
+    Timeout,
+    #[error("etcdserver: storage: {0}")]
+    Storage(#[from] storage::Error),
+    #[error("etcdserver: corrupt value: {0}")]
+    Corrupt(String),
+}
+
+/// The revision state of the etcd range, persisted with the data it describes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RevState {
+    /// The revision of the last write applied.
+    pub rev: i64,
+    /// Reads below this revision are refused (etcd's compacted error).
+    pub compact_rev: i64,
+}
+
+impl RevState {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(17);
+        v.push(1);
+        v.extend_from_slice(&self.rev.to_be_bytes());
+        v.extend_from_slice(&self.compact_rev.to_be_bytes());
+        v
+    }
+
+    pub fn decode(b: &[u8]) -> Result<RevState, EtcdError> {
+        if b.len() != 17 || b[0] != 1 {
+            return Err(EtcdError::Corrupt(format!("revision state of {} bytes", b.len())));
+        }
+        let mut r = [0u8; 8];
+        r.copy_from_slice(&b[1..9]);
+        let mut c = [0u8; 8];
+        c.copy_from_slice(&b[9..17]);
+        Ok(RevState {
+            rev: i64::from_be_bytes(r),
+            compact_rev: i64::from_be_bytes(c),
+        })
+    }
+}
+
+fn ts(rev: i64) -> Timestamp {
+    Timestamp::new(rev.max(0) as u64, 0)
+}
+
+/// Checks a request before it is proposed: etcd's validation.
+pub fn validate_range(r: &RangeRequest) -> Result<(), EtcdError> {
+    if r.key.is_empty() {
+        return Err(EtcdError::EmptyKey);
+    }
+    if range_request::SortOrder::try_from(r.sort_order).is_err()
+        || range_request::SortTarget::try_from(r.sort_target).is_err()
+    {
+        return Err(EtcdError::InvalidSortOption);
+    }
+    Ok(())
+}
+
+pub fn validate_put(r: &PutRequest) -> Result<(), EtcdError> {
+    if r.key.is_empty() {
+        return Err(EtcdError::EmptyKey);
+    }
+    if r.ignore_value && !r.value.is_empty() {
+        return Err(EtcdError::ValueProvided);
+    }
+    if r.ignore_lease && r.lease != 0 {
+        return Err(EtcdError::LeaseProvided);
+    }
+    Ok(())
+}
+
+pub fn validate_delete(r: &DeleteRangeRequest) -> Result<(), EtcdError> {
+    if r.key.is_empty() {
+        return Err(EtcdError::EmptyKey);
+    }
+    Ok(())
+}
+
+/// etcd's checks of a transaction: sizes, keys, and no key written twice.
+pub fn validate_txn(t: &TxnRequest) -> Result<(), EtcdError> {
+    if t.compare.len().max(t.success.len()).max(t.failure.len()) > MAX_TXN_OPS {
+        return Err(EtcdError::TooManyOps);
+    }
+    for c in &t.compare {
+        if c.key.is_empty() {
+            return Err(EtcdError::EmptyKey);
+        }
+    }
+    for ops in [&t.success, &t.failure] {
+        let mut puts: Vec<&[u8]> = Vec::new();
+        let mut dels: Vec<(&[u8], &[u8])> = Vec::new();
+        for op in ops.iter() {
+            match &op.request {
+                Some(request_op::Request::RequestRange(r)) => validate_range(r)?,
+                Some(request_op::Request::RequestPut(p)) => {
+                    validate_put(p)?;
+                    if puts.contains(&&p.key[..]) {
+                        return Err(EtcdError::DuplicateKey);
+                    }
+                    puts.push(&p.key);
+                }
+                Some(request_op::Request::RequestDeleteRange(d)) => {
+                    validate_delete(d)?;
+                    dels.push((&d.key, &d.range_end));
+                }
+                Some(request_op::Request::RequestTxn(inner)) => validate_txn(inner)?,
+                None => return Err(EtcdError::KeyNotFound),
+            }
+        }
+        // A key both put and deleted in one branch is a duplicate too.
+        for p in &puts {
+            for (k, end) in &dels {
+                if in_range(p, k, end) {
+                    return Err(EtcdError::DuplicateKey);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn in_range(key: &[u8], start: &[u8], end: &[u8]) -> bool {
+    if end.is_empty() {
+        return key == start;
+    }
+    if end == [0] {
+        return key >= start;
+    }
+    key >= start && key < end
+}
+
+/// Maps an etcd [key, range_end) to MVCC user keys; `None` for an empty range.
+fn span(key: &[u8], range_end: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
+    let start = etcd_key(key);
+    if range_end.is_empty() {
+        let mut end = start.clone();
+        end.push(0);
+        return Some((start, end));
+    }
+    if range_end == [0] {
+        return Some((start, etcd_span_end()));
+    }
+    if range_end <= key {
+        return None;
+    }
+    Some((start, etcd_key(range_end)))
+}
+
+fn decode_kv(user_key: &[u8], value: &[u8]) -> Result<KeyValue, EtcdError> {
+    let mut kv = KeyValue::decode(value).map_err(|e| EtcdError::Corrupt(e.to_string()))?;
+    kv.key = user_key
+        .strip_prefix(ETCD_PREFIX)
+        .ok_or_else(|| EtcdError::Corrupt(format!("key {user_key:?} outside the etcd keyspace")))?
+        .to_vec();
+    Ok(kv)
+}
+
+/// Every live key-value in `[start, end)` at `rev`, in key order.
+fn scan_at(r: &dyn Reader, start: &[u8], end: &[u8], rev: i64, max_keys: usize) -> Result<Vec<KeyValue>, EtcdError> {
+    let res = mvcc::scan(
+        r,
+        &ScanOptions {
+            start: start.to_vec(),
+            end: end.to_vec(),
+            read: ReadOptions::at(ts(rev)),
+            max_keys,
+            reverse: false,
+        },
+    )?;
+    res.kvs.iter().map(|kv| decode_kv(&kv.key, &kv.value)).collect()
+}
+
+fn get_at(r: &dyn Reader, key: &[u8], rev: i64) -> Result<Option<KeyValue>, EtcdError> {
+    let k = etcd_key(key);
+    match mvcc::get(r, &k, &ReadOptions::at(ts(rev)))? {
+        Some(kv) => Ok(Some(decode_kv(&k, &kv.value)?)),
+        None => Ok(None),
+    }
+}
+
+/// Range, as etcd answers it: at `r.revision` (or `current` if not positive).
+pub fn range(reader: &dyn Reader, state: &RevState, r: &RangeRequest) -> Result<RangeResponse, EtcdError> {
+    validate_range(r)?;
+    let rev = if r.revision <= 0 { state.rev } else { r.revision };
+    if rev > state.rev {
+        return Err(EtcdError::FutureRev);
+    }
+    if rev < state.compact_rev {
+        return Err(EtcdError::Compacted);
+    }
+    let mut resp = RangeResponse::default();
+    let Some((start, end)) = span(&r.key, &r.range_end) else {
+        return Ok(resp);
+    };
+    let mut kvs = scan_at(reader, &start, &end, rev, 0)?;
+    resp.count = kvs.len() as i64;
+    kvs.retain(|kv| {
+        (r.min_mod_revision == 0 || kv.mod_revision >= r.min_mod_revision)
+            && (r.max_mod_revision == 0 || kv.mod_revision <= r.max_mod_revision)
+            && (r.min_create_revision == 0 || kv.create_revision >= r.min_create_revision)
+            && (r.max_create_revision == 0 || kv.create_revision <= r.max_create_revision)
+    });
+    use range_request::{SortOrder, SortTarget};
+    let target = SortTarget::try_from(r.sort_target).unwrap_or(SortTarget::Key);
+    let mut order = SortOrder::try_from(r.sort_order).unwrap_or(SortOrder::None);
+    if target != SortTarget::Key && order == SortOrder::None {
+        order = SortOrder::Ascend;
+    } else if target == SortTarget::Key && order == SortOrder::Ascend {
+        order = SortOrder::None; // already in key order
+    }
+    if order != SortOrder::None {
+        // Stable sorts on the target keep key order among equals, as etcd's do.
+        match target {
+            SortTarget::Key => kvs.sort_by(|a, b| a.key.cmp(&b.key)),
+            SortTarget::Version => kvs.sort_by_key(|kv| kv.version),
+            SortTarget::Create => kvs.sort_by_key(|kv| kv.create_revision),
+            SortTarget::Mod => kvs.sort_by_key(|kv| kv.mod_revision),
+            SortTarget::Value => kvs.sort_by(|a, b| a.value.cmp(&b.value)),
+        }
+        if order == SortOrder::Descend {
+            kvs.reverse();
+        }
+    }
+    if r.limit > 0 && kvs.len() > r.limit as usize {
+        kvs.truncate(r.limit as usize);
+        resp.more = true;
+    }
+    if r.count_only {
+        kvs.clear();
+    } else if r.keys_only {
+        for kv in &mut kvs {
+            kv.value.clear();
+        }
+    }
+    resp.kvs = kvs;
+    Ok(resp)
+}
+
+/// A write in progress: the revision it will get, assigned at its first write.
+struct Writer<'a> {
+    batch: &'a mut Batch,
+    stats: &'a mut MvccStats,
+    state: &'a mut RevState,
+    hlc_wall: u64,
+    rev: Option<i64>,
+}
+
+impl Writer<'_> {
+    fn rev(&mut self) -> i64 {
+        if let Some(r) = self.rev {
+            return r;
+        }
+        let r = (self.state.rev + 1).max(self.hlc_wall.min(i64::MAX as u64) as i64);
+        self.rev = Some(r);
+        r
+    }
+
+    /// The revision reads inside this write see: its own writes included.
+    fn read_rev(&self) -> i64 {
+        self.rev.unwrap_or(self.state.rev)
+    }
+
+    fn put(&mut self, p: &PutRequest) -> Result<PutResponse, EtcdError> {
+        if p.lease != 0 {
+            return Err(EtcdError::LeaseNotFound(p.lease));
+        }
+        let prev = get_at(&*self.batch, &p.key, self.read_rev())?;
+        if (p.ignore_value || p.ignore_lease) && prev.is_none() {
+            return Err(EtcdError::KeyNotFound);
+        }
+        let rev = self.rev();
+        let value = if p.ignore_value {
+            prev.as_ref().map(|kv| kv.value.clone()).unwrap_or_default()
+        } else {
+            p.value.clone()
+        };
+        let (create, version) = match &prev {
+            Some(kv) => (kv.create_revision, kv.version + 1),
+            None => (rev, 1),
+        };
+        let stored = KeyValue {
+            key: Vec::new(),
+            create_revision: create,
+            mod_revision: rev,
+            version,
+            value,
+            lease: 0,
+        };
+        mvcc::put(
+            self.batch,
+            self.stats,
+            &etcd_key(&p.key),
+            ts(rev),
+            Some(&stored.encode_to_vec()),
+            None,
+        )?;
+        Ok(PutResponse {
+            header: None,
+            prev_kv: if p.prev_kv { prev } else { None },
+        })
+    }
+
+    fn delete(&mut self, d: &DeleteRangeRequest) -> Result<DeleteRangeResponse, EtcdError> {
+        let mut resp = DeleteRangeResponse::default();
+        let Some((start, end)) = span(&d.key, &d.range_end) else {
+            return Ok(resp);
+        };
+        let doomed = scan_at(&*self.batch, &start, &end, self.read_rev(), 0)?;
+        if doomed.is_empty() {
+            return Ok(resp);
+        }
+        let rev = self.rev();
+        for kv in &doomed {
+            mvcc::delete(self.batch, self.stats, &etcd_key(&kv.key), ts(rev), None)?;
+        }
+        resp.deleted = doomed.len() as i64;
+        if d.prev_kv {
+            resp.prev_kvs = doomed;
+        }
+        Ok(resp)
+    }
+
+    fn compare(&self, c: &Compare) -> Result<bool, EtcdError> {
+        let kvs: Vec<KeyValue> = if c.range_end.is_empty() {
+            get_at(&*self.batch, &c.key, self.read_rev())?.into_iter().collect()
+        } else {
+            match span(&c.key, &c.range_end) {
+                Some((s, e)) => scan_at(&*self.batch, &s, &e, self.read_rev(), 0)?,
+                None => Vec::new(),
+            }
+        };
+        use compare::{CompareResult, CompareTarget, TargetUnion};
+        let result = CompareResult::try_from(c.result).unwrap_or(CompareResult::Equal);
+        let target = CompareTarget::try_from(c.target).unwrap_or(CompareTarget::Version);
+        let check = |kv: Option<&KeyValue>| -> bool {
+            let ord = match (target, &c.target_union) {
+                (CompareTarget::Value, Some(TargetUnion::Value(v))) => match kv {
+                    Some(kv) => kv.value.as_slice().cmp(v.as_slice()),
+                    None => return false, // a missing key has no value to compare
+                },
+                (CompareTarget::Version, Some(TargetUnion::Version(v))) => kv.map_or(0, |k| k.version).cmp(v),
+                (CompareTarget::Create, Some(TargetUnion::CreateRevision(v))) => {
+                    kv.map_or(0, |k| k.create_revision).cmp(v)
+                }
+                (CompareTarget::Mod, Some(TargetUnion::ModRevision(v))) => kv.map_or(0, |k| k.mod_revision).cmp(v),
+                (CompareTarget::Lease, Some(TargetUnion::Lease(v))) => kv.map_or(0, |k| k.lease).cmp(v),
+                // A compare with no value for its target compares against zero.
+                (CompareTarget::Value, _) => match kv {
+                    Some(kv) => kv.value.as_slice().cmp(&[][..]),
+                    None => return false,
+                },
+                (_, _) => {
+                    let v = match target {
+                        CompareTarget::Version => kv.map_or(0, |k| k.version),
+                        CompareTarget::Create => kv.map_or(0, |k| k.create_revision),
+                        CompareTarget::Mod => kv.map_or(0, |k| k.mod_revision),
+                        _ => kv.map_or(0, |k| k.lease),
+                    };
+                    v.cmp(&0)
+                }
+            };
+            match result {
+                CompareResult::Equal => ord.is_eq(),
+                CompareResult::Greater => ord.is_gt(),
+                CompareResult::Less => ord.is_lt(),
+                CompareResult::NotEqual => ord.is_ne(),
+            }
+        };
+        if c.range_end.is_empty() {
+            return Ok(check(kvs.first()));
+        }
+        Ok(kvs.iter().all(|kv| check(Some(kv))))
+    }
+
+    fn txn(&mut self, t: &TxnRequest) -> Result<TxnResponse, EtcdError> {
+        let mut ok = true;
+        for c in &t.compare {
+            if !self.compare(c)? {
+                ok = false;
+                break;
+            }
+        }
+        let ops = if ok { &t.success } else { &t.failure };
+        let mut responses = Vec::with_capacity(ops.len());
+        for op in ops {
+            responses.push(self.op(op)?);
+        }
+        Ok(TxnResponse {
+            header: None,
+            succeeded: ok,
+            responses,
+        })
+    }
+
+    fn op(&mut self, op: &RequestOp) -> Result<ResponseOp, EtcdError> {
+        let response = match &op.request {
+            Some(request_op::Request::RequestRange(r)) => {
+                let mut r = r.clone();
+                r.revision = 0;
+                let state = RevState {
+                    rev: self.read_rev(),
+                    compact_rev: self.state.compact_rev,
+                };
+                Some(response_op::Response::ResponseRange(range(&*self.batch, &state, &r)?))
+            }
+            Some(request_op::Request::RequestPut(p)) => Some(response_op::Response::ResponsePut(self.put(p)?)),
+            Some(request_op::Request::RequestDeleteRange(d)) => {
+                Some(response_op::Response::ResponseDeleteRange(self.delete(d)?))
+            }
+            Some(request_op::Request::RequestTxn(t)) => Some(response_op::Response::ResponseTxn(self.txn(t)?)),
+            None => None,
+        };
+        Ok(ResponseOp { response })
+    }
+}
+
+/// A write request as carried in a raft command.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EtcdWrite {
+    Put(PutRequest),
+    DeleteRange(DeleteRangeRequest),
+    Txn(TxnRequest),
+    Compact(CompactionRequest),
+}
+
+/// What a write answers: the response for the client, with the header's
+/// revision set to the store's revision after it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EtcdWriteResponse {
+    Put(PutResponse),
+    DeleteRange(DeleteRangeResponse),
+    Txn(TxnResponse),
+    Compact,
+}
+
+/// Applies one write in log order. On error the batch may hold part of the
+/// write: the caller discards it (each command is applied in a batch of its
+/// own) and `state` is left unchanged.
+pub fn apply(
+    batch: &mut Batch,
+    stats: &mut MvccStats,
+    state: &mut RevState,
+    hlc_wall: u64,
+    w: &EtcdWrite,
+) -> Result<(EtcdWriteResponse, Option<i64>), EtcdError> {
+    let mut wr = Writer {
+        batch,
+        stats,
+        state,
+        hlc_wall,
+        rev: None,
+    };
+    let resp = match w {
+        EtcdWrite::Put(p) => {
+            validate_put(p)?;
+            EtcdWriteResponse::Put(wr.put(p)?)
+        }
+        EtcdWrite::DeleteRange(d) => {
+            validate_delete(d)?;
+            EtcdWriteResponse::DeleteRange(wr.delete(d)?)
+        }
+        EtcdWrite::Txn(t) => {
+            validate_txn(t)?;
+            EtcdWriteResponse::Txn(wr.txn(t)?)
+        }
+        EtcdWrite::Compact(c) => {
+            if c.revision > wr.state.rev {
+                return Err(EtcdError::FutureRev);
+            }
+            if c.revision <= wr.state.compact_rev {
+                return Err(EtcdError::Compacted);
+            }
+            // Keep what reads at or above the revision see; drop the rest.
+            let (start, end) = (ETCD_PREFIX.to_vec(), etcd_span_end());
+            mvcc::gc(wr.batch, wr.stats, &start, &end, ts(c.revision))?;
+            wr.state.compact_rev = c.revision;
+            EtcdWriteResponse::Compact
+        }
+    };
+    let new_rev = wr.rev;
+    if let Some(r) = new_rev {
+        wr.state.rev = r;
+    }
+    Ok((resp, new_rev))
+}
+
+/// Sets `header.revision` (and the rest of the header) on a write response.
+pub fn with_header(resp: EtcdWriteResponse, header: ResponseHeader) -> EtcdWriteResponse {
+    match resp {
+        EtcdWriteResponse::Put(mut p) => {
+            p.header = Some(header);
+            EtcdWriteResponse::Put(p)
+        }
+        EtcdWriteResponse::DeleteRange(mut d) => {
+            d.header = Some(header);
+            EtcdWriteResponse::DeleteRange(d)
+        }
+        EtcdWriteResponse::Txn(mut t) => {
+            set_txn_headers(&mut t, &header);
+            EtcdWriteResponse::Txn(t)
+        }
+        EtcdWriteResponse::Compact => EtcdWriteResponse::Compact,
+    }
+}
+
+fn set_txn_headers(t: &mut TxnResponse, header: &ResponseHeader) {
+    t.header = Some(*header);
+    for r in &mut t.responses {
+        match &mut r.response {
+            Some(response_op::Response::ResponseRange(x)) => x.header = Some(*header),
+            Some(response_op::Response::ResponsePut(x)) => x.header = Some(*header),
+            Some(response_op::Response::ResponseDeleteRange(x)) => x.header = Some(*header),
+            Some(response_op::Response::ResponseTxn(x)) => set_txn_headers(x, header),
+            None => {}
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! A Tardigrade store: one engine, the replicas of ranges on it, the MultiRaft
+//! scheduler that drives all their raft groups from one thread with one synced
+//! write per cycle, the node's hybrid logical clock, and the evaluation of
+//! requests (etcd's KV API, applied in log order).
+//!
+//! This crate joins `raft` and `storage`; it must never speak gRPC or HTTP
+//! (that is `server`), and it reaches time only through `hlc::WallClock` and
+//! `std::time::Instant` in the scheduler, so a simulation can replace them.
+
+pub mod command;
+pub mod etcd;
+pub mod hlc;
+pub mod keyspace;
+pub mod metrics;
+pub mod raft_storage;
+pub mod replica;
+pub mod store;
+
+pub use replica::{ApplyOutcome, ProposeError, ReplicaStatus};
+pub use store::{Store, StoreConfig, StoreHandle};
+
+/// Why a store cannot start or go on.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage: {0}")]
+    Storage(#[from] storage::Error),
+    #[error("corrupt store: {0}")]
+    Corrupt(String),
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("io: {0}")]
+    Io(String),
+}

@@ -1,0 +1,260 @@
+//! A node's metrics: counters and latency histograms, rendered in Prometheus'
+//! text format for the HTTP `/metrics` endpoint.
+//!
+//! Everything is lock-free atomics so that the raft loop and request handlers
+//! can record without contending; nothing here does I/O.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// A monotonically increasing count.
+#[derive(Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A value that goes up and down.
+#[derive(Default)]
+pub struct Gauge(AtomicU64);
+
+impl Gauge {
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A histogram with fixed upper bounds (cumulative when rendered).
+pub struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<AtomicU64>,
+    count: AtomicU64,
+    /// Sum in micro-units (microseconds for latencies).
+    sum_micro: AtomicU64,
+}
+
+/// Latency buckets in seconds, 50 us to 10 s.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Buckets for counts (entries per fsync).
+pub const COUNT_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+
+impl Histogram {
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_micro: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, v: f64) {
+        if let Some(i) = self.bounds.iter().position(|&b| v <= b) {
+            self.counts[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micro.fetch_add((v * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    pub fn observe_duration(&self, d: Duration) {
+        self.observe(d.as_secs_f64());
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    pub fn sum(&self) -> f64 {
+        self.sum_micro.load(Ordering::Relaxed) as f64 / 1e6
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cum = 0;
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (b, c) in self.bounds.iter().zip(&self.counts) {
+            cum += c.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {cum}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", self.count());
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{braces} {}", self.sum());
+        let _ = writeln!(out, "{name}_count{braces} {}", self.count());
+    }
+}
+
+/// The requests whose latency is measured.
+pub const METHODS: &[&str] = &["range", "put", "delete_range", "txn", "compact"];
+
+/// Every metric of a node.
+pub struct Metrics {
+    pub raft_proposals: Counter,
+    pub raft_proposals_dropped: Counter,
+    pub raft_entries_committed: Counter,
+    pub raft_fsyncs: Counter,
+    pub raft_entries_persisted: Counter,
+    pub raft_entries_per_fsync: Histogram,
+    pub raft_messages_sent: Counter,
+    pub raft_messages_received: Counter,
+    pub raft_ticks: Counter,
+    pub ranges: Gauge,
+    pub applied_commands: Counter,
+    pub rejected_commands: Counter,
+    request_latency: Vec<Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            raft_proposals: Counter::default(),
+            raft_proposals_dropped: Counter::default(),
+            raft_entries_committed: Counter::default(),
+            raft_fsyncs: Counter::default(),
+            raft_entries_persisted: Counter::default(),
+            raft_entries_per_fsync: Histogram::new(COUNT_BUCKETS),
+            raft_messages_sent: Counter::default(),
+            raft_messages_received: Counter::default(),
+            raft_ticks: Counter::default(),
+            ranges: Gauge::default(),
+            applied_commands: Counter::default(),
+            rejected_commands: Counter::default(),
+            request_latency: METHODS.iter().map(|_| Histogram::new(LATENCY_BUCKETS)).collect(),
+        }
+    }
+}
+
+impl Metrics {
+    /// The latency histogram of `method` (one of [`METHODS`]).
+    pub fn request_latency(&self, method: &str) -> Option<&Histogram> {
+        METHODS
+            .iter()
+            .position(|&m| m == method)
+            .map(|i| &self.request_latency[i])
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let counters: [(&str, &str, &Counter); 11] = [
+            (
+                "tardigrade_raft_proposals_total",
+                "Commands proposed to raft.",
+                &self.raft_proposals,
+            ),
+            (
+                "tardigrade_raft_proposals_dropped_total",
+                "Proposals refused (not leader) or lost.",
+                &self.raft_proposals_dropped,
+            ),
+            (
+                "tardigrade_raft_entries_committed_total",
+                "Raft entries committed and applied.",
+                &self.raft_entries_committed,
+            ),
+            (
+                "tardigrade_raft_fsyncs_total",
+                "Synced writes of raft state (one per scheduler cycle with work).",
+                &self.raft_fsyncs,
+            ),
+            (
+                "tardigrade_raft_entries_persisted_total",
+                "Raft entries written by those syncs.",
+                &self.raft_entries_persisted,
+            ),
+            (
+                "tardigrade_raft_messages_sent_total",
+                "Raft messages sent to other stores.",
+                &self.raft_messages_sent,
+            ),
+            (
+                "tardigrade_raft_messages_received_total",
+                "Raft messages received from other stores.",
+                &self.raft_messages_received,
+            ),
+            (
+                "tardigrade_raft_ticks_total",
+                "Store-level raft ticks.",
+                &self.raft_ticks,
+            ),
+            (
+                "tardigrade_applied_commands_total",
+                "Commands applied to the state machine.",
+                &self.applied_commands,
+            ),
+            (
+                "tardigrade_rejected_commands_total",
+                "Commands refused at apply (duplicate or reordered).",
+                &self.rejected_commands,
+            ),
+            (
+                "tardigrade_raft_messages_dropped_total",
+                "Raft messages to unknown destinations.",
+                &Counter::default(),
+            ),
+        ];
+        for (name, help, c) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", c.get());
+        }
+        let _ = writeln!(
+            out,
+            "# HELP tardigrade_ranges Ranges with a replica on this node.\n# TYPE tardigrade_ranges gauge\ntardigrade_ranges {}",
+            self.ranges.get()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tardigrade_raft_entries_per_fsync Raft entries made durable per sync.\n# TYPE tardigrade_raft_entries_per_fsync histogram"
+        );
+        self.raft_entries_per_fsync
+            .render(&mut out, "tardigrade_raft_entries_per_fsync", "");
+        let _ = writeln!(
+            out,
+            "# HELP tardigrade_request_duration_seconds Latency of etcd API requests.\n# TYPE tardigrade_request_duration_seconds histogram"
+        );
+        for (m, h) in METHODS.iter().zip(&self.request_latency) {
+            h.render(
+                &mut out,
+                "tardigrade_request_duration_seconds",
+                &format!("method=\"{m}\""),
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_cumulative_buckets() {
+        let m = Metrics::default();
+        m.raft_fsyncs.add(3);
+        m.raft_entries_per_fsync.observe(5.0);
+        m.raft_entries_per_fsync.observe(1.0);
+        let text = m.render();
+        assert!(text.contains("tardigrade_raft_fsyncs_total 3"));
+        assert!(text.contains("tardigrade_raft_entries_per_fsync_bucket{le=\"1\"} 1"));
+        assert!(text.contains("tardigrade_raft_entries_per_fsync_bucket{le=\"8\"} 2"));
+        assert!(text.contains("tardigrade_raft_entries_per_fsync_count 2"));
+        assert!(m.request_latency("put").is_some());
+        assert!(m.request_latency("nope").is_none());
+    }
+}

@@ -1,0 +1,313 @@
+//! One replica of a range on this store: its raft group member, its applied
+//! state, the proposals waiting for their entries to apply, and what readers
+//! may see of it.
+//!
+//! A replica is owned by the store's raft loop (one thread); readers see it only
+//! through `ReplicaStatus` snapshots. Applying an entry writes its data, the
+//! range's applied state (index, term, lease-applied index, MVCC stats) and the
+//! etcd revision state in one batch, so a restart never applies an entry twice
+//! or skips one.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::RwLock;
+use prost::Message as _;
+use proto::kvserver::{raft_command, RaftCommand};
+use proto::storage::RangeDescriptor;
+use raft::{Entry, EntryPayload, RawNode, Role};
+use storage::mvcc::MvccStats;
+use storage::rangestate::{self, AppliedState};
+use storage::{Engine, Timestamp};
+use tokio::sync::oneshot;
+
+use crate::etcd::{self, EtcdError, EtcdWrite, EtcdWriteResponse, RevState};
+use crate::hlc::Clock;
+use crate::metrics::Metrics;
+use crate::raft_storage::ReplicaStorage;
+
+/// Range-local record suffix of the etcd revision state.
+pub const REV_STATE_SUFFIX: u8 = b'e';
+
+/// The outcome of a proposed command, once applied (or known lost).
+#[derive(Debug)]
+pub enum ApplyOutcome {
+    /// An etcd write, applied at raft `term`; `rev` is the store's revision after it.
+    Etcd {
+        result: Result<EtcdWriteResponse, EtcdError>,
+        rev: i64,
+        term: u64,
+    },
+}
+
+/// Why a proposal did not produce an outcome.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProposeError {
+    #[error("not leader (leader is replica {leader})")]
+    NotLeader { leader: u64 },
+    #[error("no such range {0}")]
+    NoSuchRange(u64),
+    /// The command may or may not have been applied.
+    #[error("outcome unknown")]
+    Ambiguous,
+    /// The command was not applied (its entry was replaced or refused).
+    #[error("proposal dropped")]
+    Dropped,
+    #[error("store stopped")]
+    Stopped,
+    #[error("clock: {0}")]
+    Clock(String),
+}
+
+pub type Reply = oneshot::Sender<Result<ApplyOutcome, ProposeError>>;
+
+/// What readers may see of a replica, refreshed by the raft loop.
+#[derive(Clone, Debug, Default)]
+pub struct ReplicaStatus {
+    pub desc: RangeDescriptor,
+    pub name: String,
+    pub leader: u64,
+    pub term: u64,
+    pub commit: u64,
+    pub applied: AppliedState,
+    /// The leader applied an entry of its own term: it may evaluate requests.
+    pub leader_ready: bool,
+    /// Reads may be served locally until then (leader lease).
+    pub lease_until: Option<Instant>,
+}
+
+impl ReplicaStatus {
+    /// Whether this replica may serve a read now.
+    pub fn can_serve(&self, now: Instant) -> bool {
+        self.leader_ready && self.lease_until.is_some_and(|t| now < t)
+    }
+}
+
+pub struct Replica {
+    pub range_id: u64,
+    pub replica_id: u64,
+    pub raw: RawNode<ReplicaStorage>,
+    pub desc: RangeDescriptor,
+    pub name: String,
+    engine: Engine,
+    applied: AppliedState,
+    rev: Option<RevState>,
+    pending: BTreeMap<u64, (u64, Reply)>,
+    proposed_lai: u64,
+    /// Heartbeat round -> when its messages were sent (monotonic clock).
+    hb_times: BTreeMap<u64, Instant>,
+    lease_duration: Duration,
+    pub status: Arc<RwLock<ReplicaStatus>>,
+}
+
+impl Replica {
+    pub fn new(
+        engine: Engine,
+        desc: RangeDescriptor,
+        name: String,
+        replica_id: u64,
+        raft_cfg: raft::Config,
+        lease_duration: Duration,
+    ) -> Result<Replica, crate::StoreError> {
+        let range_id = desc.range_id;
+        let applied = rangestate::applied_state(&engine, range_id)?;
+        let rev = match rangestate::local_record(&engine, range_id, REV_STATE_SUFFIX)? {
+            Some(b) => Some(RevState::decode(&b).map_err(|e| crate::StoreError::Corrupt(e.to_string()))?),
+            None => None,
+        };
+        let st = ReplicaStorage::open(engine.clone(), range_id, crate::raft_storage::conf_state_of(&desc))?;
+        let mut cfg = raft_cfg;
+        cfg.applied = applied.index;
+        let raw = RawNode::new(cfg, st).map_err(|e| crate::StoreError::Raft(e.to_string()))?;
+        let status = Arc::new(RwLock::new(ReplicaStatus {
+            desc: desc.clone(),
+            name: name.clone(),
+            applied,
+            ..Default::default()
+        }));
+        Ok(Replica {
+            range_id,
+            replica_id,
+            raw,
+            desc,
+            name,
+            engine,
+            applied,
+            rev,
+            pending: BTreeMap::new(),
+            proposed_lai: applied.lease_applied_index,
+            hb_times: BTreeMap::new(),
+            lease_duration,
+            status,
+        })
+    }
+
+    /// Whether this replica is the only voter of its range.
+    pub fn is_sole_voter(&self) -> bool {
+        let cs = self.raw.conf_state();
+        cs.voters == [self.replica_id] && cs.voters_outgoing.is_empty()
+    }
+
+    /// Proposes `cmd`; the reply comes when its entry applies.
+    pub fn propose(&mut self, mut cmd: RaftCommand, reply: Reply, metrics: &Metrics) {
+        if self.raw.role() != Role::Leader {
+            metrics.raft_proposals_dropped.inc();
+            let _ = reply.send(Err(ProposeError::NotLeader {
+                leader: self.raw.leader(),
+            }));
+            return;
+        }
+        let lai = self.proposed_lai.max(self.applied.lease_applied_index) + 1;
+        cmd.max_lease_index = lai;
+        match self.raw.propose(cmd.encode_to_vec()) {
+            Ok((index, term)) => {
+                self.proposed_lai = lai;
+                metrics.raft_proposals.inc();
+                // An older proposal waiting on this index was lost (replaced).
+                if let Some((_, old)) = self.pending.insert(index, (term, reply)) {
+                    let _ = old.send(Err(ProposeError::Dropped));
+                }
+            }
+            Err(e) => {
+                metrics.raft_proposals_dropped.inc();
+                let leader = match e {
+                    raft::ProposeError::NotLeader { leader } => leader,
+                    _ => self.raw.leader(),
+                };
+                let _ = reply.send(Err(ProposeError::NotLeader { leader }));
+            }
+        }
+    }
+
+    /// A heartbeat round's messages leave now.
+    pub fn stamp_heartbeat(&mut self, seq: u64, at: Instant) {
+        self.hb_times.insert(seq, at);
+    }
+
+    /// Applies committed entries, in order, one batch each.
+    pub fn apply(&mut self, entries: Vec<Entry>, clock: &Clock, metrics: &Metrics) -> Result<(), crate::StoreError> {
+        let Some(last) = entries.last().map(|e| e.index) else {
+            return Ok(());
+        };
+        for e in entries {
+            self.apply_one(e, clock, metrics)?;
+        }
+        self.raw.on_applied(last);
+        Ok(())
+    }
+
+    fn apply_one(&mut self, e: Entry, clock: &Clock, metrics: &Metrics) -> Result<(), crate::StoreError> {
+        let mut applied = self.applied;
+        applied.index = e.index;
+        applied.term = e.term;
+        let mut batch = self.engine.batch();
+        let mut outcome: Option<ApplyOutcome> = None;
+        let mut new_rev = self.rev;
+        match &e.payload {
+            EntryPayload::Empty => {}
+            EntryPayload::ConfChange(cc) => {
+                let cs = self.raw.apply_conf_change(cc);
+                self.raw.storage_mut().set_conf(cs);
+            }
+            EntryPayload::Normal(data) => match RaftCommand::decode(&data[..]) {
+                Err(err) => {
+                    tracing::error!(range = self.range_id, index = e.index, %err, "undecodable command applied as a no-op");
+                }
+                Ok(cmd) if cmd.max_lease_index <= applied.lease_applied_index => {
+                    // Already applied once, or overtaken: never apply twice.
+                    metrics.rejected_commands.inc();
+                }
+                Ok(cmd) => {
+                    applied.lease_applied_index = cmd.max_lease_index;
+                    let hlc = cmd.proposer_ts.map(Timestamp::from).unwrap_or_default();
+                    if let Err(err) = clock.update(hlc) {
+                        tracing::error!(%err, "clock cannot follow an applied timestamp");
+                    }
+                    let write = match cmd.op {
+                        Some(raft_command::Op::EtcdPut(p)) => Some(EtcdWrite::Put(p)),
+                        Some(raft_command::Op::EtcdDeleteRange(d)) => Some(EtcdWrite::DeleteRange(d)),
+                        Some(raft_command::Op::EtcdTxn(t)) => Some(EtcdWrite::Txn(t)),
+                        Some(raft_command::Op::EtcdCompact(c)) => Some(EtcdWrite::Compact(c)),
+                        None => None,
+                    };
+                    if let (Some(w), Some(rev)) = (write, self.rev) {
+                        let mut state = rev;
+                        let mut delta = MvccStats::default();
+                        let result = etcd::apply(&mut batch, &mut delta, &mut state, hlc.wall, &w);
+                        let result = match result {
+                            Ok((resp, rev_after)) => {
+                                applied.stats += delta;
+                                new_rev = Some(state);
+                                if let Some(r) = rev_after {
+                                    let _ = clock.update(Timestamp::new(r as u64, 0));
+                                }
+                                Ok(resp)
+                            }
+                            Err(err) => {
+                                // Nothing of a failed write is kept.
+                                batch = self.engine.batch();
+                                Err(err)
+                            }
+                        };
+                        let rev = new_rev.map_or(0, |r| r.rev);
+                        outcome = Some(ApplyOutcome::Etcd {
+                            result,
+                            rev,
+                            term: e.term,
+                        });
+                    }
+                    metrics.applied_commands.inc();
+                }
+            },
+        }
+        if let Some(r) = new_rev {
+            if Some(r) != self.rev {
+                rangestate::set_local_record(&mut batch, self.range_id, REV_STATE_SUFFIX, &r.encode())?;
+            }
+        }
+        rangestate::set_applied_state(&mut batch, self.range_id, applied)?;
+        // Unsynced: the entry is durable in the raft log, so a crash replays it.
+        self.engine.write(batch, false)?;
+        self.applied = applied;
+        self.rev = new_rev;
+        metrics.raft_entries_committed.inc();
+        // Answer the proposer if this entry is the one it proposed here.
+        if let Some((term, reply)) = self.pending.remove(&e.index) {
+            let r = match outcome {
+                Some(o) if term == e.term => Ok(o),
+                _ if term == e.term => Err(ProposeError::Dropped),
+                _ => Err(ProposeError::Dropped),
+            };
+            let _ = reply.send(r);
+        }
+        Ok(())
+    }
+
+    /// Refreshes what readers see.
+    pub fn publish_status(&mut self, now: Instant) {
+        let lease_until = self.raw.lease_round().and_then(|seq| {
+            let sent = self.hb_times.range(seq..).next().map(|(_, &t)| t);
+            // Rounds before the acknowledged one are no longer needed.
+            let keep = self.hb_times.split_off(&seq);
+            self.hb_times = keep;
+            sent.map(|t| t + self.lease_duration)
+        });
+        let r = &self.raw.raft;
+        let mut s = self.status.write();
+        s.leader = r.leader;
+        s.term = r.term;
+        s.commit = r.log.committed;
+        s.applied = self.applied;
+        s.leader_ready = r.leader_ready();
+        s.lease_until = lease_until;
+        let _ = now;
+    }
+
+    /// Fails every waiting proposal (the store is stopping).
+    pub fn fail_pending(&mut self, err: ProposeError) {
+        for (_, (_, reply)) in std::mem::take(&mut self.pending) {
+            let _ = reply.send(Err(err.clone()));
+        }
+    }
+}
