@@ -118,22 +118,35 @@ impl StoreHandle {
 
     /// Proposes `cmd` on `range_id` (stamped with this node's clock) and waits
     /// until it applies, `timeout` passes (outcome unknown) or it is refused.
+    ///
+    /// While the range has no leader (an election in progress), the command is
+    /// not proposed and is retried until `timeout`: that is always safe.
     pub async fn propose(
         &self,
         range_id: u64,
         mut cmd: RaftCommand,
         timeout: Duration,
     ) -> Result<ApplyOutcome, ProposeError> {
-        let ts = self.clock.now().map_err(|e| ProposeError::Clock(e.to_string()))?;
-        cmd.proposer_ts = Some(ts.into());
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Event::Propose { range_id, cmd, reply })
-            .map_err(|_| ProposeError::Stopped)?;
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(ProposeError::Stopped),
-            Err(_) => Err(ProposeError::Ambiguous),
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let ts = self.clock.now().map_err(|e| ProposeError::Clock(e.to_string()))?;
+            cmd.proposer_ts = Some(ts.into());
+            let (reply, rx) = oneshot::channel();
+            self.tx
+                .send(Event::Propose {
+                    range_id,
+                    cmd: cmd.clone(),
+                    reply,
+                })
+                .map_err(|_| ProposeError::Stopped)?;
+            match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(Err(ProposeError::NotLeader { leader: 0 }))) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Ok(Ok(r)) => return r,
+                Ok(Err(_)) => return Err(ProposeError::Stopped),
+                Err(_) => return Err(ProposeError::Ambiguous),
+            }
         }
     }
 
