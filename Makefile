@@ -5,6 +5,16 @@
 
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/tardigrade/target
 CARGO ?= cargo
+# Build scripts of some test dependencies (etcd-client) need a protoc: use
+# the one vendored by the protoc-bin-vendored crate, never a system one.
+ifeq ($(PROTOC),)
+PROTOC := $(shell scripts/protoc-path.sh)
+endif
+export PROTOC
+# Where `make run` keeps its single node's data, and where it listens.
+STORE ?= $(CURDIR)/data/single-node
+LISTEN ?= 127.0.0.1:2379
+HTTP ?= 127.0.0.1:8080
 
 .PHONY: run test build setup bench bench-storage bench-raft clean-target
 
@@ -15,13 +25,8 @@ build: setup
 	$(CARGO) build --workspace
 
 run: build
-	@echo
-	@echo "Tardigrade, as of now: the storage engine (crates/storage), the Raft core with its"
-	@echo "simulator (crates/raft) and the protobuf types (crates/proto). There is no node to start"
-	@echo "yet: the next issue adds a single node serving etcd's API, which 'make run' will start."
-	@echo "  make test            run every test (storage model and crash tests, raft simulator)"
-	@echo "  make bench-storage   measure the storage engine on this disk"
-	@echo "  make bench-raft      measure the Raft core alone"
+	@echo "Starting a single node (data in $(STORE); STORE=..., LISTEN=..., HTTP=... to change)."
+	"$(CARGO_TARGET_DIR)/debug/tardigrade" start-single-node --store "$(STORE)" --listen-addr $(LISTEN) --http-addr $(HTTP)
 
 test:
 	@scripts/test.sh

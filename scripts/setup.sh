@@ -10,6 +10,13 @@ have_pkg libclang-dev || need+=(libclang-dev)
 # RocksDB itself is C++.
 command -v g++ >/dev/null 2>&1 || need+=(g++)
 command -v make >/dev/null 2>&1 || need+=(make)
+# `scripts/setup.sh test`: what the tests use as anchors and clients: etcd's
+# server (the differential test runs the real thing) and etcdctl.
+if [ "${1:-}" = "test" ]; then
+    command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+    command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
+    command -v curl >/dev/null 2>&1 || need+=(curl)
+fi
 
 if ((${#need[@]})); then
     echo "setup: installing missing packages: ${need[*]}"

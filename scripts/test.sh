@@ -19,7 +19,7 @@ summary() {
 trap summary EXIT
 
 echo "CARGO_TARGET_DIR=${CARGO_TARGET_DIR}"
-phase "setup (system packages)" scripts/setup.sh
+phase "setup (system packages)" scripts/setup.sh test
 if cargo fmt --version >/dev/null 2>&1; then
     phase "format check" cargo fmt --all --check
 fi

@@ -1,0 +1,127 @@
+//! Helpers for tests that run real processes: the `tardigrade` binary and, as
+//! an anchor, Debian's etcd. Everything listens on 127.0.0.1 on ports chosen
+//! free at run time, and every process is stopped by PID when its guard drops.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A child process, killed (SIGKILL) when dropped.
+pub struct Proc {
+    pub child: Child,
+    /// host:port of its gRPC (client) endpoint.
+    pub grpc: String,
+    /// host:port serving GET /health.
+    pub health: String,
+}
+
+impl Proc {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn kill9(&mut self) {
+        // SAFETY: plain libc call on our own child's pid.
+        unsafe { libc::kill(self.pid(), libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+
+    /// Waits until GET /health answers 200.
+    pub fn wait_healthy(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("process exited early: {status}");
+            }
+            if http_get(&self.health, "/health").is_some_and(|(code, _)| code == 200) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} not healthy after {timeout:?}",
+                self.health
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill9();
+        }
+    }
+}
+
+/// A minimal HTTP/1.0 GET: (status code, body).
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let code = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    Some((code, body))
+}
+
+pub fn start_tardigrade(store: &Path) -> Proc {
+    let grpc = format!("127.0.0.1:{}", free_port());
+    let health = format!("127.0.0.1:{}", free_port());
+    start_tardigrade_at(store, &grpc, &health)
+}
+
+pub fn start_tardigrade_at(store: &Path, grpc: &str, health: &str) -> Proc {
+    let log = std::fs::File::create(store.with_extension("log")).expect("log file");
+    let child = Command::new(env!("CARGO_BIN_EXE_tardigrade"))
+        .args(["start-single-node", "--store"])
+        .arg(store)
+        .args(["--listen-addr", grpc, "--http-addr", health, "--tick-ms", "50"])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn tardigrade");
+    Proc {
+        child,
+        grpc: grpc.to_string(),
+        health: health.to_string(),
+    }
+}
+
+/// Starts Debian's etcd (the anchor), or returns `None` if it is not installed.
+pub fn start_etcd(dir: &Path) -> Option<Proc> {
+    let etcd = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())?;
+    let client = format!("127.0.0.1:{}", free_port());
+    let peer = format!("127.0.0.1:{}", free_port());
+    let log = std::fs::File::create(dir.join("etcd.log")).expect("log file");
+    let child = Command::new(etcd)
+        .args(["--name", "anchor", "--data-dir"])
+        .arg(dir.join("etcd-data"))
+        .args(["--listen-client-urls", &format!("http://{client}")])
+        .args(["--advertise-client-urls", &format!("http://{client}")])
+        .args(["--listen-peer-urls", &format!("http://{peer}")])
+        .args(["--initial-advertise-peer-urls", &format!("http://{peer}")])
+        .args(["--initial-cluster", &format!("anchor=http://{peer}")])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .ok()?;
+    Some(Proc {
+        child,
+        grpc: client.clone(),
+        health: client,
+    })
+}
