@@ -66,7 +66,7 @@ async fn acknowledged_writes_survive_sigkill_and_nothing_applies_twice() {
         let mut total_acked = 0;
         for c in 0..CLIENTS {
             let ci = c as usize;
-            let mut l = logs[ci].lock().unwrap();
+            let l = logs[ci].lock().unwrap().clone();
             total_acked += l.acked.len();
             let r = kv
                 .range(RangeRequest {
@@ -86,7 +86,7 @@ async fn acknowledged_writes_survive_sigkill_and_nothing_applies_twice() {
                     "round {round}: client {c} lost every acknowledged write"
                 );
                 next_i[ci] = l.in_flight.map_or(0, |f| f + 1);
-                l.in_flight = None;
+                logs[ci].lock().unwrap().in_flight = None;
                 continue;
             };
             let acked = l.acked.len() as i64;
@@ -115,7 +115,7 @@ async fn acknowledged_writes_survive_sigkill_and_nothing_applies_twice() {
                 "round {round}: client {c}: revision moved back"
             );
             next_i[ci] = l.in_flight.map_or(v, |f| f.max(v)) + 1;
-            l.in_flight = None;
+            logs[ci].lock().unwrap().in_flight = None;
         }
         max_rev = max_rev.max(
             logs.iter()

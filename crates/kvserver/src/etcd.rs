@@ -40,8 +40,6 @@ pub enum EtcdError {
     TooManyOps,
     #[error("etcdserver: request is too large")]
     TooLarge,
-    #[error("etcdserver: invalid sort option")]
-    InvalidSortOption,
     /// Leases come in a later issue: every lease is unknown.
     #[error("etcdserver: requested lease not found")]
     LeaseNotFound(i64),
@@ -101,11 +99,8 @@ pub fn validate_range(r: &RangeRequest) -> Result<(), EtcdError> {
     if r.key.is_empty() {
         return Err(EtcdError::EmptyKey);
     }
-    if range_request::SortOrder::try_from(r.sort_order).is_err()
-        || range_request::SortTarget::try_from(r.sort_target).is_err()
-    {
-        return Err(EtcdError::InvalidSortOption);
-    }
+    // An unknown sort order or target is accepted, as etcd accepts it: it
+    // sorts nothing (order) or by key (target).
     Ok(())
 }
 

@@ -10,7 +10,6 @@ pub fn etcd_status(e: &EtcdError) -> Status {
         | EtcdError::DuplicateKey
         | EtcdError::TooManyOps
         | EtcdError::TooLarge
-        | EtcdError::InvalidSortOption
         | EtcdError::KeyNotFound
         | EtcdError::ValueProvided
         | EtcdError::LeaseProvided => Code::InvalidArgument,

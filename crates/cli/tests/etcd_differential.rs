@@ -1,0 +1,412 @@
+//! The same calls against real etcd (Debian's etcd-server, the anchor) and
+//! against a Tardigrade node, through the `etcd-client` crate, a raw gRPC
+//! client (for fields `etcd-client` cannot send) and `etcdctl`; the answers
+//! must agree field by field, revisions compared by their order only (etcd's
+//! revisions are dense, Tardigrade's are HLC nanoseconds).
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{start_etcd, start_tardigrade};
+use etcd_client::{
+    Client, Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
+};
+use proto::etcdserverpb::{kv_client::KvClient, RangeRequest, RequestOp, TxnRequest};
+
+/// Maps revisions to their order of first appearance, so dense and sparse
+/// revision schemes compare equal when they order the same events the same way.
+#[derive(Default)]
+struct Revs(HashMap<i64, usize>);
+
+impl Revs {
+    fn r(&mut self, rev: i64) -> String {
+        if rev == 0 {
+            return "0".into();
+        }
+        let n = self.0.len();
+        format!("R{}", self.0.entry(rev).or_insert(n))
+    }
+}
+
+fn kv(revs: &mut Revs, kv: &etcd_client::KeyValue) -> String {
+    format!(
+        "{}={} c={} m={} v={}",
+        String::from_utf8_lossy(kv.key()),
+        String::from_utf8_lossy(kv.value()),
+        revs.r(kv.create_revision()),
+        revs.r(kv.mod_revision()),
+        kv.version()
+    )
+}
+
+fn err(e: etcd_client::Error) -> String {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => format!("ERR {:?} {}", s.code(), s.message()),
+        other => format!("ERR {other}"),
+    }
+}
+
+fn status(s: tonic::Status) -> String {
+    format!("ERR {:?} {}", s.code(), s.message())
+}
+
+/// Runs the scripted calls against the server at `addr`; returns the transcript.
+async fn script(addr: &str) -> Vec<String> {
+    let mut c = Client::connect([addr], None).await.expect("etcd-client connects");
+    let mut raw = KvClient::connect(format!("http://{addr}"))
+        .await
+        .expect("raw client connects");
+    let mut revs = Revs::default();
+    let mut out: Vec<String> = Vec::new();
+    let mut rec = |s: String| out.push(s);
+
+    let r1 = c.put("a", "1", None).await.unwrap().header().unwrap().revision();
+    rec(format!("put a=1 -> {}", revs.r(r1)));
+    let p = c.put("a", "2", Some(PutOptions::new().with_prev_key())).await.unwrap();
+    let prev = p.prev_key().map(|k| kv(&mut revs, k));
+    rec(format!(
+        "put a=2 prev -> {} prev={prev:?}",
+        revs.r(p.header().unwrap().revision())
+    ));
+    for (k, v) in [("ab", "x"), ("b", "y"), ("c", "z")] {
+        let r = c.put(k, v, None).await.unwrap().header().unwrap().revision();
+        rec(format!("put {k}={v} -> {}", revs.r(r)));
+    }
+    let r_c = c.get("c", None).await.unwrap().kvs()[0].mod_revision();
+    let gets: Vec<(&str, &str, GetOptions)> = vec![
+        ("get a", "a", GetOptions::new()),
+        ("get a prefix", "a", GetOptions::new().with_prefix()),
+        ("get all limit 2", "", GetOptions::new().with_all_keys().with_limit(2)),
+        (
+            "get all keys only",
+            "",
+            GetOptions::new().with_all_keys().with_keys_only(),
+        ),
+        (
+            "get all count only",
+            "",
+            GetOptions::new().with_all_keys().with_count_only(),
+        ),
+        (
+            "get all by mod desc",
+            "",
+            GetOptions::new()
+                .with_all_keys()
+                .with_sort(SortTarget::Mod, SortOrder::Descend),
+        ),
+        (
+            "get all by value asc",
+            "",
+            GetOptions::new()
+                .with_all_keys()
+                .with_sort(SortTarget::Value, SortOrder::Ascend),
+        ),
+        (
+            "get all by key desc",
+            "",
+            GetOptions::new()
+                .with_all_keys()
+                .with_sort(SortTarget::Key, SortOrder::Descend),
+        ),
+        ("get a at first revision", "a", GetOptions::new().with_revision(r1)),
+        ("get [b, a)", "b", GetOptions::new().with_range("a")),
+        ("get missing", "nope", GetOptions::new()),
+    ];
+    for (what, key, opts) in gets {
+        let r = c.get(key, Some(opts)).await;
+        rec(match r {
+            Ok(g) => {
+                let kvs: Vec<String> = g.kvs().iter().map(|k| kv(&mut revs, k)).collect();
+                format!(
+                    "{what} -> rev={} count={} more={} {kvs:?}",
+                    revs.r(g.header().unwrap().revision()),
+                    g.count(),
+                    g.more()
+                )
+            }
+            Err(e) => format!("{what} -> {}", err(e)),
+        });
+    }
+    let d = c
+        .delete("ab", Some(DeleteOptions::new().with_prev_key()))
+        .await
+        .unwrap();
+    let prevs: Vec<String> = d.prev_kvs().iter().map(|k| kv(&mut revs, k)).collect();
+    rec(format!(
+        "del ab -> {} deleted={} {prevs:?}",
+        revs.r(d.header().unwrap().revision()),
+        d.deleted()
+    ));
+    let d = c.delete("zz", None).await.unwrap();
+    rec(format!(
+        "del zz -> {} deleted={}",
+        revs.r(d.header().unwrap().revision()),
+        d.deleted()
+    ));
+
+    let b_create = c.get("b", None).await.unwrap().kvs()[0].create_revision();
+    let head = c.get("a", None).await.unwrap().header().unwrap().revision();
+    let txns = vec![
+        (
+            "txn value a==2",
+            Txn::new()
+                .when([Compare::value("a", CompareOp::Equal, "2")])
+                .and_then([TxnOp::put("a", "3", None)]),
+        ),
+        (
+            "txn version a>5",
+            Txn::new()
+                .when([Compare::version("a", CompareOp::Greater, 5)])
+                .and_then([TxnOp::put("a", "no", None)])
+                .or_else([TxnOp::get("a", None), TxnOp::put("e", "else", None)]),
+        ),
+        (
+            "txn create b",
+            Txn::new()
+                .when([Compare::create_revision("b", CompareOp::Equal, b_create)])
+                .and_then([TxnOp::put("b", "y2", None)]),
+        ),
+        (
+            "txn mod c<head",
+            Txn::new()
+                .when([Compare::mod_revision("c", CompareOp::Less, head)])
+                .and_then([TxnOp::delete("c", None)]),
+        ),
+        (
+            "txn value missing!=x",
+            Txn::new()
+                .when([Compare::value("missing", CompareOp::NotEqual, "x")])
+                .and_then([TxnOp::put("m", "1", None)]),
+        ),
+        (
+            "txn version missing==0",
+            Txn::new()
+                .when([Compare::version("missing", CompareOp::Equal, 0)])
+                .and_then([TxnOp::put("m0", "1", None)]),
+        ),
+    ];
+    for (what, t) in txns {
+        let r = c.txn(t).await;
+        rec(match r {
+            Ok(t) => {
+                let ops: Vec<String> = t
+                    .op_responses()
+                    .iter()
+                    .map(|o| match o {
+                        TxnOpResponse::Put(p) => format!("put {}", revs.r(p.header().unwrap().revision())),
+                        TxnOpResponse::Get(g) => {
+                            format!("get {:?}", g.kvs().iter().map(|k| kv(&mut revs, k)).collect::<Vec<_>>())
+                        }
+                        TxnOpResponse::Delete(d) => format!("del {}", d.deleted()),
+                        TxnOpResponse::Txn(_) => "txn".into(),
+                    })
+                    .collect();
+                format!(
+                    "{what} -> {} succeeded={} {ops:?}",
+                    revs.r(t.header().unwrap().revision()),
+                    t.succeeded()
+                )
+            }
+            Err(e) => format!("{what} -> {}", err(e)),
+        });
+    }
+    let all = c.get("", Some(GetOptions::new().with_all_keys())).await.unwrap();
+    let kvs: Vec<String> = all.kvs().iter().map(|k| kv(&mut revs, k)).collect();
+    rec(format!("get all -> {kvs:?}"));
+
+    // Compaction: reads below it are refused.
+    let cur = all.header().unwrap().revision();
+    rec(format!(
+        "compact c -> {:?}",
+        c.compact(r_c, None).await.map(|_| ()).map_err(err)
+    ));
+    rec(format!(
+        "get a at first revision -> {:?}",
+        c.get("a", Some(GetOptions::new().with_revision(r1)))
+            .await
+            .map(|_| ())
+            .map_err(err)
+    ));
+    rec(format!(
+        "get a at future revision -> {:?}",
+        c.get("a", Some(GetOptions::new().with_revision(cur + 1)))
+            .await
+            .map(|_| ())
+            .map_err(err)
+    ));
+    rec(format!(
+        "compact again -> {:?}",
+        c.compact(r_c, None).await.map(|_| ()).map_err(err)
+    ));
+    rec(format!(
+        "compact future -> {:?}",
+        c.compact(cur + 1000, None).await.map(|_| ()).map_err(err)
+    ));
+
+    // Bad input.
+    rec(format!(
+        "put empty key -> {:?}",
+        c.put("", "v", None).await.map(|_| ()).map_err(err)
+    ));
+    rec(format!(
+        "get empty key -> {:?}",
+        c.get("", None).await.map(|_| ()).map_err(err)
+    ));
+    rec(format!(
+        "del empty key -> {:?}",
+        c.delete("", None).await.map(|_| ()).map_err(err)
+    ));
+    let big = vec![b'x'; 1_600_000];
+    rec(format!(
+        "put 1.6 MB -> {:?}",
+        c.put("big", big, None).await.map(|_| ()).map_err(err)
+    ));
+    let many: Vec<TxnOp> = (0..129).map(|i| TxnOp::put(format!("k{i}"), "v", None)).collect();
+    rec(format!(
+        "txn 129 ops -> {:?}",
+        c.txn(Txn::new().and_then(many)).await.map(|_| ()).map_err(err)
+    ));
+    let dup = [TxnOp::put("d", "1", None), TxnOp::put("d", "2", None)];
+    rec(format!(
+        "txn duplicate key -> {:?}",
+        c.txn(Txn::new().and_then(dup)).await.map(|_| ()).map_err(err)
+    ));
+    rec(format!(
+        "put with lease -> {:?}",
+        c.put("l", "v", Some(PutOptions::new().with_lease(42)))
+            .await
+            .map(|_| ())
+            .map_err(err)
+    ));
+    let bad_sort = RangeRequest {
+        key: b"a".to_vec(),
+        sort_order: 7,
+        ..Default::default()
+    };
+    rec(format!(
+        "range bad sort order -> {:?}",
+        raw.range(bad_sort)
+            .await
+            .map(|r| r.into_inner().kvs.len())
+            .map_err(status)
+    ));
+    let empty_op = TxnRequest {
+        compare: vec![],
+        success: vec![RequestOp { request: None }],
+        failure: vec![],
+    };
+    rec(format!(
+        "txn empty op -> {:?}",
+        raw.txn(empty_op)
+            .await
+            .map(|r| r.into_inner().succeeded)
+            .map_err(status)
+    ));
+    // Still serving.
+    let ok = c.put("after", "bad input", None).await.map(|_| ()).map_err(err);
+    rec(format!("put after bad input -> {ok:?}"));
+    out
+}
+
+fn etcdctl(addr: &str, args: &[&str], stdin: Option<&str>) -> String {
+    use std::io::Write;
+    let mut cmd = Command::new("etcdctl");
+    cmd.env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={addr}"))
+        .args(args);
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("etcdctl runs");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .as_mut()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write stdin");
+    }
+    drop(child.stdin.take());
+    let o = child.wait_with_output().expect("etcdctl output");
+    format!(
+        "$ etcdctl {} -> exit {:?}\n{}{}",
+        args.join(" "),
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+            .lines()
+            .filter(|l| !l.contains("{\"level\""))
+            .map(|l| format!("{l}\n"))
+            .collect::<String>()
+    )
+}
+
+fn etcdctl_script(addr: &str) -> Vec<String> {
+    vec![
+        etcdctl(addr, &["put", "x1", "v1"], None),
+        etcdctl(addr, &["put", "x2", "v2", "--prev-kv"], None),
+        etcdctl(addr, &["put", "x2", "v3", "--prev-kv"], None),
+        etcdctl(addr, &["get", "x1"], None),
+        etcdctl(addr, &["get", "x", "--prefix"], None),
+        etcdctl(addr, &["get", "", "--prefix", "--keys-only"], None),
+        etcdctl(addr, &["get", "x", "--prefix", "--limit=1"], None),
+        etcdctl(
+            addr,
+            &["txn"],
+            Some("value(\"x1\") = \"v1\"\n\nput x1 swapped\n\nput x1 failed\n\n"),
+        ),
+        etcdctl(addr, &["get", "x1"], None),
+        etcdctl(addr, &["del", "x", "--prefix"], None),
+        etcdctl(addr, &["get", "x", "--prefix"], None),
+        etcdctl(addr, &["put", "", "v"], None),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tardigrade_answers_like_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut etcd) = start_etcd(dir.path()) else {
+        println!("SKIPPED: etcd is not installed (`scripts/setup.sh test` installs Debian's etcd-server)");
+        return;
+    };
+    etcd.wait_healthy(Duration::from_secs(30));
+    let mut node = start_tardigrade(&dir.path().join("tardigrade"));
+    node.wait_healthy(Duration::from_secs(30));
+
+    let want = script(&etcd.grpc).await;
+    let got = script(&node.grpc).await;
+    let mut diffs = Vec::new();
+    for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+        if w != g {
+            diffs.push(format!("step {i}:\n  etcd:       {w}\n  tardigrade: {g}"));
+        }
+    }
+    assert_eq!(want.len(), got.len());
+    let have_etcdctl = Path::new("/usr/bin/etcdctl").exists();
+    if have_etcdctl {
+        let want = etcdctl_script(&etcd.grpc);
+        let got = etcdctl_script(&node.grpc);
+        for (w, g) in want.iter().zip(&got) {
+            if w != g {
+                diffs.push(format!("etcdctl:\n--- etcd\n{w}--- tardigrade\n{g}"));
+            }
+        }
+    } else {
+        println!("etcdctl not installed: its half of the comparison is skipped");
+    }
+    assert!(
+        diffs.is_empty(),
+        "{} differences from etcd:\n{}",
+        diffs.len(),
+        diffs.join("\n")
+    );
+    println!(
+        "{} etcd-client calls and {} etcdctl commands answered as etcd answers them",
+        want.len(),
+        if have_etcdctl { 12 } else { 0 }
+    );
+}
