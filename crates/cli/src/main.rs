@@ -55,10 +55,34 @@ enum Cmd {
         #[arg(long, global = true, default_value = "127.0.0.1:2379")]
         host: String,
     },
+    /// Generate load against a node (or any etcd v3 endpoint) and report latencies.
+    Workload {
+        #[command(subcommand)]
+        cmd: WorkloadCmd,
+    },
     /// Inspect a node.
     Debug {
         #[command(subcommand)]
         cmd: DebugCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum WorkloadCmd {
+    /// Concurrent clients writing keys for a fixed time.
+    Put {
+        /// host:port of an etcd v3 endpoint (Tardigrade's --listen-addr, or etcd).
+        #[arg(long, default_value = "127.0.0.1:2379")]
+        host: String,
+        #[arg(long, default_value_t = 1)]
+        clients: usize,
+        /// How long to run, in seconds.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        #[arg(long, default_value_t = 64)]
+        value_bytes: usize,
+        #[arg(long, default_value_t = 1000)]
+        keys_per_client: u64,
     },
 }
 
@@ -104,6 +128,37 @@ fn real_main() -> Result<()> {
             Cmd::Debug {
                 cmd: DebugCmd::Ranges { host },
             } => kv::debug_ranges(&host).await,
+            Cmd::Workload {
+                cmd:
+                    WorkloadCmd::Put {
+                        host,
+                        clients,
+                        duration,
+                        value_bytes,
+                        keys_per_client,
+                    },
+            } => {
+                let cfg = workload::put::PutConfig {
+                    endpoint: host.clone(),
+                    clients,
+                    duration: Duration::from_secs(duration.max(1)),
+                    value_bytes,
+                    keys_per_client,
+                };
+                eprintln!("put workload: {clients} client(s) for {duration}s against {host}...");
+                let r = workload::put::run(cfg).await?;
+                println!(
+                    "writes {} errors {} in {:.1}s: {:.0} writes/s; latency p50 {:.2} ms p99 {:.2} ms max {:.2} ms",
+                    r.writes,
+                    r.errors,
+                    r.elapsed.as_secs_f64(),
+                    r.per_second(),
+                    r.quantile_ms(0.5),
+                    r.quantile_ms(0.99),
+                    r.latency.max() as f64 / 1000.0
+                );
+                Ok(())
+            }
         }
     })
 }

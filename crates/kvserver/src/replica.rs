@@ -99,6 +99,8 @@ pub struct Replica {
     hb_times: BTreeMap<u64, Instant>,
     lease_duration: Duration,
     pub status: Arc<RwLock<ReplicaStatus>>,
+    /// Term and vote of the last hard state written with a sync.
+    pub synced_term_vote: (u64, u64),
 }
 
 impl Replica {
@@ -120,6 +122,7 @@ impl Replica {
         let mut cfg = raft_cfg;
         cfg.applied = applied.index;
         let raw = RawNode::new(cfg, st).map_err(|e| crate::StoreError::Raft(e.to_string()))?;
+        let synced_term_vote = (raw.raft.term, raw.raft.vote);
         let status = Arc::new(RwLock::new(ReplicaStatus {
             desc: desc.clone(),
             name: name.clone(),
@@ -140,6 +143,7 @@ impl Replica {
             hb_times: BTreeMap::new(),
             lease_duration,
             status,
+            synced_term_vote,
         })
     }
 

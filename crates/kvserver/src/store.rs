@@ -425,6 +425,9 @@ impl Scheduler {
             let mut batch = self.engine.batch();
             let mut readies = Vec::new();
             let mut entries = 0u64;
+            // Only entries, a snapshot, or a new term or vote must be synced:
+            // a commit index alone may be lost in a crash (raft relearns it).
+            let mut must_sync = false;
             let now = Instant::now();
             for (&id, r) in self.replicas.iter_mut() {
                 if !r.raw.has_ready() {
@@ -441,8 +444,13 @@ impl Scheduler {
                     let es: Vec<_> = rd.entries.iter().map(command::encode_entry).collect();
                     raftlog::append(&mut batch, id, &es)?;
                     entries += es.len() as u64;
+                    must_sync = true;
                 }
                 if let Some(hs) = rd.hard_state {
+                    if (hs.term, hs.vote) != r.synced_term_vote {
+                        must_sync = true;
+                        r.synced_term_vote = (hs.term, hs.vote);
+                    }
                     raftlog::save_hard_state(
                         &mut batch,
                         id,
@@ -458,12 +466,14 @@ impl Scheduler {
             if readies.is_empty() {
                 return Ok(());
             }
-            if !batch.is_empty() {
+            if must_sync {
                 // ONE synced write for every range's entries and hard state.
                 self.engine.write(batch, true)?;
                 self.metrics.raft_fsyncs.inc();
                 self.metrics.raft_entries_persisted.add(entries);
                 self.metrics.raft_entries_per_fsync.observe(entries as f64);
+            } else if !batch.is_empty() {
+                self.engine.write(batch, false)?;
             }
             for (id, rd) in readies {
                 let Some(r) = self.replicas.get_mut(&id) else { continue };

@@ -1,0 +1,7 @@
+//! Load generators (and, later, consistency checkers) that drive a cluster
+//! through its public client APIs, with hdrhistogram latency reports.
+//!
+//! A workload never reaches inside a node: what it measures is what a client
+//! sees. Every run is bounded in time and count and stops by itself.
+
+pub mod put;
