@@ -55,6 +55,8 @@ async fn connect(host: &str) -> Result<Channel> {
     };
     Channel::from_shared(url.clone())
         .with_context(|| format!("bad address {host}"))?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .timeout(std::time::Duration::from_secs(15))
         .connect()
         .await
         .with_context(|| format!("cannot connect to {host}"))

@@ -1,0 +1,124 @@
+//! The `tardigrade` binary as a user runs it: `--help` everywhere, `kv`
+//! commands, `debug ranges`, `/health` and `/metrics`, and clear errors (no
+//! panic) for a taken port or an unusable store.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{http_get, start_tardigrade};
+
+fn tardigrade(args: &[&str]) -> (i32, String, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_tardigrade"))
+        .args(args)
+        .output()
+        .expect("run tardigrade");
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn every_command_has_help() {
+    for args in [
+        vec!["--help"],
+        vec!["start-single-node", "--help"],
+        vec!["kv", "--help"],
+        vec!["kv", "put", "--help"],
+        vec!["kv", "get", "--help"],
+        vec!["kv", "del", "--help"],
+        vec!["kv", "scan", "--help"],
+        vec!["kv", "cas", "--help"],
+        vec!["debug", "ranges", "--help"],
+        vec!["workload", "put", "--help"],
+    ] {
+        let (code, out, _) = tardigrade(&args);
+        assert_eq!(code, 0, "{args:?}");
+        assert!(out.contains("Usage:"), "{args:?}: {out}");
+    }
+}
+
+#[test]
+fn kv_commands_debug_ranges_health_and_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = start_tardigrade(&dir.path().join("store"));
+    node.wait_healthy(Duration::from_secs(30));
+    let h = node.grpc.clone();
+    let (code, out, err) = tardigrade(&["kv", "put", "greeting", "hello", "--host", &h]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("OK (revision "), "{out}");
+    let (_, out, _) = tardigrade(&["kv", "get", "greeting", "--host", &h]);
+    assert_eq!(out, "greeting\nhello\n");
+    let (code, _, _) = tardigrade(&["kv", "cas", "greeting", "hello", "bye", "--host", &h]);
+    assert_eq!(code, 0);
+    let (code, _, err) = tardigrade(&["kv", "cas", "greeting", "hello", "again", "--host", &h]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not swapped"), "{err}");
+    assert!(!err.contains("panicked"));
+    tardigrade(&["kv", "put", "g2", "x", "--host", &h]);
+    let (_, out, _) = tardigrade(&["kv", "scan", "g", "--host", &h]);
+    assert!(out.contains("greeting\tbye") && out.contains("g2\tx"), "{out}");
+    let (_, out, _) = tardigrade(&["kv", "del", "g", "--prefix", "--host", &h]);
+    assert_eq!(out.trim(), "2");
+    let (code, out, err) = tardigrade(&["debug", "ranges", "--host", &h]);
+    assert_eq!(code, 0, "{err}");
+    for name in ["system", "etcd", "user"] {
+        assert!(out.contains(name), "{out}");
+    }
+    assert!(out.contains("valid"), "leases are held: {out}");
+    let (code, body) = http_get(&node.health, "/health").unwrap();
+    assert_eq!((code, body.trim()), (200, "{\"health\":\"true\"}"));
+    let (code, metrics) = http_get(&node.health, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    let fsyncs: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tardigrade_raft_fsyncs_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("fsync counter");
+    assert!(fsyncs >= 4, "{fsyncs} syncs after 4 writes");
+    assert!(metrics.contains("tardigrade_request_duration_seconds_bucket{method=\"put\""));
+    assert!(metrics.contains("tardigrade_ranges 3"));
+}
+
+#[test]
+fn start_up_errors_are_clear_and_not_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    // A taken port.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (code, _, err) = tardigrade(&[
+        "start-single-node",
+        "--store",
+        dir.path().join("s").to_str().unwrap(),
+        "--listen-addr",
+        &addr,
+        "--http-addr",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot listen on"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // A store path that is a file.
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"not a directory").unwrap();
+    let (code, _, err) = tardigrade(&[
+        "start-single-node",
+        "--store",
+        file.to_str().unwrap(),
+        "--listen-addr",
+        "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot start a node"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // A client pointed at nothing (a port no one listens on).
+    drop(taken);
+    let (code, _, err) = tardigrade(&["kv", "get", "x", "--host", &addr]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot connect") || err.contains("failed"), "{err}");
+}
