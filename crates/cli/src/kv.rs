@@ -208,7 +208,7 @@ pub async fn debug_ranges(host: &str) -> Result<()> {
             "{:<6} {:<8} {:<22} {:<10} {:<7} {:<6} {:<9} {:<9} {:>8} {:>10} {:>7}",
             d.range_id,
             info.name,
-            format!("[{:?}, {:?})", show_key(&d.start_key), show_key(&d.end_key)),
+            format!("[{}, {})", show_key(&d.start_key), show_key(&d.end_key)),
             replicas.join(","),
             info.raft_leader,
             info.raft_term,
