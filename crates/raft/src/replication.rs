@@ -131,6 +131,21 @@ impl<S: Storage> Raft<S> {
 
     // ---- follower side -------------------------------------------------------
 
+    /// Accepts appends up to `index` (sent once that is durable).
+    fn send_append_ack(&mut self, to: NodeId, index: u64) {
+        let t = self.term;
+        self.send(
+            to,
+            t,
+            MessageBody::AppendResponse {
+                index,
+                reject: false,
+                hint_index: 0,
+                hint_term: 0,
+            },
+        );
+    }
+
     pub(crate) fn handle_append(&mut self, m: Message) {
         let MessageBody::Append {
             log_term,
@@ -144,16 +159,7 @@ impl<S: Storage> Raft<S> {
         let t = self.term;
         if index < self.log.committed {
             let c = self.log.committed;
-            self.send(
-                m.from,
-                t,
-                MessageBody::AppendResponse {
-                    index: c,
-                    reject: false,
-                    hint_index: 0,
-                    hint_term: 0,
-                },
-            );
+            self.send_append_ack(m.from, c);
             return;
         }
         #[cfg(test)]
@@ -165,29 +171,11 @@ impl<S: Storage> Raft<S> {
                 self.log.append(&entries);
             }
             self.log.commit_to(commit.min(last_new));
-            self.send(
-                m.from,
-                t,
-                MessageBody::AppendResponse {
-                    index: last_new,
-                    reject: false,
-                    hint_index: 0,
-                    hint_term: 0,
-                },
-            );
+            self.send_append_ack(m.from, last_new);
             return;
         }
         match self.log.maybe_append(index, log_term, commit, &entries) {
-            Some(last_new) => self.send(
-                m.from,
-                t,
-                MessageBody::AppendResponse {
-                    index: last_new,
-                    reject: false,
-                    hint_index: 0,
-                    hint_term: 0,
-                },
-            ),
+            Some(last_new) => self.send_append_ack(m.from, last_new),
             None => {
                 let (hint_index, hint_term) = self
                     .log
@@ -214,23 +202,13 @@ impl<S: Storage> Raft<S> {
     }
 
     pub(crate) fn handle_snapshot(&mut self, from: NodeId, snap: Snapshot) {
-        let t = self.term;
         let index = if self.restore(snap) {
             self.counters.snapshots_restored += 1;
             self.log.last_index()
         } else {
             self.log.committed
         };
-        self.send(
-            from,
-            t,
-            MessageBody::AppendResponse {
-                index,
-                reject: false,
-                hint_index: 0,
-                hint_term: 0,
-            },
-        );
+        self.send_append_ack(from, index);
     }
 
     /// Installs a snapshot if it is news; returns whether it was installed.

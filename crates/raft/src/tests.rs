@@ -162,6 +162,19 @@ impl Net {
         }
     }
 
+    /// `id` campaigns and wins, one round at a time, so the test can cut in
+    /// right after it becomes leader (before its first entry goes out).
+    fn win_in_rounds(&mut self, id: NodeId) {
+        self.node(id).campaign();
+        for _ in 0..4 {
+            self.step_round();
+            if self.node(id).role() == Role::Leader {
+                return;
+            }
+        }
+        panic!("node {id} did not win in 4 rounds");
+    }
+
     /// Persists the held writes of `id` and sends what waited for them.
     fn release_disk(&mut self, id: NodeId) {
         self.slow_disk.remove(&id);
@@ -438,14 +451,7 @@ fn a_new_leader_is_not_ready_until_it_applies_an_entry_of_its_term() {
     for id in [1, 2, 3] {
         n.node(id).raft.ticks_since_start = 10;
     }
-    n.node(1).campaign();
-    for _ in 0..4 {
-        n.step_round();
-        if n.node(1).role() == Role::Leader {
-            break;
-        }
-    }
-    assert_eq!(n.node(1).role(), Role::Leader);
+    n.win_in_rounds(1);
     assert!(!n.node(1).leader_ready(), "its empty entry is not applied yet");
     n.settle();
     assert!(n.node(1).leader_ready());
@@ -553,15 +559,8 @@ fn a_leader_never_commits_an_older_terms_entry_by_counting_replicas() {
     }
     m.cut.insert((1, 3));
     m.cut.insert((3, 1));
-    m.node(1).campaign();
     // Pre-vote and vote rounds, node 1's disk still fast.
-    for _ in 0..4 {
-        m.step_round();
-        if m.node(1).role() == Role::Leader {
-            break;
-        }
-    }
-    assert_eq!(m.node(1).role(), Role::Leader);
+    m.win_in_rounds(1);
     m.slow_disk.insert(1);
     m.settle();
     // Node 2 holds X and the new-term entry; node 1 holds X durably but not its
@@ -728,14 +727,7 @@ fn a_new_leader_proposes_no_configuration_change_until_its_first_entry_applies()
     for id in [1, 2, 3] {
         n.node(id).raft.ticks_since_start = 10;
     }
-    n.node(2).campaign();
-    for _ in 0..4 {
-        n.step_round();
-        if n.node(2).role() == Role::Leader {
-            break;
-        }
-    }
-    assert_eq!(n.node(2).role(), Role::Leader);
+    n.win_in_rounds(2);
     // Its term's first entry has not even left the node yet.
     n.isolate(2);
     n.settle();

@@ -690,12 +690,7 @@ impl World {
     /// Completes, on each node with pending writes, the oldest one with some
     /// probability: disks finish out of step with the network.
     fn persist_some(&mut self) {
-        let ids: Vec<NodeId> = self
-            .nodes
-            .iter()
-            .filter(|(_, n)| n.active() && !n.pending.is_empty())
-            .map(|(&id, _)| id)
-            .collect();
+        let ids = self.writing_nodes();
         for id in ids {
             if self.rng.chance(500) {
                 // One sync may cover several queued writes (group commit).
@@ -808,14 +803,18 @@ impl World {
 
     // ---- processes -----------------------------------------------------------
 
-    fn crash_one(&mut self) {
-        // Often a node in the middle of writing: what it has not synced is lost.
-        let writing: Vec<NodeId> = self
-            .nodes
+    /// Running nodes with writes not yet durable.
+    fn writing_nodes(&self) -> Vec<NodeId> {
+        self.nodes
             .iter()
             .filter(|(_, n)| n.active() && !n.pending.is_empty())
             .map(|(&id, _)| id)
-            .collect();
+            .collect()
+    }
+
+    fn crash_one(&mut self) {
+        // Often a node in the middle of writing: what it has not synced is lost.
+        let writing = self.writing_nodes();
         let id = if !writing.is_empty() && self.rng.chance(500) {
             writing[self.rng.below(writing.len() as u64) as usize]
         } else {
