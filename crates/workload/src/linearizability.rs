@@ -127,8 +127,8 @@ pub fn check_key(events: &[Event], initial: Value, budget: Duration) -> KeyVerdi
     };
     // Events in time order: calls before returns at equal times.
     let mut evs: Vec<(u64, bool, usize)> = Vec::with_capacity(2 * n);
-    for i in 0..n {
-        evs.push((ops[i].invoke, false, i));
+    for (i, e) in ops.iter().enumerate() {
+        evs.push((e.invoke, false, i));
         evs.push((ret(i), true, i));
     }
     evs.sort_by_key(|&(t, is_ret, i)| (t, is_ret, i));
