@@ -38,6 +38,7 @@ pub fn conf_change_to_proto(cc: &ConfChange) -> PbConfChange {
                 node: c.node,
             })
             .collect(),
+        context: cc.context.clone(),
     }
 }
 
@@ -52,7 +53,10 @@ pub fn conf_change_from_proto(p: &PbConfChange) -> Result<ConfChange, String> {
         };
         changes.push(ConfChangeSingle { kind, node: c.node });
     }
-    Ok(ConfChange { changes })
+    Ok(ConfChange {
+        changes,
+        context: p.context.clone(),
+    })
 }
 
 /// The storage form of a raft entry.
@@ -115,6 +119,7 @@ mod tests {
             EntryPayload::Empty,
             EntryPayload::Normal(b"cmd".to_vec()),
             EntryPayload::ConfChange(ConfChange {
+                context: b"desc".to_vec(),
                 changes: vec![ConfChangeSingle {
                     kind: ConfChangeKind::AddLearner,
                     node: 4,

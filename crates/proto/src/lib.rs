@@ -17,13 +17,18 @@ pub mod tardigrade {
         include!(concat!(env!("OUT_DIR"), "/tardigrade.kvserver.rs"));
     }
 
+    /// Raft messages between stores (`proto/transport.proto`).
+    pub mod transport {
+        include!(concat!(env!("OUT_DIR"), "/tardigrade.transport.rs"));
+    }
+
     /// Tardigrade's administrative API (`proto/admin.proto`).
     pub mod admin {
         include!(concat!(env!("OUT_DIR"), "/tardigrade.admin.rs"));
     }
 }
 
-pub use tardigrade::{admin, kvserver, storage};
+pub use tardigrade::{admin, kvserver, storage, transport};
 
 /// etcd's v3 API messages and services (`proto/etcdserverpb.proto`).
 pub mod etcdserverpb {

@@ -162,6 +162,7 @@ mod tests {
 
     fn cc(ch: &[(ConfChangeKind, NodeId)]) -> ConfChange {
         ConfChange {
+            context: Vec::new(),
             changes: ch.iter().map(|&(kind, node)| ConfChangeSingle { kind, node }).collect(),
         }
     }

@@ -659,6 +659,7 @@ fn learners_receive_entries_but_never_vote_or_count() {
 
 fn cc(ch: &[(ConfChangeKind, NodeId)]) -> ConfChange {
     ConfChange {
+        context: Vec::new(),
         changes: ch.iter().map(|&(kind, node)| ConfChangeSingle { kind, node }).collect(),
     }
 }

@@ -67,11 +67,14 @@ pub struct ConfChangeSingle {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ConfChange {
     pub changes: Vec<ConfChangeSingle>,
+    /// Opaque to raft: the node's own description of the change (kvserver
+    /// puts the new range descriptor here).
+    pub context: Vec<u8>,
 }
 
 impl ConfChange {
     pub fn leave_joint() -> Self {
-        ConfChange { changes: Vec::new() }
+        ConfChange::default()
     }
     pub fn is_leave(&self) -> bool {
         self.changes.is_empty()

@@ -987,7 +987,10 @@ impl World {
         if changes.is_empty() {
             return;
         }
-        let cc = ConfChange { changes };
+        let cc = ConfChange {
+            changes,
+            context: Vec::new(),
+        };
         let raw = self.nodes.get_mut(&l).and_then(|n| n.raw.as_mut()).expect("leader up");
         if raw.propose_conf_change(cc.clone()).is_ok() {
             self.log(format!("propose conf change at {l}: {:?}", cc.changes));
