@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod raft_storage;
 pub mod replica;
 pub mod store;
+pub mod transport;
 
 pub use replica::{ApplyOutcome, ProposeError, ReplicaStatus};
 pub use store::{Store, StoreConfig, StoreHandle};
