@@ -14,11 +14,12 @@ pub mod keyspace;
 pub mod metrics;
 pub mod raft_storage;
 pub mod replica;
+pub mod scheduler;
 pub mod store;
 pub mod transport;
 
 pub use replica::{ApplyOutcome, ProposeError, ReplicaStatus};
-pub use store::{Store, StoreConfig, StoreHandle};
+pub use store::{Bootstrap, Store, StoreConfig, StoreHandle, StoreOptions};
 
 /// Why a store cannot start or go on.
 #[derive(Debug, thiserror::Error)]
@@ -31,4 +32,8 @@ pub enum StoreError {
     Raft(String),
     #[error("io: {0}")]
     Io(String),
+    #[error("this store belongs to cluster {store}, not to cluster {cluster}")]
+    WrongCluster { store: String, cluster: String },
+    #[error("the store is empty and was not asked to bootstrap or join a cluster")]
+    NotInitialized,
 }

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use parking_lot::RwLock;
 use prost::Message as _;
 use proto::kvserver::{raft_command, RaftCommand};
-use proto::storage::RangeDescriptor;
-use raft::{Entry, EntryPayload, RawNode, Role};
+use proto::storage::{replica_descriptor, RangeDescriptor};
+use raft::{ConfChange, ConfState, Entry, EntryPayload, RawNode, Role};
 use storage::mvcc::MvccStats;
 use storage::rangestate::{self, AppliedState};
 use storage::{Engine, Timestamp};
@@ -25,7 +25,7 @@ use tokio::sync::oneshot;
 use crate::etcd::{self, EtcdError, EtcdWrite, EtcdWriteResponse, RevState};
 use crate::hlc::Clock;
 use crate::metrics::Metrics;
-use crate::raft_storage::ReplicaStorage;
+use crate::raft_storage::{self, ReplicaStorage, CONF_STATE_SUFFIX};
 
 /// Range-local record suffix of the etcd revision state.
 pub const REV_STATE_SUFFIX: u8 = b'e';
@@ -101,6 +101,9 @@ pub struct Replica {
     pub status: Arc<RwLock<ReplicaStatus>>,
     /// Term and vote of the last hard state written with a sync.
     pub synced_term_vote: (u64, u64),
+    /// The store of every peer replica known: from the descriptor, and from
+    /// messages received (an uninitialized replica knows only its senders).
+    pub peers: BTreeMap<u64, u64>,
 }
 
 impl Replica {
@@ -118,11 +121,13 @@ impl Replica {
             Some(b) => Some(RevState::decode(&b).map_err(|e| crate::StoreError::Corrupt(e.to_string()))?),
             None => None,
         };
-        let st = ReplicaStorage::open(engine.clone(), range_id, crate::raft_storage::conf_state_of(&desc))?;
+        let conf = raft_storage::load_conf(&engine, range_id)?.unwrap_or_else(|| raft_storage::conf_state_of(&desc));
+        let st = ReplicaStorage::open(engine.clone(), range_id, conf)?;
         let mut cfg = raft_cfg;
         cfg.applied = applied.index;
         let raw = RawNode::new(cfg, st).map_err(|e| crate::StoreError::Raft(e.to_string()))?;
         let synced_term_vote = (raw.raft.term, raw.raft.vote);
+        let peers = desc.replicas.iter().map(|r| (r.replica_id, r.store_id)).collect();
         let status = Arc::new(RwLock::new(ReplicaStatus {
             desc: desc.clone(),
             name: name.clone(),
@@ -144,7 +149,41 @@ impl Replica {
             lease_duration,
             status,
             synced_term_vote,
+            peers,
         })
+    }
+
+    /// The store of replica `id`, if known.
+    pub fn store_of(&self, id: u64) -> Option<u64> {
+        self.peers.get(&id).copied()
+    }
+
+    /// Re-reads everything a snapshot replaced.
+    pub fn reload_after_snapshot(&mut self) -> Result<(), crate::StoreError> {
+        self.applied = rangestate::applied_state(&self.engine, self.range_id)?;
+        self.rev = match rangestate::local_record(&self.engine, self.range_id, REV_STATE_SUFFIX)? {
+            Some(b) => Some(RevState::decode(&b).map_err(|e| crate::StoreError::Corrupt(e.to_string()))?),
+            None => None,
+        };
+        if let Some(d) = rangestate::descriptor(&self.engine, self.range_id)? {
+            self.set_descriptor(d);
+        }
+        self.proposed_lai = self.proposed_lai.max(self.applied.lease_applied_index);
+        self.raw.storage_mut().reload()?;
+        Ok(())
+    }
+
+    fn set_descriptor(&mut self, desc: RangeDescriptor) {
+        for r in &desc.replicas {
+            self.peers.insert(r.replica_id, r.store_id);
+        }
+        self.desc = desc;
+        self.status.write().desc = self.desc.clone();
+    }
+
+    /// Proposes a membership change carrying the descriptor it leads to.
+    pub fn propose_conf_change(&mut self, cc: ConfChange) -> Result<(), raft::ProposeError> {
+        self.raw.propose_conf_change(cc).map(|_| ())
     }
 
     /// Whether this replica is the only voter of its range.
@@ -211,8 +250,20 @@ impl Replica {
         match &e.payload {
             EntryPayload::Empty => {}
             EntryPayload::ConfChange(cc) => {
+                let before = self.raw.raft.counters.invalid_conf_changes;
                 let cs = self.raw.apply_conf_change(cc);
-                self.raw.storage_mut().set_conf(cs);
+                if self.raw.raft.counters.invalid_conf_changes == before {
+                    let desc = self.descriptor_after(cc, &cs);
+                    rangestate::set_descriptor(&mut batch, &desc)?;
+                    rangestate::set_local_record(
+                        &mut batch,
+                        self.range_id,
+                        CONF_STATE_SUFFIX,
+                        &raft_storage::conf_to_record(&cs),
+                    )?;
+                    self.set_descriptor(desc);
+                    self.raw.storage_mut().set_conf(cs);
+                }
             }
             EntryPayload::Normal(data) => match RaftCommand::decode(&data[..]) {
                 Err(err) => {
@@ -286,6 +337,31 @@ impl Replica {
             let _ = reply.send(r);
         }
         Ok(())
+    }
+
+    /// The descriptor after a membership change: entering a joint
+    /// configuration carries it (with every replica of both halves); leaving
+    /// one keeps the replicas still in the configuration.
+    fn descriptor_after(&self, cc: &ConfChange, cs: &ConfState) -> RangeDescriptor {
+        let mut desc = if cc.is_leave() {
+            self.desc.clone()
+        } else {
+            RangeDescriptor::decode(&cc.context[..]).unwrap_or_else(|_| self.desc.clone())
+        };
+        let voters: Vec<u64> = cs.voters.iter().chain(&cs.voters_outgoing).copied().collect();
+        let learners: Vec<u64> = cs.learners.iter().chain(&cs.learners_next).copied().collect();
+        desc.replicas
+            .retain(|r| voters.contains(&r.replica_id) || learners.contains(&r.replica_id));
+        for r in &mut desc.replicas {
+            r.r#type = if voters.contains(&r.replica_id) {
+                replica_descriptor::Type::Voter as i32
+            } else {
+                replica_descriptor::Type::Learner as i32
+            };
+        }
+        desc.range_id = self.range_id;
+        desc.generation = self.desc.generation + 1;
+        desc
     }
 
     /// Refreshes what readers see.

@@ -1,37 +1,35 @@
-//! A store: one engine, the replicas on it, and the MultiRaft scheduler that
-//! drives them all from one thread.
+//! A store: one engine, the replicas on it, and the handle request handlers
+//! and the transport use to reach them. The replicas themselves belong to the
+//! scheduler's thread (`scheduler`); readers see `ReplicaStatus` snapshots.
 //!
-//! The scheduler's cycle: take every event waiting (proposals, later raft
-//! messages), tick every replica if the store's one timer is due, then collect
-//! a `Ready` from every replica with work, write all their entries and hard
-//! states in ONE synced batch, hand their messages to the transport, report
-//! them persisted, and apply their committed entries. A single thread owns all
-//! replicas, so no replica needs a lock; readers see `ReplicaStatus` snapshots.
-//! Requests queue while a sync is in flight and share the next one (group
-//! commit).
+//! A store starts from its engine: an empty one is bootstrapped as a new
+//! cluster (a single node, or the first node of `init`), or given an identity
+//! by a cluster it joins (no replicas; the cluster adds them).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use parking_lot::RwLock;
+use crossbeam_channel::Sender;
+use parking_lot::{Mutex, RwLock};
 use prost::Message as _;
 use proto::kvserver::{RaftCommand, StoreIdent};
 use proto::storage::{replica_descriptor, RangeDescriptor, ReplicaDescriptor};
+use proto::transport::RaftMsg;
 use storage::raftlog::{self, HardState};
 use storage::rangestate::{self, AppliedState};
 use storage::{Engine, EngineOptions};
 use tokio::sync::oneshot;
 
-use crate::command;
 use crate::etcd::RevState;
 use crate::hlc::{Clock, SystemClock, WallClock};
 use crate::keyspace::{BOOTSTRAP_RANGES, ETCD_RANGE_ID};
 use crate::metrics::Metrics;
 use crate::replica::{ApplyOutcome, ProposeError, Replica, ReplicaStatus, REV_STATE_SUFFIX};
+use crate::scheduler::Scheduler;
+use crate::transport::{NoTransport, Transport};
 use crate::StoreError;
 
 /// Settings of a store.
@@ -67,13 +65,50 @@ impl StoreConfig {
     }
 }
 
-enum Event {
+pub(crate) enum Event {
     Propose {
         range_id: u64,
         cmd: RaftCommand,
         reply: oneshot::Sender<Result<ApplyOutcome, ProposeError>>,
     },
+    RaftMessages {
+        from_store: u64,
+        msgs: Vec<RaftMsg>,
+    },
+    SnapshotDone {
+        range_id: u64,
+        to: u64,
+        ok: bool,
+    },
     Stop,
+}
+
+/// How a store with an empty engine gets its identity.
+#[derive(Clone, Debug)]
+pub enum Bootstrap {
+    /// Refuse: the store must exist already.
+    Existing,
+    /// Become node 1 of a new cluster, holding every range.
+    NewCluster,
+    /// Take the identity a cluster gave this node, with no replicas.
+    Join(StoreIdent),
+}
+
+/// How to start a store.
+pub struct StoreOptions {
+    pub wall: Arc<dyn WallClock>,
+    pub transport: Arc<dyn Transport>,
+    pub bootstrap: Bootstrap,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            wall: Arc::new(SystemClock),
+            transport: Arc::new(NoTransport),
+            bootstrap: Bootstrap::NewCluster,
+        }
+    }
 }
 
 const IDENT_KEY: &[u8] = b"ident";
@@ -88,9 +123,41 @@ pub struct StoreHandle {
     statuses: Arc<RwLock<BTreeMap<u64, Arc<RwLock<ReplicaStatus>>>>>,
     metrics: Arc<Metrics>,
     ident: StoreIdent,
+    last_heard: Arc<Mutex<HashMap<u64, Instant>>>,
+    known_stores: Arc<RwLock<BTreeMap<u64, String>>>,
 }
 
 impl StoreHandle {
+    /// Hands raft messages from another store to the raft loop.
+    pub fn deliver(&self, from_store: u64, msgs: Vec<RaftMsg>) {
+        self.last_heard.lock().insert(from_store, Instant::now());
+        let _ = self.tx.send(Event::RaftMessages { from_store, msgs });
+    }
+
+    /// Stores of the cluster and their addresses (the address book).
+    pub fn known_stores(&self) -> &Arc<RwLock<BTreeMap<u64, String>>> {
+        &self.known_stores
+    }
+
+    /// Stores heard from within the liveness window (this one included).
+    pub fn live_stores(&self) -> Vec<u64> {
+        let now = Instant::now();
+        let heard = self.last_heard.lock();
+        let mut v: Vec<u64> = heard
+            .iter()
+            .filter(|(_, t)| now.duration_since(**t) < crate::scheduler::LIVENESS_WINDOW)
+            .map(|(&s, _)| s)
+            .collect();
+        v.push(self.ident.store_id);
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// When this store last heard from `store`.
+    pub fn last_heard(&self, store: u64) -> Option<Instant> {
+        self.last_heard.lock().get(&store).copied()
+    }
     pub fn engine(&self) -> &Engine {
         &self.engine
     }
@@ -189,12 +256,13 @@ impl Store {
     /// Opens the store in `cfg.dir` (bootstrapping a new single-node cluster if
     /// it is empty) and starts its raft loop.
     pub fn start(cfg: StoreConfig) -> Result<Store, StoreError> {
-        Self::start_with_clock(cfg, Arc::new(SystemClock))
+        Self::start_with(cfg, StoreOptions::default())
     }
 
-    pub fn start_with_clock(cfg: StoreConfig, wall: Arc<dyn WallClock>) -> Result<Store, StoreError> {
+    pub fn start_with(cfg: StoreConfig, opts: StoreOptions) -> Result<Store, StoreError> {
         let engine = Engine::open(&cfg.dir, EngineOptions::default())?;
-        let ident = bootstrap_if_needed(&engine)?;
+        let ident = bootstrap_if_needed(&engine, &opts.bootstrap)?;
+        let wall = opts.wall;
         let bound = match rangestate::store_record(&engine, HLC_BOUND_KEY)? {
             Some(b) if b.len() == 8 => u64::from_be_bytes(b.try_into().unwrap_or([0; 8])),
             Some(b) => return Err(StoreError::Corrupt(format!("clock bound of {} bytes", b.len()))),
@@ -213,6 +281,24 @@ impl Store {
         let metrics = Arc::new(Metrics::default());
         let mut replicas = BTreeMap::new();
         let statuses = Arc::new(RwLock::new(BTreeMap::new()));
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let known_stores = Arc::new(RwLock::new(BTreeMap::new()));
+        known_stores.write().insert(ident.store_id, String::new());
+        let mut sched = Scheduler {
+            cfg: cfg.clone(),
+            engine: engine.clone(),
+            rx,
+            replicas: BTreeMap::new(),
+            statuses: statuses.clone(),
+            clock: clock.clone(),
+            metrics: metrics.clone(),
+            transport: opts.transport,
+            store_id: ident.store_id,
+            last_heard: Arc::new(Mutex::new(HashMap::new())),
+            known_stores: known_stores.clone(),
+            next_replicate: Instant::now(),
+            events: tx.clone(),
+        };
         for desc in rangestate::all_descriptors(&engine)? {
             let Some(me) = desc.replicas.iter().find(|r| r.store_id == ident.store_id) else {
                 continue;
@@ -221,10 +307,7 @@ impl Store {
                 .iter()
                 .find(|(id, ..)| *id == desc.range_id)
                 .map_or_else(|| format!("r{}", desc.range_id), |(.., n)| n.to_string());
-            let mut rc = raft::Config::new(me.replica_id);
-            rc.election_ticks = cfg.election_ticks;
-            rc.heartbeat_ticks = cfg.heartbeat_ticks;
-            rc.seed = clock.physical() ^ desc.range_id.rotate_left(32) ^ me.replica_id;
+            let rc = sched.raft_config(me.replica_id, desc.range_id);
             let mut rep = Replica::new(
                 engine.clone(),
                 desc.clone(),
@@ -241,7 +324,7 @@ impl Store {
             replicas.insert(desc.range_id, rep);
         }
         metrics.ranges.set(replicas.len() as u64);
-        let (tx, rx) = crossbeam_channel::unbounded();
+        sched.replicas = replicas;
         let handle = StoreHandle {
             tx,
             engine: engine.clone(),
@@ -249,14 +332,8 @@ impl Store {
             statuses,
             metrics: metrics.clone(),
             ident,
-        };
-        let sched = Scheduler {
-            cfg,
-            engine,
-            rx,
-            replicas,
-            clock,
-            metrics,
+            last_heard: sched.last_heard.clone(),
+            known_stores,
         };
         let thread = std::thread::Builder::new()
             .name("raft-scheduler".into())
@@ -288,17 +365,46 @@ impl Drop for Store {
 }
 
 /// Writes a new single-node cluster's store, if the engine holds none yet.
-fn bootstrap_if_needed(engine: &Engine) -> Result<StoreIdent, StoreError> {
-    if let Some(b) = rangestate::store_record(engine, IDENT_KEY)? {
-        return StoreIdent::decode(&b[..]).map_err(|e| StoreError::Corrupt(format!("store ident: {e}")));
+/// The identity of the store in `engine`, if it has one.
+pub fn read_ident(engine: &Engine) -> Result<Option<StoreIdent>, StoreError> {
+    match rangestate::store_record(engine, IDENT_KEY)? {
+        Some(b) => Ok(Some(
+            StoreIdent::decode(&b[..]).map_err(|e| StoreError::Corrupt(format!("store ident: {e}")))?,
+        )),
+        None => Ok(None),
     }
-    let ident = StoreIdent {
-        cluster_id: format!(
-            "{:016x}",
-            SystemClock.now_nanos() ^ (std::process::id() as u64).rotate_left(40)
-        ),
-        node_id: 1,
-        store_id: 1,
+}
+
+/// Gives an empty store its identity (and, for a new cluster, its ranges).
+fn bootstrap_if_needed(engine: &Engine, plan: &Bootstrap) -> Result<StoreIdent, StoreError> {
+    if let Some(ident) = read_ident(engine)? {
+        if let Bootstrap::Join(want) = plan {
+            if want.cluster_id != ident.cluster_id {
+                return Err(StoreError::WrongCluster {
+                    store: ident.cluster_id,
+                    cluster: want.cluster_id.clone(),
+                });
+            }
+        }
+        return Ok(ident);
+    }
+    let ident = match plan {
+        Bootstrap::Existing => return Err(StoreError::NotInitialized),
+        Bootstrap::Join(ident) => {
+            let mut b = engine.batch();
+            rangestate::set_store_record(&mut b, IDENT_KEY, &ident.encode_to_vec())?;
+            engine.write(b, true)?;
+            tracing::info!(cluster = %ident.cluster_id, node = ident.node_id, "joined a cluster");
+            return Ok(ident.clone());
+        }
+        Bootstrap::NewCluster => StoreIdent {
+            cluster_id: format!(
+                "{:016x}",
+                SystemClock.now_nanos() ^ (std::process::id() as u64).rotate_left(40)
+            ),
+            node_id: 1,
+            store_id: 1,
+        },
     };
     let mut b = engine.batch();
     for &(range_id, start, end, _) in BOOTSTRAP_RANGES {
@@ -344,147 +450,4 @@ fn bootstrap_if_needed(engine: &Engine) -> Result<StoreIdent, StoreError> {
     engine.write(b, true)?;
     tracing::info!(cluster = %ident.cluster_id, "bootstrapped a new single-node cluster");
     Ok(ident)
-}
-
-struct Scheduler {
-    cfg: StoreConfig,
-    engine: Engine,
-    rx: Receiver<Event>,
-    replicas: BTreeMap<u64, Replica>,
-    clock: Arc<Clock>,
-    metrics: Arc<Metrics>,
-}
-
-/// Events handled per cycle at most, so ticks are never starved.
-const MAX_EVENTS_PER_CYCLE: usize = 4096;
-
-impl Scheduler {
-    fn run(mut self) {
-        let mut next_tick = Instant::now() + self.cfg.tick;
-        let now = Instant::now();
-        for r in self.replicas.values_mut() {
-            r.publish_status(now);
-        }
-        loop {
-            let wait = next_tick.saturating_duration_since(Instant::now());
-            let mut stop = false;
-            match self.rx.recv_timeout(wait) {
-                Ok(ev) => stop |= self.handle(ev),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => stop = true,
-            }
-            for _ in 0..MAX_EVENTS_PER_CYCLE {
-                match self.rx.try_recv() {
-                    Ok(ev) => stop |= self.handle(ev),
-                    Err(_) => break,
-                }
-            }
-            if stop {
-                break;
-            }
-            let now = Instant::now();
-            if now >= next_tick {
-                for r in self.replicas.values_mut() {
-                    r.raw.tick();
-                }
-                self.metrics.raft_ticks.inc();
-                next_tick += self.cfg.tick;
-                if next_tick < now {
-                    next_tick = now + self.cfg.tick; // fell behind: don't burst
-                }
-            }
-            if let Err(e) = self.process_readies() {
-                tracing::error!(error = %e, "raft loop stopped: the store can no longer write");
-                break;
-            }
-        }
-        for r in self.replicas.values_mut() {
-            r.fail_pending(ProposeError::Stopped);
-            let mut s = r.status.write();
-            s.leader_ready = false;
-            s.lease_until = None;
-        }
-    }
-
-    /// Returns whether to stop.
-    fn handle(&mut self, ev: Event) -> bool {
-        match ev {
-            Event::Propose { range_id, cmd, reply } => match self.replicas.get_mut(&range_id) {
-                Some(r) => r.propose(cmd, reply, &self.metrics),
-                None => {
-                    let _ = reply.send(Err(ProposeError::NoSuchRange(range_id)));
-                }
-            },
-            Event::Stop => return true,
-        }
-        false
-    }
-
-    fn process_readies(&mut self) -> Result<(), StoreError> {
-        loop {
-            let mut batch = self.engine.batch();
-            let mut readies = Vec::new();
-            let mut entries = 0u64;
-            // Only entries, a snapshot, or a new term or vote must be synced:
-            // a commit index alone may be lost in a crash (raft relearns it).
-            let mut must_sync = false;
-            let now = Instant::now();
-            for (&id, r) in self.replicas.iter_mut() {
-                if !r.raw.has_ready() {
-                    continue;
-                }
-                let rd = r.raw.ready();
-                if let Some(seq) = rd.heartbeat_round {
-                    r.stamp_heartbeat(seq, now);
-                }
-                // A single-node store has no peers to send to (the cluster
-                // issue adds the transport).
-                self.metrics.raft_messages_sent.add(rd.messages.len() as u64);
-                if !rd.entries.is_empty() {
-                    let es: Vec<_> = rd.entries.iter().map(command::encode_entry).collect();
-                    raftlog::append(&mut batch, id, &es)?;
-                    entries += es.len() as u64;
-                    must_sync = true;
-                }
-                if let Some(hs) = rd.hard_state {
-                    if (hs.term, hs.vote) != r.synced_term_vote {
-                        must_sync = true;
-                        r.synced_term_vote = (hs.term, hs.vote);
-                    }
-                    raftlog::save_hard_state(
-                        &mut batch,
-                        id,
-                        HardState {
-                            term: hs.term,
-                            vote: hs.vote,
-                            commit: hs.commit,
-                        },
-                    )?;
-                }
-                readies.push((id, rd));
-            }
-            if readies.is_empty() {
-                return Ok(());
-            }
-            if must_sync {
-                // ONE synced write for every range's entries and hard state.
-                self.engine.write(batch, true)?;
-                self.metrics.raft_fsyncs.inc();
-                self.metrics.raft_entries_persisted.add(entries);
-                self.metrics.raft_entries_per_fsync.observe(entries as f64);
-            } else if !batch.is_empty() {
-                self.engine.write(batch, false)?;
-            }
-            for (id, rd) in readies {
-                let Some(r) = self.replicas.get_mut(&id) else { continue };
-                if let Some(e) = rd.entries.last() {
-                    r.raw.storage_mut().appended(e.index);
-                }
-                r.raw.on_persisted(rd.number);
-                self.metrics.raft_messages_sent.add(rd.persisted_messages.len() as u64);
-                r.apply(rd.committed_entries, &self.clock, &self.metrics)?;
-                r.publish_status(Instant::now());
-            }
-        }
-    }
 }

@@ -24,7 +24,14 @@ pub trait Transport: Send + Sync {
     fn send(&self, to_store: u64, msgs: Vec<RaftMsg>);
     /// Streams the snapshot in `dir` (the files a snapshot of the range was
     /// built into) followed by its raft message, then calls `done(ok)`.
-    fn send_snapshot(&self, to_store: u64, msg: RaftMsg, meta: proto::storage::SnapshotMeta, dir: PathBuf, done: SnapshotDone);
+    fn send_snapshot(
+        &self,
+        to_store: u64,
+        msg: RaftMsg,
+        meta: proto::storage::SnapshotMeta,
+        dir: PathBuf,
+        done: SnapshotDone,
+    );
 }
 
 /// Reports the outcome of a snapshot send.
@@ -35,7 +42,14 @@ pub struct NoTransport;
 
 impl Transport for NoTransport {
     fn send(&self, _to_store: u64, _msgs: Vec<RaftMsg>) {}
-    fn send_snapshot(&self, _to: u64, _msg: RaftMsg, _meta: proto::storage::SnapshotMeta, _dir: PathBuf, done: SnapshotDone) {
+    fn send_snapshot(
+        &self,
+        _to: u64,
+        _msg: RaftMsg,
+        _meta: proto::storage::SnapshotMeta,
+        _dir: PathBuf,
+        done: SnapshotDone,
+    ) {
         done(false);
     }
 }
@@ -221,7 +235,10 @@ pub fn message_from_pb(m: RaftMsg) -> Result<(u64, Message), String> {
     if let MessageBody::Append { index, entries, .. } = &body {
         for (k, e) in entries.iter().enumerate() {
             if e.index != index + 1 + k as u64 {
-                return Err(format!("append after {index} carries entry {} at position {k}", e.index));
+                return Err(format!(
+                    "append after {index} carries entry {} at position {k}",
+                    e.index
+                ));
             }
         }
     }
@@ -244,40 +261,88 @@ mod tests {
     #[test]
     fn every_message_round_trips_and_garbage_is_refused() {
         let entries = vec![
-            Entry { term: 2, index: 6, payload: EntryPayload::Empty },
-            Entry { term: 2, index: 7, payload: EntryPayload::Normal(b"x".to_vec()) },
+            Entry {
+                term: 2,
+                index: 6,
+                payload: EntryPayload::Empty,
+            },
+            Entry {
+                term: 2,
+                index: 7,
+                payload: EntryPayload::Normal(b"x".to_vec()),
+            },
             Entry {
                 term: 2,
                 index: 8,
                 payload: EntryPayload::ConfChange(ConfChange {
-                    changes: vec![ConfChangeSingle { kind: ConfChangeKind::AddLearner, node: 4 }],
+                    changes: vec![ConfChangeSingle {
+                        kind: ConfChangeKind::AddLearner,
+                        node: 4,
+                    }],
                     context: b"d".to_vec(),
                 }),
             },
         ];
         let bodies = vec![
-            MessageBody::Append { log_term: 1, index: 5, entries, commit: 4 },
-            MessageBody::AppendResponse { index: 9, reject: true, hint_index: 3, hint_term: 1 },
-            MessageBody::Vote { pre: true, last_index: 3, last_term: 2, transfer: false },
-            MessageBody::VoteResponse { pre: false, reject: true },
+            MessageBody::Append {
+                log_term: 1,
+                index: 5,
+                entries,
+                commit: 4,
+            },
+            MessageBody::AppendResponse {
+                index: 9,
+                reject: true,
+                hint_index: 3,
+                hint_term: 1,
+            },
+            MessageBody::Vote {
+                pre: true,
+                last_index: 3,
+                last_term: 2,
+                transfer: false,
+            },
+            MessageBody::VoteResponse {
+                pre: false,
+                reject: true,
+            },
             MessageBody::Heartbeat { commit: 3, seq: 9 },
             MessageBody::HeartbeatResponse { seq: 9 },
             MessageBody::Snapshot {
                 snapshot: Snapshot {
-                    meta: SnapshotMeta { index: 10, term: 3, conf_state: ConfState::with_voters(&[1, 2, 3]) },
+                    meta: SnapshotMeta {
+                        index: 10,
+                        term: 3,
+                        conf_state: ConfState::with_voters(&[1, 2, 3]),
+                    },
                     data: b"snap".to_vec(),
                 },
             },
             MessageBody::TimeoutNow,
             MessageBody::ReadIndex { ctx: b"c".to_vec() },
-            MessageBody::ReadIndexResponse { ctx: b"c".to_vec(), index: 4 },
+            MessageBody::ReadIndexResponse {
+                ctx: b"c".to_vec(),
+                index: 4,
+            },
         ];
         for body in bodies {
-            let m = Message { from: 1, to: 2, term: 3, body };
+            let m = Message {
+                from: 1,
+                to: 2,
+                term: 3,
+                body,
+            };
             let (r, back) = message_from_pb(message_to_pb(7, &m)).unwrap();
             assert_eq!((r, back), (7, m));
         }
-        assert!(message_from_pb(RaftMsg { range_id: 1, from: 1, to: 2, term: 1, body: None }).is_err());
+        assert!(message_from_pb(RaftMsg {
+            range_id: 1,
+            from: 1,
+            to: 2,
+            term: 1,
+            body: None
+        })
+        .is_err());
         let gap = Message {
             from: 1,
             to: 2,
@@ -285,7 +350,11 @@ mod tests {
             body: MessageBody::Append {
                 log_term: 1,
                 index: 5,
-                entries: vec![Entry { term: 1, index: 9, payload: EntryPayload::Empty }],
+                entries: vec![Entry {
+                    term: 1,
+                    index: 9,
+                    payload: EntryPayload::Empty,
+                }],
                 commit: 0,
             },
         };

@@ -97,6 +97,12 @@ impl<S: Storage> Raft<S> {
         Ok(r)
     }
 
+    /// Whether a membership change is proposed and not yet applied (or this
+    /// leader has not applied its term's first entry): no other may start.
+    pub fn conf_change_pending(&self) -> bool {
+        self.pending_conf_index > self.log.applied
+    }
+
     /// Applies a committed membership change (the node calls this when it
     /// applies the entry) and returns the new configuration. An invalid change
     /// is ignored, identically on every member, and the configuration returned
