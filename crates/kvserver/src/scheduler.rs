@@ -39,6 +39,8 @@ use crate::StoreError;
 const MAX_EVENTS_PER_CYCLE: usize = 4096;
 /// How often leaseholders look at their ranges' replication.
 const REPLICATE_EVERY: Duration = Duration::from_millis(500);
+/// How often a store pings every other store it knows (liveness).
+const PING_EVERY: Duration = Duration::from_secs(1);
 /// A store heard from within this long counts as live.
 pub const LIVENESS_WINDOW: Duration = Duration::from_secs(3);
 
@@ -56,6 +58,7 @@ pub(crate) struct Scheduler {
     pub last_heard: Arc<Mutex<HashMap<u64, Instant>>>,
     pub known_stores: Arc<RwLock<BTreeMap<u64, String>>>,
     pub next_replicate: Instant,
+    pub next_ping: Instant,
     /// To send events to itself (snapshot outcomes).
     pub events: crossbeam_channel::Sender<Event>,
 }
@@ -93,6 +96,20 @@ impl Scheduler {
                 next_tick += self.cfg.tick;
                 if next_tick < now {
                     next_tick = now + self.cfg.tick; // fell behind: don't burst
+                }
+            }
+            if now >= self.next_ping {
+                self.next_ping = now + PING_EVERY;
+                // An empty batch: tells its receiver this store is alive.
+                let stores: Vec<u64> = self
+                    .known_stores
+                    .read()
+                    .keys()
+                    .copied()
+                    .filter(|&s| s != self.store_id)
+                    .collect();
+                for s in stores {
+                    self.transport.send(s, Vec::new());
                 }
             }
             if now >= self.next_replicate {

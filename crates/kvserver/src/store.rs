@@ -297,6 +297,7 @@ impl Store {
             last_heard: Arc::new(Mutex::new(HashMap::new())),
             known_stores: known_stores.clone(),
             next_replicate: Instant::now(),
+            next_ping: Instant::now(),
             events: tx.clone(),
         };
         for desc in rangestate::all_descriptors(&engine)? {
