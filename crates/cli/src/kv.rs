@@ -188,6 +188,53 @@ pub async fn run(cmd: KvCmd, host: &str) -> Result<()> {
     Ok(())
 }
 
+pub async fn init(host: &str) -> Result<()> {
+    let mut m = proto::cluster::membership_client::MembershipClient::new(connect(host).await?);
+    let r = m
+        .init(proto::cluster::InitRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("init failed: {}", s.message()))?
+        .into_inner();
+    println!("cluster {} initialized", r.cluster_id);
+    Ok(())
+}
+
+pub async fn node_status(host: &str) -> Result<()> {
+    let mut admin = AdminClient::new(connect(host).await?);
+    let r = admin
+        .nodes(proto::admin::NodesStatusRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("node status failed: {}", s.message()))?
+        .into_inner();
+    println!("cluster {} (as seen by node {})", r.cluster_id, r.node_id);
+    println!("{:<5} {:<22} {:<6} {:>9} {:>7} {:>12}", "node", "address", "live", "replicas", "leases", "live bytes");
+    for n in r.nodes {
+        // Per-store figures come from each node itself.
+        let (replicas, leases, bytes) = match connect(&n.addr).await {
+            Ok(ch) => match AdminClient::new(ch).ranges(RangesRequest {}).await {
+                Ok(rr) => {
+                    let rr = rr.into_inner();
+                    let leases = rr.ranges.iter().filter(|x| x.lease_valid).count();
+                    let bytes: i64 = rr.ranges.iter().map(|x| x.stats.map_or(0, |s| s.live_bytes)).sum();
+                    (rr.ranges.len().to_string(), leases.to_string(), bytes.to_string())
+                }
+                Err(_) => ("?".into(), "?".into(), "?".into()),
+            },
+            Err(_) => ("?".into(), "?".into(), "?".into()),
+        };
+        println!(
+            "{:<5} {:<22} {:<6} {:>9} {:>7} {:>12}",
+            n.node_id,
+            n.addr,
+            if n.live { "live" } else { "dead" },
+            replicas,
+            leases,
+            bytes
+        );
+    }
+    Ok(())
+}
+
 pub async fn debug_ranges(host: &str) -> Result<()> {
     let mut admin = AdminClient::new(connect(host).await?);
     let r = admin

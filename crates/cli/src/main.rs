@@ -47,6 +47,46 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         election_ticks: u64,
     },
+    /// Run a node of a multi-node cluster in the foreground (Ctrl-C stops it).
+    /// A new node joins through --join (run `tardigrade init` once to create the
+    /// cluster); a restarted node rejoins with the same flags.
+    Start {
+        /// Directory of the store.
+        #[arg(long)]
+        store: PathBuf,
+        /// Address of the gRPC API (etcd's v3 API, admin, membership, raft).
+        #[arg(long, default_value = "127.0.0.1:2379")]
+        listen_addr: SocketAddr,
+        /// The address other nodes reach this one at (default: --listen-addr).
+        #[arg(long)]
+        advertise_addr: Option<String>,
+        /// Address of the HTTP endpoints (/health, /metrics).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http_addr: SocketAddr,
+        /// Addresses of nodes of the cluster, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        join: Vec<String>,
+        /// The raft tick, in milliseconds.
+        #[arg(long, default_value_t = 100)]
+        tick_ms: u64,
+        /// The minimum election timeout, in ticks.
+        #[arg(long, default_value_t = 10)]
+        election_ticks: u64,
+        /// The maximum clock offset tolerated between nodes, in milliseconds.
+        #[arg(long, default_value_t = 500)]
+        max_offset_ms: u64,
+    },
+    /// Create a new cluster on a node started with `tardigrade start` (once).
+    Init {
+        /// The node to initialize (its --listen-addr).
+        #[arg(long, default_value = "127.0.0.1:2379")]
+        host: String,
+    },
+    /// The nodes of a cluster.
+    Node {
+        #[command(subcommand)]
+        cmd: NodeCmd,
+    },
     /// Read and write keys through a node's KV API.
     Kv {
         #[command(subcommand)]
@@ -64,6 +104,15 @@ enum Cmd {
     Debug {
         #[command(subcommand)]
         cmd: DebugCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Each node: address, liveness, and per store its replicas, leases and bytes.
+    Status {
+        #[arg(long, default_value = "127.0.0.1:2379")]
+        host: String,
     },
 }
 
@@ -124,6 +173,33 @@ fn real_main() -> Result<()> {
                 tick_ms,
                 election_ticks,
             } => start_single_node(store, listen_addr, http_addr, tick_ms, election_ticks).await,
+            Cmd::Start {
+                store,
+                listen_addr,
+                advertise_addr,
+                http_addr,
+                join,
+                tick_ms,
+                election_ticks,
+                max_offset_ms,
+            } => {
+                if tick_ms == 0 || election_ticks < 2 {
+                    anyhow::bail!("--tick-ms must be positive and --election-ticks at least 2");
+                }
+                let mut cfg = server::NodeConfig::new(&store);
+                cfg.listen_addr = listen_addr;
+                cfg.advertise_addr = advertise_addr;
+                cfg.http_addr = http_addr;
+                cfg.tick = Duration::from_millis(tick_ms);
+                cfg.election_ticks = election_ticks;
+                cfg.max_clock_offset = Duration::from_millis(max_offset_ms);
+                cfg.mode = server::Mode::Cluster { join };
+                run_node(cfg, &store).await
+            }
+            Cmd::Init { host } => kv::init(&host).await,
+            Cmd::Node {
+                cmd: NodeCmd::Status { host },
+            } => kv::node_status(&host).await,
             Cmd::Kv { cmd, host } => kv::run(cmd, &host).await,
             Cmd::Debug {
                 cmd: DebugCmd::Ranges { host },
@@ -178,12 +254,21 @@ async fn start_single_node(
     cfg.http_addr = http;
     cfg.tick = Duration::from_millis(tick_ms);
     cfg.election_ticks = election_ticks;
+    run_node(cfg, &store).await
+}
+
+async fn run_node(cfg: server::NodeConfig, store: &std::path::Path) -> Result<()> {
+    let single = matches!(cfg.mode, server::Mode::SingleNode);
     let node = server::Node::start(cfg)
         .await
         .with_context(|| format!("cannot start a node on store {}", store.display()))?;
     let g = node.grpc_addr();
     let h = node.http_addr();
-    println!("Tardigrade single node is running (store {}).", store.display());
+    if single {
+        println!("Tardigrade single node is running (store {}).", store.display());
+    } else {
+        println!("Tardigrade node is running (store {}); run `tardigrade init --host {}` once to create a new cluster.", store.display(), node.grpc_addr());
+    }
     println!("  etcd v3 API and admin API: {g}");
     println!("  HTTP health and metrics:   http://{h}/health  http://{h}/metrics");
     println!("Try:");
@@ -193,7 +278,22 @@ async fn start_single_node(
     println!("  etcdctl --endpoints={g} get hello");
     println!("  tardigrade debug ranges --host {g}");
     println!("Press Ctrl-C to stop.");
-    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+    // Stop on Ctrl-C, or when the node finds it cannot be part of the cluster.
+    let fatal = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if let Some(p) = node.health_problem().filter(|p| p.contains("another cluster")) {
+                return p;
+            }
+        }
+    };
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => { r.context("waiting for Ctrl-C")?; }
+        p = fatal => {
+            node.shutdown().await;
+            anyhow::bail!("{p}");
+        }
+    }
     println!("stopping...");
     node.shutdown().await;
     Ok(())

@@ -41,5 +41,8 @@ pub const BOOTSTRAP_RANGES: &[(u64, &[u8], &[u8], &str)] = &[
     (3, ETCD_END, KEY_MAX, "user"),
 ];
 
+/// The system range (meta and node records).
+pub const SYSTEM_RANGE_ID: u64 = 1;
+
 /// The range that holds etcd's keyspace.
 pub const ETCD_RANGE_ID: u64 = 2;

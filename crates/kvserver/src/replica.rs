@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
 use prost::Message as _;
-use proto::kvserver::{raft_command, RaftCommand};
+use proto::kvserver::{raft_command, NodeRecord, NodesRecord, RaftCommand};
 use proto::storage::{replica_descriptor, RangeDescriptor};
 use raft::{ConfChange, ConfState, Entry, EntryPayload, RawNode, Role};
 use storage::mvcc::MvccStats;
@@ -30,9 +30,14 @@ use crate::raft_storage::{self, ReplicaStorage, CONF_STATE_SUFFIX};
 /// Range-local record suffix of the etcd revision state.
 pub const REV_STATE_SUFFIX: u8 = b'e';
 
+/// Range-local record suffix of the node list (system range only).
+pub const NODES_SUFFIX: u8 = b'N';
+
 /// The outcome of a proposed command, once applied (or known lost).
 #[derive(Debug)]
 pub enum ApplyOutcome {
+    /// A node id was allocated.
+    NodeId(u64),
     /// An etcd write, applied at raft `term`; `rev` is the store's revision after it.
     Etcd {
         result: Result<EtcdWriteResponse, EtcdError>,
@@ -279,7 +284,18 @@ impl Replica {
                     if let Err(err) = clock.update(hlc) {
                         tracing::error!(%err, "clock cannot follow an applied timestamp");
                     }
+                    if let Some(raft_command::Op::AllocateNode(a)) = &cmd.op {
+                        let mut nodes = match rangestate::local_record(&self.engine, self.range_id, NODES_SUFFIX)? {
+                            Some(b) => NodesRecord::decode(&b[..]).unwrap_or_default(),
+                            None => NodesRecord::default(),
+                        };
+                        let id = nodes.nodes.iter().map(|n| n.node_id).max().unwrap_or(0) + 1;
+                        nodes.nodes.push(NodeRecord { node_id: id, addr: a.addr.clone() });
+                        rangestate::set_local_record(&mut batch, self.range_id, NODES_SUFFIX, &nodes.encode_to_vec())?;
+                        outcome = Some(ApplyOutcome::NodeId(id));
+                    }
                     let write = match cmd.op {
+                        Some(raft_command::Op::AllocateNode(_)) => None,
                         Some(raft_command::Op::EtcdPut(p)) => Some(EtcdWrite::Put(p)),
                         Some(raft_command::Op::EtcdDeleteRange(d)) => Some(EtcdWrite::DeleteRange(d)),
                         Some(raft_command::Op::EtcdTxn(t)) => Some(EtcdWrite::Txn(t)),

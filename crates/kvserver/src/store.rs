@@ -88,8 +88,9 @@ pub(crate) enum Event {
 pub enum Bootstrap {
     /// Refuse: the store must exist already.
     Existing,
-    /// Become node 1 of a new cluster, holding every range.
-    NewCluster,
+    /// Become node 1 of a new cluster, holding every range; `addr` is where it
+    /// serves (recorded as node 1's address).
+    NewCluster { addr: String },
     /// Take the identity a cluster gave this node, with no replicas.
     Join(StoreIdent),
 }
@@ -106,7 +107,7 @@ impl Default for StoreOptions {
         StoreOptions {
             wall: Arc::new(SystemClock),
             transport: Arc::new(NoTransport),
-            bootstrap: Bootstrap::NewCluster,
+            bootstrap: Bootstrap::NewCluster { addr: String::new() },
         }
     }
 }
@@ -235,6 +236,16 @@ impl StoreHandle {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// The nodes the cluster gave ids to (from this store's system range replica).
+    pub fn node_records(&self) -> Vec<proto::kvserver::NodeRecord> {
+        rangestate::local_record(&self.engine, crate::keyspace::SYSTEM_RANGE_ID, crate::replica::NODES_SUFFIX)
+            .ok()
+            .flatten()
+            .and_then(|b| proto::kvserver::NodesRecord::decode(&b[..]).ok())
+            .map(|r| r.nodes)
+            .unwrap_or_default()
     }
 
     /// The etcd revision state as of a point-in-time view.
@@ -398,7 +409,7 @@ fn bootstrap_if_needed(engine: &Engine, plan: &Bootstrap) -> Result<StoreIdent, 
             tracing::info!(cluster = %ident.cluster_id, node = ident.node_id, "joined a cluster");
             return Ok(ident.clone());
         }
-        Bootstrap::NewCluster => StoreIdent {
+        Bootstrap::NewCluster { .. } => StoreIdent {
             cluster_id: format!(
                 "{:016x}",
                 SystemClock.now_nanos() ^ (std::process::id() as u64).rotate_left(40)
@@ -442,6 +453,16 @@ fn bootstrap_if_needed(engine: &Engine, plan: &Bootstrap) -> Result<StoreIdent, 
                 commit: raft::BOOTSTRAP_INDEX,
             },
         )?;
+        if range_id == crate::keyspace::SYSTEM_RANGE_ID {
+            let addr = match plan {
+                Bootstrap::NewCluster { addr } => addr.clone(),
+                _ => String::new(),
+            };
+            let nodes = proto::kvserver::NodesRecord {
+                nodes: vec![proto::kvserver::NodeRecord { node_id: ident.node_id, addr }],
+            };
+            rangestate::set_local_record(&mut b, range_id, crate::replica::NODES_SUFFIX, &nodes.encode_to_vec())?;
+        }
         if range_id == ETCD_RANGE_ID {
             let rev = RevState { rev: 1, compact_rev: 0 };
             rangestate::set_local_record(&mut b, range_id, REV_STATE_SUFFIX, &rev.encode())?;

@@ -82,7 +82,7 @@ fn start(n: u64) -> Cluster {
     for id in 1..=n {
         let dir = tempfile::tempdir().unwrap();
         let bootstrap = if id == 1 {
-            Bootstrap::NewCluster
+            Bootstrap::NewCluster { addr: String::new() }
         } else {
             Bootstrap::Join(StoreIdent {
                 cluster_id: cluster_id.clone(),

@@ -22,13 +22,18 @@ pub mod tardigrade {
         include!(concat!(env!("OUT_DIR"), "/tardigrade.transport.rs"));
     }
 
+    /// Cluster membership: init, join, address books (`proto/cluster.proto`).
+    pub mod cluster {
+        include!(concat!(env!("OUT_DIR"), "/tardigrade.cluster.rs"));
+    }
+
     /// Tardigrade's administrative API (`proto/admin.proto`).
     pub mod admin {
         include!(concat!(env!("OUT_DIR"), "/tardigrade.admin.rs"));
     }
 }
 
-pub use tardigrade::{admin, kvserver, storage, transport};
+pub use tardigrade::{admin, cluster, kvserver, storage, transport};
 
 /// etcd's v3 API messages and services (`proto/etcdserverpb.proto`).
 pub mod etcdserverpb {

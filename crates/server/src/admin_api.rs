@@ -1,20 +1,25 @@
 //! Tardigrade's administrative gRPC API: what `tardigrade debug ranges` shows.
 
-use kvserver::StoreHandle;
-use proto::admin::{admin_server::Admin, RangeInfo, RangesRequest, RangesResponse};
+use std::sync::Arc;
+
+use proto::admin::{
+    admin_server::Admin, NodeStatus, NodesStatusRequest, NodesStatusResponse, RangeInfo, RangesRequest, RangesResponse,
+};
 use tonic::{Request, Response, Status};
+
+use crate::Shared;
 
 #[derive(Clone)]
 pub struct AdminApi {
-    pub store: StoreHandle,
+    pub shared: Arc<Shared>,
 }
 
 #[tonic::async_trait]
 impl Admin for AdminApi {
     async fn ranges(&self, _req: Request<RangesRequest>) -> Result<Response<RangesResponse>, Status> {
+        let store = self.shared.store()?;
         let now = std::time::Instant::now();
-        let ranges = self
-            .store
+        let ranges = store
             .statuses()
             .into_iter()
             .map(|s| RangeInfo {
@@ -29,8 +34,35 @@ impl Admin for AdminApi {
             })
             .collect();
         Ok(Response::new(RangesResponse {
-            node_id: self.store.ident().node_id,
+            node_id: store.ident().node_id,
             ranges,
+        }))
+    }
+
+    async fn nodes(&self, _req: Request<NodesStatusRequest>) -> Result<Response<NodesStatusResponse>, Status> {
+        let store = self.shared.store()?;
+        let me = store.ident().store_id;
+        let now = std::time::Instant::now();
+        let window = kvserver::scheduler::LIVENESS_WINDOW;
+        let nodes = store
+            .known_stores()
+            .read()
+            .iter()
+            .map(|(&id, addr)| {
+                let heard = if id == me { Some(now) } else { store.last_heard(id) };
+                NodeStatus {
+                    node_id: id,
+                    store_id: id,
+                    addr: if addr.is_empty() { self.shared.advertise.clone() } else { addr.clone() },
+                    live: heard.is_some_and(|t| now.duration_since(t) < window),
+                    last_heard_ms: heard.map_or(u64::MAX, |t| now.duration_since(t).as_millis() as u64),
+                }
+            })
+            .collect();
+        Ok(Response::new(NodesStatusResponse {
+            node_id: store.ident().node_id,
+            cluster_id: store.ident().cluster_id.clone(),
+            nodes,
         }))
     }
 }

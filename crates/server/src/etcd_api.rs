@@ -6,11 +6,15 @@
 //! writes are proposed to raft and answered once applied. Nothing here panics
 //! on a request: every bad input is one of etcd's errors.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvserver::etcd::{self, EtcdError, EtcdWriteResponse};
 use kvserver::keyspace::ETCD_RANGE_ID;
 use kvserver::{ApplyOutcome, StoreHandle};
+use proto::etcdserverpb::kv_client::KvClient;
+use tonic::transport::Channel;
+use tonic::Code;
 use prost::Message as _;
 use proto::etcdserverpb::{
     cluster_server::Cluster, kv_server::Kv, maintenance_server::Maintenance, CompactionRequest, CompactionResponse,
@@ -21,34 +25,67 @@ use proto::kvserver::{raft_command, RaftCommand};
 use tonic::{Request, Response, Status};
 
 use crate::errors::{etcd_status, propose_status};
+use crate::Shared;
 
 /// The version `Maintenance.Status` reports: the etcd API level served.
 pub const API_VERSION: &str = "3.5.0";
 
-/// What the etcd services share.
+/// Metadata key marking a request forwarded by another node (never forwarded again).
+pub const FORWARDED: &str = "x-tardigrade-forwarded";
+
+/// The address of the node holding the leader replica of `range_id`, as this
+/// store knows it (`None` if unknown or local).
+pub fn leader_addr(store: &StoreHandle, range_id: u64) -> Option<String> {
+    let st = store.status(range_id)?;
+    if st.leader == 0 {
+        return None;
+    }
+    let rep = st.desc.replicas.iter().find(|r| r.replica_id == st.leader)?;
+    if rep.store_id == store.ident().store_id {
+        return None;
+    }
+    store.known_stores().read().get(&rep.store_id).filter(|a| !a.is_empty()).cloned()
+}
+
+/// Where a request for a range goes now.
+enum Route {
+    Here,
+    There(String),
+    Wait,
+}
+
+/// The etcd services of a node.
 #[derive(Clone)]
 pub struct EtcdApi {
-    pub store: StoreHandle,
-    pub cluster_id: u64,
-    pub member_id: u64,
-    pub name: String,
-    pub client_url: String,
-    /// How long a request may wait before it is answered `request timed out`.
-    pub request_timeout: Duration,
+    pub shared: Arc<Shared>,
+}
+
+/// Whether a failed forward certainly did not apply (safe to try again).
+fn definite(s: &Status) -> bool {
+    s.code() == Code::Unavailable
+        && (s.message().contains("no leader")
+            || s.message().contains("leader changed")
+            || s.message().contains("not initialized")
+            || s.message().starts_with("cannot reach"))
 }
 
 impl EtcdApi {
-    fn header(&self, revision: i64, raft_term: u64) -> ResponseHeader {
+    fn header(&self, store: &StoreHandle, revision: i64, raft_term: u64) -> ResponseHeader {
+        let ident = store.ident();
         ResponseHeader {
-            cluster_id: self.cluster_id,
-            member_id: self.member_id,
+            cluster_id: u64::from_str_radix(&ident.cluster_id, 16).unwrap_or(1),
+            member_id: ident.node_id,
             revision,
             raft_term,
         }
     }
 
-    fn observe(&self, method: &str, t0: Instant) {
-        if let Some(h) = self.store.metrics().request_latency(method) {
+    fn timeout(&self) -> Duration {
+        self.shared.cfg.request_timeout
+    }
+
+    fn observe(&self, store: &StoreHandle, method: &str, t0: Instant) {
+        if let Some(h) = store.metrics().request_latency(method) {
             h.observe_duration(t0.elapsed());
         }
     }
@@ -60,129 +97,284 @@ impl EtcdApi {
         Ok(())
     }
 
-    async fn write(&self, op: raft_command::Op) -> Result<(EtcdWriteResponse, ResponseHeader), Status> {
+    /// Reads are served here only with a valid lease; writes wherever the
+    /// leader is.
+    fn route(&self, store: &StoreHandle, read: bool) -> Route {
+        let Some(st) = store.status(ETCD_RANGE_ID) else { return Route::Wait };
+        let here = if read {
+            st.can_serve(Instant::now())
+        } else {
+            st.leader != 0 && st.desc.replicas.iter().any(|r| r.replica_id == st.leader && r.store_id == store.ident().store_id)
+        };
+        if here {
+            return Route::Here;
+        }
+        match leader_addr(store, ETCD_RANGE_ID) {
+            Some(a) => Route::There(a),
+            None => Route::Wait,
+        }
+    }
+
+    async fn client(&self, addr: &str) -> Result<KvClient<Channel>, Status> {
+        let ch = self.shared.channel(addr).await?;
+        Ok(KvClient::new(ch).max_decoding_message_size(8 << 20).max_encoding_message_size(8 << 20))
+    }
+
+    async fn read_local(&self, store: &StoreHandle, r: &RangeRequest) -> Result<RangeResponse, Status> {
+        let st = store.wait_readable(ETCD_RANGE_ID, Duration::from_millis(1)).await.map_err(|e| propose_status(&e))?;
+        let snap = store.engine().snapshot();
+        // The lease must still hold now that the view is taken.
+        if !store.status(ETCD_RANGE_ID).is_some_and(|s| s.can_serve(Instant::now())) {
+            return Err(propose_status(&kvserver::ProposeError::NotLeader { leader: 0 }));
+        }
+        let rev = store.rev_state(&snap).map_err(|e| Status::internal(e.to_string()))?;
+        let mut resp = etcd::range(&snap, &rev, r).map_err(|e| etcd_status(&e))?;
+        resp.header = Some(self.header(store, rev.rev, st.term));
+        Ok(resp)
+    }
+
+    async fn write_local(&self, store: &StoreHandle, op: raft_command::Op) -> Result<(EtcdWriteResponse, ResponseHeader), Status> {
         let cmd = RaftCommand {
             max_lease_index: 0,
             proposer_ts: None,
             op: Some(op),
         };
-        match self.store.propose(ETCD_RANGE_ID, cmd, self.request_timeout).await {
+        match store.propose(ETCD_RANGE_ID, cmd, self.timeout()).await {
             Ok(ApplyOutcome::Etcd { result, rev, term }) => match result {
-                Ok(resp) => Ok((resp, self.header(rev, term))),
+                Ok(resp) => Ok((resp, self.header(store, rev, term))),
                 Err(e) => Err(etcd_status(&e)),
             },
+            Ok(other) => Err(Status::internal(format!("unexpected outcome {other:?}"))),
             Err(e) => Err(propose_status(&e)),
         }
     }
+
+    /// Serves a request here or at the leaseholder, retrying while the
+    /// leadership is unknown or moving, until the request timeout.
+    async fn serve<T, L, F, LF, FF>(&self, forwarded: bool, read: bool, local: L, forward: F) -> Result<T, Status>
+    where
+        L: Fn(StoreHandle) -> LF,
+        LF: std::future::Future<Output = Result<T, Status>>,
+        F: Fn(KvClient<Channel>) -> FF,
+        FF: std::future::Future<Output = Result<T, Status>>,
+    {
+        let deadline = Instant::now() + self.timeout();
+        loop {
+            let store = self.shared.store()?;
+            let outcome = match self.route(&store, read) {
+                Route::Here => local(store).await,
+                Route::There(addr) if !forwarded => match self.client(&addr).await {
+                    Ok(c) => {
+                        let r = forward(c).await;
+                        if r.as_ref().err().is_some_and(|s| s.code() == Code::Unavailable && s.message().contains("transport")) {
+                            self.shared.drop_channel(&addr);
+                        }
+                        r
+                    }
+                    Err(e) => Err(e),
+                },
+                Route::There(_) => Err(propose_status(&kvserver::ProposeError::NotLeader { leader: 1 })),
+                Route::Wait => Err(propose_status(&kvserver::ProposeError::NotLeader { leader: 0 })),
+            };
+            match outcome {
+                Err(s) if (read || definite(&s)) && !forwarded && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(s) if !read && !definite(&s) && s.code() == Code::Unavailable && !s.message().starts_with("etcdserver:") => {
+                    // The forward broke after it may have been sent: unknown outcome.
+                    return Err(propose_status(&kvserver::ProposeError::Ambiguous));
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+fn forwarded<T>(r: &Request<T>) -> bool {
+    r.metadata().get(FORWARDED).is_some()
+}
+
+fn mark<T>(t: T) -> Request<T> {
+    let mut r = Request::new(t);
+    r.metadata_mut().insert(FORWARDED, "1".parse().expect("ascii"));
+    r
 }
 
 #[tonic::async_trait]
 impl Kv for EtcdApi {
     async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
         let t0 = Instant::now();
+        let fwd = forwarded(&req);
         let r = req.into_inner();
         etcd::validate_range(&r).map_err(|e| etcd_status(&e))?;
-        let st = self
-            .store
-            .wait_readable(ETCD_RANGE_ID, self.request_timeout)
-            .await
-            .map_err(|e| propose_status(&e))?;
-        let snap = self.store.engine().snapshot();
-        // The lease must still hold now that the view is taken.
-        if !self
-            .store
-            .status(ETCD_RANGE_ID)
-            .is_some_and(|s| s.can_serve(Instant::now()))
-        {
-            return Err(propose_status(&kvserver::ProposeError::Ambiguous));
-        }
-        let rev = self
-            .store
-            .rev_state(&snap)
-            .map_err(|e| Status::internal(e.to_string()))?;
-        let mut resp = etcd::range(&snap, &rev, &r).map_err(|e| etcd_status(&e))?;
-        resp.header = Some(self.header(rev.rev, st.term));
-        self.observe("range", t0);
+        let resp = self
+            .serve(
+                fwd,
+                true,
+                |store| {
+                    let r = r.clone();
+                    async move {
+                        let out = self.read_local(&store, &r).await;
+                        self.observe(&store, "range", t0);
+                        out
+                    }
+                },
+                |mut c| {
+                    let r = r.clone();
+                    async move { c.range(mark(r)).await.map(|x| x.into_inner()) }
+                },
+            )
+            .await?;
         Ok(Response::new(resp))
     }
 
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let t0 = Instant::now();
+        let fwd = forwarded(&req);
         let r = req.into_inner();
         etcd::validate_put(&r).map_err(|e| etcd_status(&e))?;
         self.check_size(r.encoded_len())?;
-        let (resp, header) = self.write(raft_command::Op::EtcdPut(r)).await?;
-        self.observe("put", t0);
-        match resp {
-            EtcdWriteResponse::Put(mut p) => {
-                p.header = Some(header);
-                Ok(Response::new(p))
-            }
-            _ => Err(Status::internal("put answered with another response")),
-        }
+        let resp = self
+            .serve(
+                fwd,
+                false,
+                |store| {
+                    let r = r.clone();
+                    async move {
+                        let (resp, header) = self.write_local(&store, raft_command::Op::EtcdPut(r)).await?;
+                        self.observe(&store, "put", t0);
+                        match resp {
+                            EtcdWriteResponse::Put(mut p) => {
+                                p.header = Some(header);
+                                Ok(p)
+                            }
+                            _ => Err(Status::internal("put answered with another response")),
+                        }
+                    }
+                },
+                |mut c| {
+                    let r = r.clone();
+                    async move { c.put(mark(r)).await.map(|x| x.into_inner()) }
+                },
+            )
+            .await?;
+        Ok(Response::new(resp))
     }
 
     async fn delete_range(&self, req: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
         let t0 = Instant::now();
+        let fwd = forwarded(&req);
         let r = req.into_inner();
         etcd::validate_delete(&r).map_err(|e| etcd_status(&e))?;
         self.check_size(r.encoded_len())?;
-        let (resp, header) = self.write(raft_command::Op::EtcdDeleteRange(r)).await?;
-        self.observe("delete_range", t0);
-        match resp {
-            EtcdWriteResponse::DeleteRange(mut d) => {
-                d.header = Some(header);
-                Ok(Response::new(d))
-            }
-            _ => Err(Status::internal("delete answered with another response")),
-        }
+        let resp = self
+            .serve(
+                fwd,
+                false,
+                |store| {
+                    let r = r.clone();
+                    async move {
+                        let (resp, header) = self.write_local(&store, raft_command::Op::EtcdDeleteRange(r)).await?;
+                        self.observe(&store, "delete_range", t0);
+                        match resp {
+                            EtcdWriteResponse::DeleteRange(mut d) => {
+                                d.header = Some(header);
+                                Ok(d)
+                            }
+                            _ => Err(Status::internal("delete answered with another response")),
+                        }
+                    }
+                },
+                |mut c| {
+                    let r = r.clone();
+                    async move { c.delete_range(mark(r)).await.map(|x| x.into_inner()) }
+                },
+            )
+            .await?;
+        Ok(Response::new(resp))
     }
 
     async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         let t0 = Instant::now();
+        let fwd = forwarded(&req);
         let r = req.into_inner();
         etcd::validate_txn(&r).map_err(|e| etcd_status(&e))?;
         self.check_size(r.encoded_len())?;
-        let (resp, header) = self.write(raft_command::Op::EtcdTxn(r)).await?;
-        self.observe("txn", t0);
-        match etcd::with_header(resp, header) {
-            EtcdWriteResponse::Txn(t) => Ok(Response::new(t)),
-            _ => Err(Status::internal("txn answered with another response")),
-        }
+        let resp = self
+            .serve(
+                fwd,
+                false,
+                |store| {
+                    let r = r.clone();
+                    async move {
+                        let (resp, header) = self.write_local(&store, raft_command::Op::EtcdTxn(r)).await?;
+                        self.observe(&store, "txn", t0);
+                        match etcd::with_header(resp, header) {
+                            EtcdWriteResponse::Txn(t) => Ok(t),
+                            _ => Err(Status::internal("txn answered with another response")),
+                        }
+                    }
+                },
+                |mut c| {
+                    let r = r.clone();
+                    async move { c.txn(mark(r)).await.map(|x| x.into_inner()) }
+                },
+            )
+            .await?;
+        Ok(Response::new(resp))
     }
 
     async fn compact(&self, req: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
         let t0 = Instant::now();
+        let fwd = forwarded(&req);
         let r = req.into_inner();
-        let (_, header) = self.write(raft_command::Op::EtcdCompact(r)).await?;
-        self.observe("compact", t0);
-        Ok(Response::new(CompactionResponse { header: Some(header) }))
+        let resp = self
+            .serve(
+                fwd,
+                false,
+                |store| {
+                    let r = r.clone();
+                    async move {
+                        let (_, header) = self.write_local(&store, raft_command::Op::EtcdCompact(r)).await?;
+                        self.observe(&store, "compact", t0);
+                        Ok(CompactionResponse { header: Some(header) })
+                    }
+                },
+                |mut c| {
+                    let r = r.clone();
+                    async move { c.compact(mark(r)).await.map(|x| x.into_inner()) }
+                },
+            )
+            .await?;
+        Ok(Response::new(resp))
     }
 }
 
 #[tonic::async_trait]
 impl Maintenance for EtcdApi {
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
-        let st = self
-            .store
+        let store = self.shared.store()?;
+        let st = store
             .status(ETCD_RANGE_ID)
             .ok_or_else(|| Status::unavailable("etcdserver: no leader"))?;
-        let snap = self.store.engine().snapshot();
-        let rev = self
-            .store
-            .rev_state(&snap)
-            .map_err(|e| Status::internal(e.to_string()))?;
-        let size = self.store.engine().disk_usage_bytes().unwrap_or(0) as i64;
-        let leader_member = if st.leader != 0 { self.member_id } else { 0 };
+        let snap = store.engine().snapshot();
+        let rev = store.rev_state(&snap).map_err(|e| Status::internal(e.to_string()))?;
+        let size = store.engine().disk_usage_bytes().unwrap_or(0) as i64;
+        let leader_node = st
+            .desc
+            .replicas
+            .iter()
+            .find(|r| r.replica_id == st.leader)
+            .map_or(0, |r| r.node_id);
         Ok(Response::new(StatusResponse {
-            header: Some(self.header(rev.rev, st.term)),
+            header: Some(self.header(&store, rev.rev, st.term)),
             version: API_VERSION.to_string(),
             db_size: size,
-            leader: leader_member,
+            leader: leader_node,
             raft_index: st.commit,
             raft_term: st.term,
             raft_applied_index: st.applied.index,
-            errors: Vec::new(),
+            errors: self.shared.health_problem().into_iter().collect(),
             db_size_in_use: size,
             is_learner: false,
         }))
@@ -192,20 +384,28 @@ impl Maintenance for EtcdApi {
 #[tonic::async_trait]
 impl Cluster for EtcdApi {
     async fn member_list(&self, _req: Request<MemberListRequest>) -> Result<Response<MemberListResponse>, Status> {
-        let st = self.store.status(ETCD_RANGE_ID);
-        let rev = st.as_ref().map_or(0, |_| {
-            let snap = self.store.engine().snapshot();
-            self.store.rev_state(&snap).map(|r| r.rev).unwrap_or(0)
-        });
+        let store = self.shared.store()?;
+        let st = store.status(ETCD_RANGE_ID);
+        let snap = store.engine().snapshot();
+        let rev = store.rev_state(&snap).map(|r| r.rev).unwrap_or(0);
+        let members = store
+            .known_stores()
+            .read()
+            .iter()
+            .map(|(&id, addr)| {
+                let addr = if addr.is_empty() { self.shared.advertise.clone() } else { addr.clone() };
+                Member {
+                    id,
+                    name: format!("tardigrade-{id}"),
+                    peer_ur_ls: vec![format!("http://{addr}")],
+                    client_ur_ls: vec![format!("http://{addr}")],
+                    is_learner: false,
+                }
+            })
+            .collect();
         Ok(Response::new(MemberListResponse {
-            header: Some(self.header(rev, st.map_or(0, |s| s.term))),
-            members: vec![Member {
-                id: self.member_id,
-                name: self.name.clone(),
-                peer_ur_ls: vec![self.client_url.clone()],
-                client_ur_ls: vec![self.client_url.clone()],
-                is_learner: false,
-            }],
+            header: Some(self.header(&store, rev, st.map_or(0, |s| s.term))),
+            members,
         }))
     }
 }

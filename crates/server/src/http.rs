@@ -1,5 +1,7 @@
 //! The node's HTTP endpoints: `/health` (200 once the node can serve etcd
-//! requests, 503 otherwise) and `/metrics` (Prometheus text).
+//! requests, 503 with the reason otherwise) and `/metrics` (Prometheus text).
+
+use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -7,32 +9,38 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use kvserver::keyspace::ETCD_RANGE_ID;
-use kvserver::StoreHandle;
 
-pub fn router(store: StoreHandle) -> Router {
+use crate::Shared;
+
+pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
-        .with_state(store)
+        .with_state(shared)
 }
 
-async fn health(State(store): State<StoreHandle>) -> impl IntoResponse {
-    let ok = store
-        .status(ETCD_RANGE_ID)
-        .is_some_and(|s| s.can_serve(std::time::Instant::now()));
-    if ok {
-        (StatusCode::OK, "{\"health\":\"true\"}\n")
-    } else {
-        (
+/// Healthy once the node can serve etcd requests: it is part of an
+/// initialized cluster, its clock agrees with its peers, and the etcd range
+/// has a leaseholder it knows (here or elsewhere).
+async fn health(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    let reason = match shared.health_problem() {
+        Some(r) => Some(r),
+        None => match shared.local.get().and_then(|l| l.store.status(ETCD_RANGE_ID)) {
+            Some(s) if s.can_serve(std::time::Instant::now()) => None,
+            Some(s) if s.leader != 0 && !s.desc.replicas.is_empty() => None,
+            _ => Some("the etcd range has no known leaseholder yet".to_string()),
+        },
+    };
+    match reason {
+        None => (StatusCode::OK, "{\"health\":\"true\"}\n".to_string()),
+        Some(r) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            "{\"health\":\"false\",\"reason\":\"the etcd range has no valid lease here\"}\n",
-        )
+            format!("{{\"health\":\"false\",\"reason\":{r:?}}}\n"),
+        ),
     }
 }
 
-async fn metrics(State(store): State<StoreHandle>) -> impl IntoResponse {
-    (
-        [("content-type", "text/plain; version=0.0.4")],
-        store.metrics().render(),
-    )
+async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    let text = shared.local.get().map(|l| l.store.metrics().render()).unwrap_or_default();
+    ([("content-type", "text/plain; version=0.0.4")], text)
 }

@@ -1,33 +1,62 @@
-//! One Tardigrade node: it opens (or bootstraps) the store, then serves etcd's
-//! v3 gRPC API and Tardigrade's admin API on the listen address, and health and
-//! metrics over HTTP.
+//! One Tardigrade node: it opens (or bootstraps, or joins) the store, then
+//! serves etcd's v3 gRPC API, the admin API, cluster membership and the raft
+//! transport on the listen address, and health and metrics over HTTP.
 //!
-//! This crate wires parts together; it holds no storage or consensus logic.
+//! A node is a gateway: a request for a range it does not lead is forwarded to
+//! the leaseholder. This crate wires parts together; it holds no storage or
+//! consensus logic.
 
 pub mod admin_api;
+pub mod clock_check;
 pub mod errors;
 pub mod etcd_api;
 pub mod http;
+pub mod membership;
+pub mod transport;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use kvserver::{Store, StoreConfig, StoreHandle};
+use kvserver::{Bootstrap, Store, StoreConfig, StoreHandle, StoreOptions};
+use parking_lot::Mutex;
 use proto::admin::admin_server::AdminServer;
+use proto::cluster::membership_server::MembershipServer;
 use proto::etcdserverpb::{cluster_server::ClusterServer, kv_server::KvServer, maintenance_server::MaintenanceServer};
+use proto::transport::raft_transport_server::RaftTransportServer;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic::Status;
+
+use crate::clock_check::ClockCheck;
+use crate::transport::{GrpcTransport, Local, RaftService};
+
+/// How a node becomes part of a cluster.
+#[derive(Clone, Debug)]
+pub enum Mode {
+    /// A one-node cluster that bootstraps itself.
+    SingleNode,
+    /// A member of a multi-node cluster: joins through these addresses, or
+    /// waits for `tardigrade init` if the cluster does not exist yet.
+    Cluster { join: Vec<String> },
+}
 
 /// Settings of a node.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
     pub store_dir: PathBuf,
     pub listen_addr: SocketAddr,
+    /// The address other nodes reach this one at (default: the listen address).
+    pub advertise_addr: Option<String>,
     pub http_addr: SocketAddr,
     pub tick: Duration,
     pub election_ticks: u64,
     pub request_timeout: Duration,
+    pub max_clock_offset: Duration,
+    pub mode: Mode,
 }
 
 impl NodeConfig {
@@ -35,10 +64,13 @@ impl NodeConfig {
         NodeConfig {
             store_dir: store_dir.into(),
             listen_addr: ([127, 0, 0, 1], 2379).into(),
+            advertise_addr: None,
             http_addr: ([127, 0, 0, 1], 8080).into(),
             tick: Duration::from_millis(100),
             election_ticks: 10,
             request_timeout: Duration::from_secs(5),
+            max_clock_offset: Duration::from_millis(500),
+            mode: Mode::SingleNode,
         }
     }
 }
@@ -51,9 +83,105 @@ pub enum NodeError {
     Listen { addr: SocketAddr, err: std::io::Error },
 }
 
+/// What every service of the node shares.
+pub struct Shared {
+    pub cfg: NodeConfig,
+    /// Where this node is reached by the others.
+    pub advertise: String,
+    pub local: Arc<OnceLock<Local>>,
+    pub transport: Arc<GrpcTransport>,
+    pub clock_check: Arc<ClockCheck>,
+    store: Mutex<Option<Store>>,
+    start_lock: tokio::sync::Mutex<()>,
+    /// Set when the node must stop serving for good (e.g. a store of another cluster).
+    pub fatal: Mutex<Option<String>>,
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl Shared {
+    /// The store, if this node is part of a cluster yet and healthy.
+    pub fn store(&self) -> Result<StoreHandle, Status> {
+        if let Some(f) = self.fatal.lock().clone() {
+            return Err(Status::unavailable(format!("etcdserver: unhealthy cluster ({f})")));
+        }
+        let l = self
+            .local
+            .get()
+            .ok_or_else(|| Status::unavailable("etcdserver: the cluster is not initialized yet (run tardigrade init)"))?;
+        let peers = l.store.known_stores().read().len().saturating_sub(1);
+        if let Some(p) = self.clock_check.problem(peers) {
+            return Err(Status::unavailable(format!("etcdserver: unhealthy cluster ({p})")));
+        }
+        Ok(l.store.clone())
+    }
+
+    /// Why the node cannot serve, if it cannot.
+    pub fn health_problem(&self) -> Option<String> {
+        if let Some(f) = self.fatal.lock().clone() {
+            return Some(f);
+        }
+        let Some(l) = self.local.get() else { return Some("the cluster is not initialized yet".into()) };
+        let peers = l.store.known_stores().read().len().saturating_sub(1);
+        self.clock_check.problem(peers)
+    }
+
+    /// Starts the store (once), bootstrapping or joining as `plan` says.
+    pub async fn start_store(&self, plan: Bootstrap) -> Result<StoreHandle, String> {
+        let _g = self.start_lock.lock().await;
+        if let Some(l) = self.local.get() {
+            return Ok(l.store.clone());
+        }
+        let mut scfg = StoreConfig::new(&self.cfg.store_dir);
+        scfg.tick = self.cfg.tick;
+        scfg.election_ticks = self.cfg.election_ticks;
+        let opts = StoreOptions {
+            transport: self.transport.clone(),
+            bootstrap: plan,
+            ..Default::default()
+        };
+        let store = tokio::task::spawn_blocking(move || Store::start_with(scfg, opts))
+            .await
+            .map_err(|e| format!("store start-up task failed: {e}"))?
+            .map_err(|e| e.to_string())?;
+        let handle = store.handle();
+        handle
+            .known_stores()
+            .write()
+            .insert(handle.ident().store_id, self.advertise.clone());
+        *self.store.lock() = Some(store);
+        let _ = self.local.set(Local {
+            store: handle.clone(),
+            addr: self.advertise.clone(),
+        });
+        tracing::info!(node = handle.ident().node_id, cluster = %handle.ident().cluster_id, "store started");
+        Ok(handle)
+    }
+
+    /// A (cached) channel to another node.
+    pub async fn channel(&self, addr: &str) -> Result<Channel, Status> {
+        if let Some(c) = self.channels.lock().get(addr).cloned() {
+            return Ok(c);
+        }
+        let c = Channel::from_shared(format!("http://{addr}"))
+            .map_err(|e| Status::internal(e.to_string()))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot reach {addr}: {e}")))?;
+        self.channels.lock().insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Forgets a channel that failed.
+    pub fn drop_channel(&self, addr: &str) {
+        self.channels.lock().remove(addr);
+    }
+}
+
 /// A running node.
 pub struct Node {
-    store: Store,
+    shared: Arc<Shared>,
     grpc_addr: SocketAddr,
     http_addr: SocketAddr,
     stop_grpc: Option<oneshot::Sender<()>>,
@@ -62,57 +190,83 @@ pub struct Node {
 }
 
 impl Node {
-    /// Starts the node; returns once it listens (it may still be electing).
+    /// Starts the node; returns once it listens (it may still be electing,
+    /// joining, or waiting for `init`).
     pub async fn start(cfg: NodeConfig) -> Result<Node, NodeError> {
+        let listen = |addr: SocketAddr, err| NodeError::Listen { addr, err };
         let grpc_listener = tokio::net::TcpListener::bind(cfg.listen_addr)
             .await
-            .map_err(|err| NodeError::Listen {
-                addr: cfg.listen_addr,
-                err,
-            })?;
+            .map_err(|e| listen(cfg.listen_addr, e))?;
         let http_listener = tokio::net::TcpListener::bind(cfg.http_addr)
             .await
-            .map_err(|err| NodeError::Listen {
-                addr: cfg.http_addr,
-                err,
-            })?;
-        let grpc_addr = grpc_listener.local_addr().map_err(|err| NodeError::Listen {
-            addr: cfg.listen_addr,
-            err,
-        })?;
-        let http_addr = http_listener.local_addr().map_err(|err| NodeError::Listen {
-            addr: cfg.http_addr,
-            err,
-        })?;
-
-        let mut scfg = StoreConfig::new(&cfg.store_dir);
-        scfg.tick = cfg.tick;
-        scfg.election_ticks = cfg.election_ticks;
-        let store_dir = cfg.store_dir.clone();
-        let store = tokio::task::spawn_blocking(move || Store::start(scfg))
-            .await
-            .map_err(|e| {
-                kvserver::StoreError::Io(format!("store start-up task failed: {e} ({})", store_dir.display()))
-            })??;
-        let handle = store.handle();
-        let ident = handle.ident().clone();
-        let api = etcd_api::EtcdApi {
-            store: handle.clone(),
-            cluster_id: u64::from_str_radix(&ident.cluster_id, 16).unwrap_or(1),
-            member_id: ident.node_id,
-            name: format!("tardigrade-{}", ident.node_id),
-            client_url: format!("http://{grpc_addr}"),
-            request_timeout: cfg.request_timeout,
-        };
+            .map_err(|e| listen(cfg.http_addr, e))?;
+        let grpc_addr = grpc_listener.local_addr().map_err(|e| listen(cfg.listen_addr, e))?;
+        let http_addr = http_listener.local_addr().map_err(|e| listen(cfg.http_addr, e))?;
+        let advertise = cfg.advertise_addr.clone().unwrap_or_else(|| grpc_addr.to_string());
+        let local = Arc::new(OnceLock::new());
+        let transport = Arc::new(GrpcTransport::new(local.clone(), tokio::runtime::Handle::current()));
+        let shared = Arc::new(Shared {
+            advertise,
+            local,
+            transport,
+            clock_check: Arc::new(ClockCheck::new(cfg.max_clock_offset)),
+            store: Mutex::new(None),
+            start_lock: tokio::sync::Mutex::new(()),
+            fatal: Mutex::new(None),
+            channels: Mutex::new(HashMap::new()),
+            cfg: cfg.clone(),
+        });
+        let mut tasks = Vec::new();
+        match &cfg.mode {
+            Mode::SingleNode => {
+                shared
+                    .start_store(Bootstrap::NewCluster {
+                        addr: shared.advertise.clone(),
+                    })
+                    .await
+                    .map_err(kvserver::StoreError::Io)?;
+            }
+            Mode::Cluster { join } => {
+                // An existing store restarts at once; an empty one joins (or
+                // waits for init) in the background.
+                let engine_has_ident = {
+                    let dir = cfg.store_dir.clone();
+                    tokio::task::spawn_blocking(move || -> Result<bool, kvserver::StoreError> {
+                        if !dir.join("db").exists() {
+                            return Ok(false);
+                        }
+                        let e = storage::Engine::open(&dir, storage::EngineOptions::default())?;
+                        Ok(kvserver::store::read_ident(&e)?.is_some())
+                    })
+                    .await
+                    .map_err(|e| kvserver::StoreError::Io(e.to_string()))??
+                };
+                if engine_has_ident {
+                    shared
+                        .start_store(Bootstrap::Existing)
+                        .await
+                        .map_err(kvserver::StoreError::Io)?;
+                }
+                tasks.push(tokio::spawn(membership::maintain(shared.clone(), join.clone())));
+            }
+        }
+        let etcd = etcd_api::EtcdApi { shared: shared.clone() };
         let limit = 4 << 20;
         let grpc = tonic::transport::Server::builder()
-            .add_service(KvServer::new(api.clone()).max_decoding_message_size(limit))
-            .add_service(MaintenanceServer::new(api.clone()))
-            .add_service(ClusterServer::new(api.clone()))
-            .add_service(AdminServer::new(admin_api::AdminApi { store: handle.clone() }));
+            .add_service(KvServer::new(etcd.clone()).max_decoding_message_size(limit))
+            .add_service(MaintenanceServer::new(etcd.clone()))
+            .add_service(ClusterServer::new(etcd.clone()))
+            .add_service(AdminServer::new(admin_api::AdminApi { shared: shared.clone() }))
+            .add_service(MembershipServer::new(membership::MembershipApi { shared: shared.clone() }))
+            .add_service(
+                RaftTransportServer::new(RaftService {
+                    local: shared.local.clone(),
+                    clock_check: shared.clock_check.clone(),
+                })
+                .max_decoding_message_size(64 << 20),
+            );
         let (stop_grpc, grpc_stopped) = oneshot::channel::<()>();
         let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
-        let mut tasks = Vec::new();
         tasks.push(tokio::spawn(async move {
             if let Err(e) = grpc
                 .serve_with_incoming_shutdown(incoming, async {
@@ -124,7 +278,7 @@ impl Node {
             }
         }));
         let (stop_http, http_stopped) = oneshot::channel::<()>();
-        let app = http::router(handle.clone());
+        let app = http::router(shared.clone());
         tasks.push(tokio::spawn(async move {
             let served = axum::serve(http_listener, app).with_graceful_shutdown(async {
                 let _ = http_stopped.await;
@@ -133,9 +287,9 @@ impl Node {
                 tracing::error!(error = %e, "HTTP server stopped");
             }
         }));
-        tracing::info!(%grpc_addr, %http_addr, cluster = %ident.cluster_id, "node started");
+        tracing::info!(%grpc_addr, %http_addr, advertise = %shared.advertise, "node listening");
         Ok(Node {
-            store,
+            shared,
             grpc_addr,
             http_addr,
             stop_grpc: Some(stop_grpc),
@@ -152,8 +306,14 @@ impl Node {
         self.http_addr
     }
 
-    pub fn store(&self) -> StoreHandle {
-        self.store.handle()
+    /// The store, once the node has one.
+    pub fn store(&self) -> Option<StoreHandle> {
+        self.shared.local.get().map(|l| l.store.clone())
+    }
+
+    /// Why the node cannot serve, if it cannot.
+    pub fn health_problem(&self) -> Option<String> {
+        self.shared.health_problem()
     }
 
     /// Stops serving, then stops the store.
@@ -165,9 +325,12 @@ impl Node {
             let _ = s.send(());
         }
         for t in self.tasks.drain(..) {
+            t.abort();
             let _ = t.await;
         }
-        let mut store = self.store;
-        let _ = tokio::task::spawn_blocking(move || store.stop()).await;
+        let store = self.shared.store.lock().take();
+        if let Some(mut store) = store {
+            let _ = tokio::task::spawn_blocking(move || store.stop()).await;
+        }
     }
 }
