@@ -186,10 +186,14 @@ impl Scheduler {
             ..Default::default()
         };
         let rc = self.raft_config(replica_id, range_id);
+        let name = crate::keyspace::BOOTSTRAP_RANGES
+            .iter()
+            .find(|(id, ..)| *id == range_id)
+            .map_or_else(|| format!("r{range_id}"), |(.., n)| n.to_string());
         let rep = Replica::new(
             self.engine.clone(),
             desc,
-            format!("r{range_id}"),
+            name,
             replica_id,
             rc,
             self.cfg.lease_duration(),
