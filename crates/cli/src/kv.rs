@@ -207,7 +207,10 @@ pub async fn node_status(host: &str) -> Result<()> {
         .map_err(|s| anyhow::anyhow!("node status failed: {}", s.message()))?
         .into_inner();
     println!("cluster {} (as seen by node {})", r.cluster_id, r.node_id);
-    println!("{:<5} {:<22} {:<6} {:>9} {:>7} {:>12}", "node", "address", "live", "replicas", "leases", "live bytes");
+    println!(
+        "{:<5} {:<22} {:<6} {:>9} {:>7} {:>12}",
+        "node", "address", "live", "replicas", "leases", "live bytes"
+    );
     for n in r.nodes {
         // Per-store figures come from each node itself.
         let (replicas, leases, bytes) = match connect(&n.addr).await {

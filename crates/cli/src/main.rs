@@ -75,6 +75,9 @@ enum Cmd {
         /// The maximum clock offset tolerated between nodes, in milliseconds.
         #[arg(long, default_value_t = 500)]
         max_offset_ms: u64,
+        /// A replica truncates its raft log once it holds this many applied entries.
+        #[arg(long, default_value_t = 10_000)]
+        raft_log_truncation_threshold: u64,
     },
     /// Create a new cluster on a node started with `tardigrade start` (once).
     Init {
@@ -182,6 +185,7 @@ fn real_main() -> Result<()> {
                 tick_ms,
                 election_ticks,
                 max_offset_ms,
+                raft_log_truncation_threshold,
             } => {
                 if tick_ms == 0 || election_ticks < 2 {
                     anyhow::bail!("--tick-ms must be positive and --election-ticks at least 2");
@@ -193,6 +197,7 @@ fn real_main() -> Result<()> {
                 cfg.tick = Duration::from_millis(tick_ms);
                 cfg.election_ticks = election_ticks;
                 cfg.max_clock_offset = Duration::from_millis(max_offset_ms);
+                cfg.log_truncation_threshold = raft_log_truncation_threshold.max(1);
                 cfg.mode = server::Mode::Cluster { join };
                 run_node(cfg, &store).await
             }
@@ -267,7 +272,11 @@ async fn run_node(cfg: server::NodeConfig, store: &std::path::Path) -> Result<()
     if single {
         println!("Tardigrade single node is running (store {}).", store.display());
     } else {
-        println!("Tardigrade node is running (store {}); run `tardigrade init --host {}` once to create a new cluster.", store.display(), node.grpc_addr());
+        println!(
+            "Tardigrade node is running (store {}); run `tardigrade init --host {}` once to create a new cluster.",
+            store.display(),
+            node.grpc_addr()
+        );
     }
     println!("  etcd v3 API and admin API: {g}");
     println!("  HTTP health and metrics:   http://{h}/health  http://{h}/metrics");

@@ -117,6 +117,7 @@ pub struct Metrics {
     pub raft_ticks: Counter,
     pub ranges: Gauge,
     pub applied_commands: Counter,
+    pub snapshots_applied: Counter,
     pub rejected_commands: Counter,
     request_latency: Vec<Histogram>,
 }
@@ -135,6 +136,7 @@ impl Default for Metrics {
             raft_ticks: Counter::default(),
             ranges: Gauge::default(),
             applied_commands: Counter::default(),
+            snapshots_applied: Counter::default(),
             rejected_commands: Counter::default(),
             request_latency: METHODS.iter().map(|_| Histogram::new(LATENCY_BUCKETS)).collect(),
         }
@@ -153,7 +155,12 @@ impl Metrics {
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &Counter); 11] = [
+        let counters: [(&str, &str, &Counter); 12] = [
+            (
+                "tardigrade_snapshots_applied_total",
+                "Raft snapshots installed on this store.",
+                &self.snapshots_applied,
+            ),
             (
                 "tardigrade_raft_proposals_total",
                 "Commands proposed to raft.",

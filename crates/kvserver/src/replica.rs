@@ -106,6 +106,9 @@ pub struct Replica {
     pub status: Arc<RwLock<ReplicaStatus>>,
     /// Term and vote of the last hard state written with a sync.
     pub synced_term_vote: (u64, u64),
+    /// The applied index known durable: applied states are written without a
+    /// sync, and become durable with the next synced write (the WAL is ordered).
+    pub durable_applied: u64,
     /// The store of every peer replica known: from the descriptor, and from
     /// messages received (an uninitialized replica knows only its senders).
     pub peers: BTreeMap<u64, u64>,
@@ -154,6 +157,7 @@ impl Replica {
             lease_duration,
             status,
             synced_term_vote,
+            durable_applied: applied.index,
             peers,
         })
     }
@@ -290,7 +294,10 @@ impl Replica {
                             None => NodesRecord::default(),
                         };
                         let id = nodes.nodes.iter().map(|n| n.node_id).max().unwrap_or(0) + 1;
-                        nodes.nodes.push(NodeRecord { node_id: id, addr: a.addr.clone() });
+                        nodes.nodes.push(NodeRecord {
+                            node_id: id,
+                            addr: a.addr.clone(),
+                        });
                         rangestate::set_local_record(&mut batch, self.range_id, NODES_SUFFIX, &nodes.encode_to_vec())?;
                         outcome = Some(ApplyOutcome::NodeId(id));
                     }
@@ -378,6 +385,38 @@ impl Replica {
         desc.range_id = self.range_id;
         desc.generation = self.desc.generation + 1;
         desc
+    }
+
+    /// The applied index now (made durable by the store's next synced write).
+    pub fn applied_index(&self) -> u64 {
+        self.applied.index
+    }
+
+    /// Truncates the raft log if it holds more than `threshold` applied
+    /// entries: never past the durably applied index, and, on a leader, never
+    /// past what a live follower still needs unless it lags so far that it
+    /// will be sent a snapshot anyway. Returns the new truncated index.
+    pub fn maybe_truncate_log(&mut self, threshold: u64) -> Result<Option<u64>, crate::StoreError> {
+        let first = self.raw.raft.log.first_index();
+        let mut target = self.durable_applied.min(self.applied.index);
+        if target < first || target - first < threshold {
+            return Ok(None);
+        }
+        if self.raw.role() == Role::Leader {
+            for (&id, p) in &self.raw.raft.trk.progress {
+                if id != self.replica_id && p.recent_active && p.matched + threshold >= target {
+                    target = target.min(p.matched);
+                }
+            }
+        }
+        if target < first || target - first < threshold / 2 {
+            return Ok(None);
+        }
+        let mut b = self.engine.batch();
+        storage::raftlog::truncate(&mut b, self.range_id, target)?;
+        self.engine.write(b, false)?;
+        self.raw.storage_mut().reload()?;
+        Ok(Some(target))
     }
 
     /// Refreshes what readers see.

@@ -115,6 +115,14 @@ impl Scheduler {
             if now >= self.next_replicate {
                 self.next_replicate = now + REPLICATE_EVERY;
                 self.replicate_queue();
+                let threshold = self.cfg.log_truncation_threshold;
+                for r in self.replicas.values_mut() {
+                    match r.maybe_truncate_log(threshold) {
+                        Ok(Some(i)) => tracing::debug!(range = r.range_id, index = i, "raft log truncated"),
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(range = r.range_id, error = %e, "raft log truncation failed"),
+                    }
+                }
             }
             if let Err(e) = self.process_readies() {
                 tracing::error!(error = %e, "raft loop stopped: the store can no longer write");
@@ -384,6 +392,7 @@ impl Scheduler {
                     )?;
                     r.reload_after_snapshot()?;
                     r.synced_term_vote = (hs.term, hs.vote);
+                    self.metrics.snapshots_applied.inc();
                     tracing::info!(range = id, index = snap.meta.index, "applied a snapshot");
                 }
                 let msgs = std::mem::take(&mut rd.messages);
@@ -419,7 +428,11 @@ impl Scheduler {
                 return Ok(());
             }
             if must_sync {
-                // ONE synced write for every range's entries and hard state.
+                // ONE synced write for every range's entries and hard state;
+                // it also makes every applied state written before it durable.
+                for r in self.replicas.values_mut() {
+                    r.durable_applied = r.applied_index();
+                }
                 self.engine.write(batch, true)?;
                 self.metrics.raft_fsyncs.inc();
                 self.metrics.raft_entries_persisted.add(entries);

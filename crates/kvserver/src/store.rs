@@ -43,6 +43,9 @@ pub struct StoreConfig {
     pub heartbeat_ticks: u64,
     /// Bound on the rate error between two nodes' monotonic clocks (leases).
     pub clock_rate_error: f64,
+    /// A replica truncates its raft log once it holds more than this many
+    /// applied entries.
+    pub log_truncation_threshold: u64,
 }
 
 impl StoreConfig {
@@ -53,6 +56,7 @@ impl StoreConfig {
             election_ticks: 10,
             heartbeat_ticks: 1,
             clock_rate_error: 0.01,
+            log_truncation_threshold: 10_000,
         }
     }
 
@@ -240,12 +244,16 @@ impl StoreHandle {
 
     /// The nodes the cluster gave ids to (from this store's system range replica).
     pub fn node_records(&self) -> Vec<proto::kvserver::NodeRecord> {
-        rangestate::local_record(&self.engine, crate::keyspace::SYSTEM_RANGE_ID, crate::replica::NODES_SUFFIX)
-            .ok()
-            .flatten()
-            .and_then(|b| proto::kvserver::NodesRecord::decode(&b[..]).ok())
-            .map(|r| r.nodes)
-            .unwrap_or_default()
+        rangestate::local_record(
+            &self.engine,
+            crate::keyspace::SYSTEM_RANGE_ID,
+            crate::replica::NODES_SUFFIX,
+        )
+        .ok()
+        .flatten()
+        .and_then(|b| proto::kvserver::NodesRecord::decode(&b[..]).ok())
+        .map(|r| r.nodes)
+        .unwrap_or_default()
     }
 
     /// The etcd revision state as of a point-in-time view.
@@ -459,7 +467,10 @@ fn bootstrap_if_needed(engine: &Engine, plan: &Bootstrap) -> Result<StoreIdent, 
                 _ => String::new(),
             };
             let nodes = proto::kvserver::NodesRecord {
-                nodes: vec![proto::kvserver::NodeRecord { node_id: ident.node_id, addr }],
+                nodes: vec![proto::kvserver::NodeRecord {
+                    node_id: ident.node_id,
+                    addr,
+                }],
             };
             rangestate::set_local_record(&mut b, range_id, crate::replica::NODES_SUFFIX, &nodes.encode_to_vec())?;
         }

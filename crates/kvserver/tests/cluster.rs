@@ -75,6 +75,10 @@ fn cfg(dir: &std::path::Path) -> StoreConfig {
 }
 
 fn start(n: u64) -> Cluster {
+    start_with(n, 10_000)
+}
+
+fn start_with(n: u64, threshold: u64) -> Cluster {
     let handles: Handles = Arc::new(RwLock::new(HashMap::new()));
     let mut stores = HashMap::new();
     let mut dirs = Vec::new();
@@ -98,7 +102,9 @@ fn start(n: u64) -> Cluster {
             bootstrap,
             ..Default::default()
         };
-        let store = Store::start_with(cfg(dir.path()), opts).unwrap();
+        let mut sc = cfg(dir.path());
+        sc.log_truncation_threshold = threshold;
+        let store = Store::start_with(sc, opts).unwrap();
         let h = store.handle();
         if id == 1 {
             cluster_id = h.ident().cluster_id.clone();
@@ -209,4 +215,59 @@ fn the_cluster_survives_losing_the_leaders_store() {
     let new = leader_store(&c, ETCD_RANGE_ID).unwrap();
     let h = c.handles.read()[&new].clone();
     put(&h, "after", "2").unwrap();
+}
+
+#[test]
+fn a_store_behind_the_truncated_log_catches_up_by_snapshot() {
+    let mut c = start_with(3, 20);
+    wait_for("three voters", Duration::from_secs(30), || {
+        c.handles
+            .read()
+            .values()
+            .all(|h| h.statuses().len() == 3 && h.statuses().iter().all(all_voters))
+    });
+    let leader = leader_store(&c, ETCD_RANGE_ID).unwrap();
+    let down = (1..=3).find(|&s| s != leader).unwrap();
+    // Stop one follower, keeping its directory.
+    c.handles.write().remove(&down);
+    let mut s = c.stores.remove(&down).unwrap();
+    s.stop();
+    drop(s);
+    let h = c.handles.read()[&leader].clone();
+    for i in 0..200 {
+        put(&h, &format!("k{i}"), "v").unwrap();
+    }
+    wait_for("the leader to truncate its log", Duration::from_secs(10), || {
+        h.statuses().iter().any(|st| st.desc.range_id == ETCD_RANGE_ID) && {
+            let t = storage::raftlog::truncated_state(h.engine(), ETCD_RANGE_ID).unwrap();
+            t.index > 50
+        }
+    });
+    // Restart the follower on its old directory.
+    let dir = c._dirs[(down - 1) as usize].path().to_path_buf();
+    let opts = StoreOptions {
+        transport: Arc::new(LocalTransport {
+            me: down,
+            handles: c.handles.clone(),
+        }),
+        bootstrap: Bootstrap::Existing,
+        ..Default::default()
+    };
+    let store = Store::start_with(cfg(&dir), opts).unwrap();
+    let hd = store.handle();
+    for id in 1..=3 {
+        hd.known_stores().write().insert(id, format!("store-{id}"));
+    }
+    c.handles.write().insert(down, hd.clone());
+    c.stores.insert(down, store);
+    let want = h.status(ETCD_RANGE_ID).unwrap().applied.index;
+    wait_for("the restarted follower to catch up", Duration::from_secs(20), || {
+        hd.status(ETCD_RANGE_ID).is_some_and(|s| s.applied.index >= want)
+    });
+    assert!(hd.metrics().snapshots_applied.get() >= 1, "it caught up by a snapshot");
+    let snap = hd.engine().snapshot();
+    assert_eq!(hd.rev_state(&snap).unwrap().rev, {
+        let s2 = h.engine().snapshot();
+        h.rev_state(&s2).unwrap().rev
+    });
 }

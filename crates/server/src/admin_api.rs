@@ -53,7 +53,11 @@ impl Admin for AdminApi {
                 NodeStatus {
                     node_id: id,
                     store_id: id,
-                    addr: if addr.is_empty() { self.shared.advertise.clone() } else { addr.clone() },
+                    addr: if addr.is_empty() {
+                        self.shared.advertise.clone()
+                    } else {
+                        addr.clone()
+                    },
                     live: heard.is_some_and(|t| now.duration_since(t) < window),
                     last_heard_ms: heard.map_or(u64::MAX, |t| now.duration_since(t).as_millis() as u64),
                 }

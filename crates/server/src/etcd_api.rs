@@ -12,16 +12,16 @@ use std::time::{Duration, Instant};
 use kvserver::etcd::{self, EtcdError, EtcdWriteResponse};
 use kvserver::keyspace::ETCD_RANGE_ID;
 use kvserver::{ApplyOutcome, StoreHandle};
-use proto::etcdserverpb::kv_client::KvClient;
-use tonic::transport::Channel;
-use tonic::Code;
 use prost::Message as _;
+use proto::etcdserverpb::kv_client::KvClient;
 use proto::etcdserverpb::{
     cluster_server::Cluster, kv_server::Kv, maintenance_server::Maintenance, CompactionRequest, CompactionResponse,
     DeleteRangeRequest, DeleteRangeResponse, Member, MemberListRequest, MemberListResponse, PutRequest, PutResponse,
     RangeRequest, RangeResponse, ResponseHeader, StatusRequest, StatusResponse, TxnRequest, TxnResponse,
 };
 use proto::kvserver::{raft_command, RaftCommand};
+use tonic::transport::Channel;
+use tonic::Code;
 use tonic::{Request, Response, Status};
 
 use crate::errors::{etcd_status, propose_status};
@@ -44,7 +44,12 @@ pub fn leader_addr(store: &StoreHandle, range_id: u64) -> Option<String> {
     if rep.store_id == store.ident().store_id {
         return None;
     }
-    store.known_stores().read().get(&rep.store_id).filter(|a| !a.is_empty()).cloned()
+    store
+        .known_stores()
+        .read()
+        .get(&rep.store_id)
+        .filter(|a| !a.is_empty())
+        .cloned()
 }
 
 /// Where a request for a range goes now.
@@ -100,11 +105,18 @@ impl EtcdApi {
     /// Reads are served here only with a valid lease; writes wherever the
     /// leader is.
     fn route(&self, store: &StoreHandle, read: bool) -> Route {
-        let Some(st) = store.status(ETCD_RANGE_ID) else { return Route::Wait };
+        let Some(st) = store.status(ETCD_RANGE_ID) else {
+            return Route::Wait;
+        };
         let here = if read {
             st.can_serve(Instant::now())
         } else {
-            st.leader != 0 && st.desc.replicas.iter().any(|r| r.replica_id == st.leader && r.store_id == store.ident().store_id)
+            st.leader != 0
+                && st
+                    .desc
+                    .replicas
+                    .iter()
+                    .any(|r| r.replica_id == st.leader && r.store_id == store.ident().store_id)
         };
         if here {
             return Route::Here;
@@ -117,11 +129,16 @@ impl EtcdApi {
 
     async fn client(&self, addr: &str) -> Result<KvClient<Channel>, Status> {
         let ch = self.shared.channel(addr).await?;
-        Ok(KvClient::new(ch).max_decoding_message_size(8 << 20).max_encoding_message_size(8 << 20))
+        Ok(KvClient::new(ch)
+            .max_decoding_message_size(8 << 20)
+            .max_encoding_message_size(8 << 20))
     }
 
     async fn read_local(&self, store: &StoreHandle, r: &RangeRequest) -> Result<RangeResponse, Status> {
-        let st = store.wait_readable(ETCD_RANGE_ID, Duration::from_millis(1)).await.map_err(|e| propose_status(&e))?;
+        let st = store
+            .wait_readable(ETCD_RANGE_ID, Duration::from_millis(1))
+            .await
+            .map_err(|e| propose_status(&e))?;
         let snap = store.engine().snapshot();
         // The lease must still hold now that the view is taken.
         if !store.status(ETCD_RANGE_ID).is_some_and(|s| s.can_serve(Instant::now())) {
@@ -133,7 +150,11 @@ impl EtcdApi {
         Ok(resp)
     }
 
-    async fn write_local(&self, store: &StoreHandle, op: raft_command::Op) -> Result<(EtcdWriteResponse, ResponseHeader), Status> {
+    async fn write_local(
+        &self,
+        store: &StoreHandle,
+        op: raft_command::Op,
+    ) -> Result<(EtcdWriteResponse, ResponseHeader), Status> {
         let cmd = RaftCommand {
             max_lease_index: 0,
             proposer_ts: None,
@@ -166,7 +187,10 @@ impl EtcdApi {
                 Route::There(addr) if !forwarded => match self.client(&addr).await {
                     Ok(c) => {
                         let r = forward(c).await;
-                        if r.as_ref().err().is_some_and(|s| s.code() == Code::Unavailable && s.message().contains("transport")) {
+                        if r.as_ref()
+                            .err()
+                            .is_some_and(|s| s.code() == Code::Unavailable && s.message().contains("transport"))
+                        {
                             self.shared.drop_channel(&addr);
                         }
                         r
@@ -180,7 +204,12 @@ impl EtcdApi {
                 Err(s) if (read || definite(&s)) && !forwarded && Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-                Err(s) if !read && !definite(&s) && s.code() == Code::Unavailable && !s.message().starts_with("etcdserver:") => {
+                Err(s)
+                    if !read
+                        && !definite(&s)
+                        && s.code() == Code::Unavailable
+                        && !s.message().starts_with("etcdserver:") =>
+                {
                     // The forward broke after it may have been sent: unknown outcome.
                     return Err(propose_status(&kvserver::ProposeError::Ambiguous));
                 }
@@ -333,7 +362,7 @@ impl Kv for EtcdApi {
                 fwd,
                 false,
                 |store| {
-                    let r = r.clone();
+                    let r = r;
                     async move {
                         let (_, header) = self.write_local(&store, raft_command::Op::EtcdCompact(r)).await?;
                         self.observe(&store, "compact", t0);
@@ -341,7 +370,7 @@ impl Kv for EtcdApi {
                     }
                 },
                 |mut c| {
-                    let r = r.clone();
+                    let r = r;
                     async move { c.compact(mark(r)).await.map(|x| x.into_inner()) }
                 },
             )
@@ -393,7 +422,11 @@ impl Cluster for EtcdApi {
             .read()
             .iter()
             .map(|(&id, addr)| {
-                let addr = if addr.is_empty() { self.shared.advertise.clone() } else { addr.clone() };
+                let addr = if addr.is_empty() {
+                    self.shared.advertise.clone()
+                } else {
+                    addr.clone()
+                };
                 Member {
                     id,
                     name: format!("tardigrade-{id}"),

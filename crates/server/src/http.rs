@@ -41,6 +41,10 @@ async fn health(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    let text = shared.local.get().map(|l| l.store.metrics().render()).unwrap_or_default();
+    let text = shared
+        .local
+        .get()
+        .map(|l| l.store.metrics().render())
+        .unwrap_or_default();
     ([("content-type", "text/plain; version=0.0.4")], text)
 }

@@ -56,6 +56,7 @@ pub struct NodeConfig {
     pub election_ticks: u64,
     pub request_timeout: Duration,
     pub max_clock_offset: Duration,
+    pub log_truncation_threshold: u64,
     pub mode: Mode,
 }
 
@@ -70,6 +71,7 @@ impl NodeConfig {
             election_ticks: 10,
             request_timeout: Duration::from_secs(5),
             max_clock_offset: Duration::from_millis(500),
+            log_truncation_threshold: 10_000,
             mode: Mode::SingleNode,
         }
     }
@@ -104,10 +106,9 @@ impl Shared {
         if let Some(f) = self.fatal.lock().clone() {
             return Err(Status::unavailable(format!("etcdserver: unhealthy cluster ({f})")));
         }
-        let l = self
-            .local
-            .get()
-            .ok_or_else(|| Status::unavailable("etcdserver: the cluster is not initialized yet (run tardigrade init)"))?;
+        let l = self.local.get().ok_or_else(|| {
+            Status::unavailable("etcdserver: the cluster is not initialized yet (run tardigrade init)")
+        })?;
         let peers = l.store.known_stores().read().len().saturating_sub(1);
         if let Some(p) = self.clock_check.problem(peers) {
             return Err(Status::unavailable(format!("etcdserver: unhealthy cluster ({p})")));
@@ -120,7 +121,9 @@ impl Shared {
         if let Some(f) = self.fatal.lock().clone() {
             return Some(f);
         }
-        let Some(l) = self.local.get() else { return Some("the cluster is not initialized yet".into()) };
+        let Some(l) = self.local.get() else {
+            return Some("the cluster is not initialized yet".into());
+        };
         let peers = l.store.known_stores().read().len().saturating_sub(1);
         self.clock_check.problem(peers)
     }
@@ -134,6 +137,7 @@ impl Shared {
         let mut scfg = StoreConfig::new(&self.cfg.store_dir);
         scfg.tick = self.cfg.tick;
         scfg.election_ticks = self.cfg.election_ticks;
+        scfg.log_truncation_threshold = self.cfg.log_truncation_threshold;
         let opts = StoreOptions {
             transport: self.transport.clone(),
             bootstrap: plan,
@@ -257,7 +261,9 @@ impl Node {
             .add_service(MaintenanceServer::new(etcd.clone()))
             .add_service(ClusterServer::new(etcd.clone()))
             .add_service(AdminServer::new(admin_api::AdminApi { shared: shared.clone() }))
-            .add_service(MembershipServer::new(membership::MembershipApi { shared: shared.clone() }))
+            .add_service(MembershipServer::new(membership::MembershipApi {
+                shared: shared.clone(),
+            }))
             .add_service(
                 RaftTransportServer::new(RaftService {
                     local: shared.local.clone(),

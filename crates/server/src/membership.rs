@@ -94,7 +94,10 @@ impl Membership for MembershipApi {
                     proposer_ts: None,
                     op: Some(raft_command::Op::AllocateNode(AllocateNode { addr: r.addr.clone() })),
                 };
-                let id = match store.propose(SYSTEM_RANGE_ID, cmd, self.shared.cfg.request_timeout).await {
+                let id = match store
+                    .propose(SYSTEM_RANGE_ID, cmd, self.shared.cfg.request_timeout)
+                    .await
+                {
                     Ok(ApplyOutcome::NodeId(id)) => id,
                     Ok(other) => return Err(Status::internal(format!("unexpected outcome {other:?}"))),
                     Err(e) => return Err(propose_status(&e)),
@@ -113,7 +116,8 @@ impl Membership for MembershipApi {
                 if let Some(addr) = crate::etcd_api::leader_addr(&store, SYSTEM_RANGE_ID) {
                     let ch = self.shared.channel(&addr).await?;
                     let mut req = Request::new(r.clone());
-                    req.metadata_mut().insert(crate::etcd_api::FORWARDED, "1".parse().expect("ascii"));
+                    req.metadata_mut()
+                        .insert(crate::etcd_api::FORWARDED, "1".parse().expect("ascii"));
                     return MembershipClient::new(ch).join(req).await;
                 }
             }
@@ -187,7 +191,12 @@ pub async fn maintain(shared: Arc<Shared>, join: Vec<String>) {
         } else {
             exchange(&shared, &join).await;
         }
-        tokio::time::sleep(Duration::from_millis(if shared.local.get().is_some() { 2000 } else { 300 })).await;
+        tokio::time::sleep(Duration::from_millis(if shared.local.get().is_some() {
+            2000
+        } else {
+            300
+        }))
+        .await;
     }
 }
 
@@ -215,7 +224,10 @@ async fn exchange(shared: &Shared, join: &[String]) {
         match MembershipClient::new(ch).nodes(req).await {
             Ok(r) => merge(shared, &r.into_inner().nodes),
             Err(s) if s.code() == tonic::Code::FailedPrecondition && s.message().contains("belongs to cluster") => {
-                let msg = format!("this node's store belongs to another cluster than {addr}: {}", s.message());
+                let msg = format!(
+                    "this node's store belongs to another cluster than {addr}: {}",
+                    s.message()
+                );
                 tracing::error!("{msg}");
                 *shared.fatal.lock() = Some(msg);
             }

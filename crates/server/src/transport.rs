@@ -64,7 +64,13 @@ impl GrpcTransport {
     }
 
     fn addr_of(local: &Local, store: u64) -> Option<String> {
-        local.store.known_stores().read().get(&store).filter(|a| !a.is_empty()).cloned()
+        local
+            .store
+            .known_stores()
+            .read()
+            .get(&store)
+            .filter(|a| !a.is_empty())
+            .cloned()
     }
 
     /// The task that owns the stream to `to_store`.
@@ -149,7 +155,10 @@ impl GrpcTransport {
                 .collect();
             files.sort();
             for f in files {
-                let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let name = f
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 let bytes = tokio::fs::read(&f).await.map_err(|e| e.to_string())?;
                 for piece in bytes.chunks(CHUNK).chain(std::iter::once(&[][..])) {
                     tx.send(SnapshotChunk {
@@ -211,7 +220,10 @@ pub struct RaftService {
 
 impl RaftService {
     fn local(&self) -> Result<Local, Status> {
-        self.local.get().cloned().ok_or_else(|| Status::unavailable("node not initialized yet"))
+        self.local
+            .get()
+            .cloned()
+            .ok_or_else(|| Status::unavailable("node not initialized yet"))
     }
 }
 
@@ -252,7 +264,11 @@ impl RaftTransport for RaftService {
                     }
                 }
                 if batch.sender_physical_nanos > 0 {
-                    clock_check.observe(batch.from_store, batch.sender_physical_nanos, local.store.clock().physical());
+                    clock_check.observe(
+                        batch.from_store,
+                        batch.sender_physical_nanos,
+                        local.store.clock().physical(),
+                    );
                 }
                 if let Some(ts) = batch.sender_clock {
                     let _ = local.store.clock().update(ts.into());
@@ -274,15 +290,22 @@ impl RaftTransport for RaftService {
         if head.cluster_id != ident.cluster_id {
             return Err(Status::failed_precondition("snapshot from another cluster"));
         }
-        let mut msg = head.message.ok_or_else(|| Status::invalid_argument("snapshot without its raft message"))?;
-        let meta = head.meta.ok_or_else(|| Status::invalid_argument("snapshot without meta"))?;
+        let mut msg = head
+            .message
+            .ok_or_else(|| Status::invalid_argument("snapshot without its raft message"))?;
+        let meta = head
+            .meta
+            .ok_or_else(|| Status::invalid_argument("snapshot without meta"))?;
         let staged = storage::snapshot::new_incoming_dir(local.store.engine(), msg.range_id)
             .map_err(|e| Status::internal(e.to_string()))?;
         let mut files: HashMap<String, Vec<u8>> = HashMap::new();
         while let Some(chunk) = incoming.message().await? {
             // File names are single path components: nothing escapes the staging dir.
             if chunk.file.is_empty() || chunk.file.contains('/') || chunk.file.contains("..") {
-                return Err(Status::invalid_argument(format!("bad snapshot file name {:?}", chunk.file)));
+                return Err(Status::invalid_argument(format!(
+                    "bad snapshot file name {:?}",
+                    chunk.file
+                )));
             }
             files.entry(chunk.file).or_default().extend_from_slice(&chunk.data);
         }
