@@ -361,18 +361,12 @@ impl Kv for EtcdApi {
             .serve(
                 fwd,
                 false,
-                |store| {
-                    let r = r;
-                    async move {
-                        let (_, header) = self.write_local(&store, raft_command::Op::EtcdCompact(r)).await?;
-                        self.observe(&store, "compact", t0);
-                        Ok(CompactionResponse { header: Some(header) })
-                    }
+                |store| async move {
+                    let (_, header) = self.write_local(&store, raft_command::Op::EtcdCompact(r)).await?;
+                    self.observe(&store, "compact", t0);
+                    Ok(CompactionResponse { header: Some(header) })
                 },
-                |mut c| {
-                    let r = r;
-                    async move { c.compact(mark(r)).await.map(|x| x.into_inner()) }
-                },
+                |mut c| async move { c.compact(mark(r)).await.map(|x| x.into_inner()) },
             )
             .await?;
         Ok(Response::new(resp))
