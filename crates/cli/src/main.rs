@@ -121,6 +121,41 @@ enum NodeCmd {
 
 #[derive(Subcommand)]
 enum WorkloadCmd {
+    /// Jepsen-style register clients (reads, writes, compare-and-swaps on a few
+    /// keys, through different nodes), optionally with a nemesis; then checks
+    /// the history for linearizability and every acknowledged insert.
+    Register {
+        /// host:port of each node's etcd API, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        hosts: Vec<String>,
+        #[arg(long, default_value_t = 6)]
+        clients: usize,
+        #[arg(long, default_value_t = 3)]
+        keys: usize,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 30)]
+        duration: u64,
+        /// An operation not answered within this many milliseconds is unknown.
+        #[arg(long, default_value_t = 2000)]
+        op_timeout_ms: u64,
+        /// Inject faults: SIGKILL and restart, SIGSTOP and SIGCONT.
+        #[arg(long)]
+        nemesis: bool,
+        /// The processes the nemesis may hit (the nodes' PIDs), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        pids: Vec<u32>,
+        /// Average seconds between faults.
+        #[arg(long, default_value_t = 4.0)]
+        fault_interval: f64,
+        /// Seconds a fault lasts.
+        #[arg(long, default_value_t = 2.0)]
+        fault_duration: f64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Seconds the checker may take.
+        #[arg(long, default_value_t = 30)]
+        check_seconds: u64,
+    },
     /// Concurrent clients writing keys for a fixed time.
     Put {
         /// host:port of an etcd v3 endpoint (Tardigrade's --listen-addr, or etcd).
@@ -209,6 +244,69 @@ fn real_main() -> Result<()> {
             Cmd::Debug {
                 cmd: DebugCmd::Ranges { host },
             } => kv::debug_ranges(&host).await,
+            Cmd::Workload {
+                cmd:
+                    WorkloadCmd::Register {
+                        hosts,
+                        clients,
+                        keys,
+                        duration,
+                        op_timeout_ms,
+                        nemesis,
+                        pids,
+                        fault_interval,
+                        fault_duration,
+                        seed,
+                        check_seconds,
+                    },
+            } => {
+                if nemesis && pids.is_empty() {
+                    anyhow::bail!("--nemesis needs the nodes' --pids");
+                }
+                let cfg = workload::register::RegisterConfig {
+                    endpoints: hosts.clone(),
+                    clients: clients.max(1),
+                    keys: keys.max(1),
+                    duration: Duration::from_secs(duration.max(1)),
+                    op_timeout: Duration::from_millis(op_timeout_ms.max(10)),
+                    seed,
+                    nemesis: nemesis.then(|| workload::register::NemesisConfig {
+                        pids,
+                        interval: Duration::from_secs_f64(fault_interval.max(0.1)),
+                        fault_duration: Duration::from_secs_f64(fault_duration.max(0.1)),
+                    }),
+                    check_budget: Duration::from_secs(check_seconds.max(1)),
+                };
+                eprintln!(
+                    "register workload: {clients} clients on {keys} keys for {duration}s against {hosts:?}{}",
+                    if nemesis { " with the nemesis" } else { "" }
+                );
+                let r = workload::register::run(cfg).await;
+                for f in &r.faults {
+                    println!("nemesis: {f}");
+                }
+                if !r.restarted_pids.is_empty() {
+                    println!(
+                        "restarted pids: {}",
+                        r.restarted_pids
+                            .iter()
+                            .map(|p| p.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    );
+                }
+                print!("{}", r.check);
+                println!(
+                    "inserts: {} acknowledged, {} lost; longest unavailability {:.2}s",
+                    r.inserts_acked,
+                    r.inserts_lost.len(),
+                    r.longest_unavailability.as_secs_f64()
+                );
+                if !r.ok() {
+                    anyhow::bail!("the history is not what a linearizable store with no lost writes produces");
+                }
+                Ok(())
+            }
             Cmd::Workload {
                 cmd:
                     WorkloadCmd::Put {

@@ -30,6 +30,9 @@ use crate::Shared;
 /// The version `Maintenance.Status` reports: the etcd API level served.
 pub const API_VERSION: &str = "3.5.0";
 
+/// How long a forwarded read waits for the leaseholder before looking again.
+const FORWARD_READ_WAIT: Duration = Duration::from_millis(300);
+
 /// Metadata key marking a request forwarded by another node (never forwarded again).
 pub const FORWARDED: &str = "x-tardigrade-forwarded";
 
@@ -50,6 +53,13 @@ pub fn leader_addr(store: &StoreHandle, range_id: u64) -> Option<String> {
         .get(&rep.store_id)
         .filter(|a| !a.is_empty())
         .cloned()
+}
+
+/// `TARDIGRADE_UNSAFE_FOLLOWER_READS=1` lets followers serve reads (unsafe:
+/// only to prove the linearizability checker catches stale reads).
+fn unsafe_follower_reads() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("TARDIGRADE_UNSAFE_FOLLOWER_READS").is_ok_and(|v| v == "1"))
 }
 
 /// Where a request for a range goes now.
@@ -109,7 +119,9 @@ impl EtcdApi {
             return Route::Wait;
         };
         let here = if read {
-            st.can_serve(Instant::now())
+            // Testing knob, off by default: any replica answers reads from its
+            // own state (stale reads; the register workload must catch it).
+            st.can_serve(Instant::now()) || (unsafe_follower_reads() && st.applied.index > 1)
         } else {
             st.leader != 0
                 && st
@@ -135,13 +147,20 @@ impl EtcdApi {
     }
 
     async fn read_local(&self, store: &StoreHandle, r: &RangeRequest) -> Result<RangeResponse, Status> {
-        let st = store
-            .wait_readable(ETCD_RANGE_ID, Duration::from_millis(1))
-            .await
-            .map_err(|e| propose_status(&e))?;
+        let unsafe_reads = unsafe_follower_reads();
+        let st = if unsafe_reads {
+            store
+                .status(ETCD_RANGE_ID)
+                .ok_or_else(|| propose_status(&kvserver::ProposeError::NotLeader { leader: 0 }))?
+        } else {
+            store
+                .wait_readable(ETCD_RANGE_ID, Duration::from_millis(1))
+                .await
+                .map_err(|e| propose_status(&e))?
+        };
         let snap = store.engine().snapshot();
         // The lease must still hold now that the view is taken.
-        if !store.status(ETCD_RANGE_ID).is_some_and(|s| s.can_serve(Instant::now())) {
+        if !unsafe_reads && !store.status(ETCD_RANGE_ID).is_some_and(|s| s.can_serve(Instant::now())) {
             return Err(propose_status(&kvserver::ProposeError::NotLeader { leader: 0 }));
         }
         let rev = store.rev_state(&snap).map_err(|e| Status::internal(e.to_string()))?;
@@ -186,7 +205,17 @@ impl EtcdApi {
                 Route::Here => local(store).await,
                 Route::There(addr) if !forwarded => match self.client(&addr).await {
                     Ok(c) => {
-                        let r = forward(c).await;
+                        // A read may be retried elsewhere: don't wait long on a
+                        // leaseholder that stopped answering (it may be paused).
+                        let r = if read {
+                            let left = deadline.saturating_duration_since(Instant::now());
+                            match tokio::time::timeout(left.min(FORWARD_READ_WAIT), forward(c)).await {
+                                Ok(r) => r,
+                                Err(_) => Err(Status::unavailable(format!("cannot reach {addr}: no answer"))),
+                            }
+                        } else {
+                            forward(c).await
+                        };
                         if r.as_ref()
                             .err()
                             .is_some_and(|s| s.code() == Code::Unavailable && s.message().contains("transport"))

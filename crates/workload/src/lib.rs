@@ -6,3 +6,4 @@
 
 pub mod linearizability;
 pub mod put;
+pub mod register;

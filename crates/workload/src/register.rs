@@ -1,0 +1,441 @@
+//! `register`: Jepsen-style clients doing reads, writes and compare-and-swaps
+//! (etcd Txn) on a few keys through different nodes, recording every
+//! operation with its invoke and complete times and outcome, optionally while a
+//! nemesis kills and restarts, or pauses and resumes, the nodes' processes.
+//! The history then goes to the linearizability checker, and every
+//! acknowledged insert of a unique key must still be readable at the end.
+//!
+//! Outcomes: `ok`; `failed` only for answers that prove the operation did not
+//! apply (no leader, leader changed before proposing, bad request); `unknown`
+//! for time-outs, lost connections and `request timed out`.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use proto::etcdserverpb::{
+    compare, kv_client::KvClient, request_op, Compare, PutRequest, RangeRequest, RequestOp, TxnRequest,
+};
+use tonic::transport::Channel;
+
+use crate::linearizability::{self, Event, Op, Outcome};
+
+#[derive(Clone, Debug)]
+pub struct RegisterConfig {
+    /// host:port of every node's etcd API; client i talks to node i mod n.
+    pub endpoints: Vec<String>,
+    pub clients: usize,
+    pub keys: usize,
+    pub duration: Duration,
+    /// An operation not answered within this is recorded unknown.
+    pub op_timeout: Duration,
+    pub seed: u64,
+    pub nemesis: Option<NemesisConfig>,
+    /// Time the checker may spend.
+    pub check_budget: Duration,
+}
+
+/// Faults injected into the nodes' processes.
+#[derive(Clone, Debug)]
+pub struct NemesisConfig {
+    /// The processes to torment (their command lines are read from /proc, so
+    /// a killed one is restarted the same way).
+    pub pids: Vec<u32>,
+    /// A fault every this long on average.
+    pub interval: Duration,
+    /// How long a fault lasts before the process is restarted or resumed.
+    pub fault_duration: Duration,
+}
+
+#[derive(Debug)]
+pub struct RegisterReport {
+    pub history: Vec<Event>,
+    pub check: linearizability::Report,
+    pub inserts_acked: usize,
+    pub inserts_lost: Vec<String>,
+    /// The longest stretch with no operation completing successfully.
+    pub longest_unavailability: Duration,
+    pub faults: Vec<String>,
+    /// Processes restarted by the nemesis (the caller owns them now).
+    pub restarted_pids: Vec<u32>,
+}
+
+impl RegisterReport {
+    pub fn ok(&self) -> bool {
+        self.check.linearizable() && self.inserts_lost.is_empty()
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+async fn connect(addr: &str, timeout: Duration) -> Option<KvClient<Channel>> {
+    let ch = Channel::from_shared(format!("http://{addr}"))
+        .ok()?
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .connect()
+        .await
+        .ok()?;
+    Some(KvClient::new(ch))
+}
+
+/// Whether an error proves the operation was not applied.
+fn definitely_failed(s: &tonic::Status) -> bool {
+    use tonic::Code::*;
+    match s.code() {
+        InvalidArgument | NotFound | OutOfRange | FailedPrecondition => true,
+        Unavailable => {
+            let m = s.message();
+            m.contains("no leader")
+                || m.contains("leader changed")
+                || m.contains("not initialized")
+                || m.contains("unhealthy")
+        }
+        _ => false,
+    }
+}
+
+fn parse(v: &[u8]) -> Option<u64> {
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+struct Shared {
+    start: Instant,
+    history: Mutex<Vec<Event>>,
+    inserts: Mutex<Vec<String>>,
+}
+
+impl Shared {
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+}
+
+async fn client(cfg: Arc<RegisterConfig>, id: u64, shared: Arc<Shared>, deadline: Instant) {
+    let addr = cfg.endpoints[id as usize % cfg.endpoints.len()].clone();
+    let mut rng = Rng(cfg.seed ^ (id + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut kv: Option<KvClient<Channel>> = None;
+    let mut counter = 0u64;
+    let mut last_seen: Option<u64> = None;
+    while Instant::now() < deadline {
+        if kv.is_none() {
+            kv = connect(&addr, cfg.op_timeout).await;
+            if kv.is_none() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        }
+        let Some(c) = kv.as_mut() else { continue };
+        let key = format!("register/{}", rng.below(cfg.keys as u64));
+        counter += 1;
+        let fresh = id * 1_000_000_000 + counter;
+        let roll = rng.below(100);
+        let invoke = shared.now();
+        if roll < 15 {
+            // A unique insert: it must survive everything once acknowledged.
+            let k = format!("inserts/{id}/{counter}");
+            let r = tokio::time::timeout(
+                cfg.op_timeout,
+                c.put(PutRequest {
+                    key: k.clone().into(),
+                    value: b"x".to_vec(),
+                    ..Default::default()
+                }),
+            )
+            .await;
+            match r {
+                Ok(Ok(_)) => shared.inserts.lock().unwrap_or_else(|e| e.into_inner()).push(k),
+                Ok(Err(s)) if definitely_failed(&s) => {}
+                _ => kv = None,
+            }
+            continue;
+        }
+        let (op, fut): (Op, _) = if roll < 50 {
+            (Op::Read, 0)
+        } else if roll < 75 {
+            (Op::Write(fresh), 1)
+        } else {
+            let expect = last_seen.unwrap_or(fresh);
+            (Op::Cas { expect, new: fresh }, 2)
+        };
+        let result = match fut {
+            0 => tokio::time::timeout(
+                cfg.op_timeout,
+                c.range(RangeRequest {
+                    key: key.clone().into(),
+                    ..Default::default()
+                }),
+            )
+            .await
+            .map(|r| r.map(|x| Outcome::Got(x.into_inner().kvs.first().and_then(|kv| parse(&kv.value))))),
+            1 => tokio::time::timeout(
+                cfg.op_timeout,
+                c.put(PutRequest {
+                    key: key.clone().into(),
+                    value: fresh.to_string().into(),
+                    ..Default::default()
+                }),
+            )
+            .await
+            .map(|r| r.map(|_| Outcome::Written)),
+            _ => {
+                let Op::Cas { expect, new } = op else {
+                    unreachable!("cas")
+                };
+                let txn = TxnRequest {
+                    compare: vec![Compare {
+                        result: compare::CompareResult::Equal as i32,
+                        target: compare::CompareTarget::Value as i32,
+                        key: key.clone().into(),
+                        target_union: Some(compare::TargetUnion::Value(expect.to_string().into())),
+                        range_end: vec![],
+                    }],
+                    success: vec![RequestOp {
+                        request: Some(request_op::Request::RequestPut(PutRequest {
+                            key: key.clone().into(),
+                            value: new.to_string().into(),
+                            ..Default::default()
+                        })),
+                    }],
+                    failure: vec![],
+                };
+                tokio::time::timeout(cfg.op_timeout, c.txn(txn))
+                    .await
+                    .map(|r| r.map(|x| Outcome::Swapped(x.into_inner().succeeded)))
+            }
+        };
+        let complete = shared.now();
+        let outcome = match result {
+            Ok(Ok(o)) => o,
+            Ok(Err(s)) if definitely_failed(&s) => Outcome::Fail,
+            Ok(Err(_)) | Err(_) => {
+                kv = None; // reconnect: the node may be gone
+                Outcome::Unknown
+            }
+        };
+        match outcome {
+            Outcome::Got(v) => last_seen = v,
+            Outcome::Swapped(true) | Outcome::Written => last_seen = Some(fresh),
+            _ => {}
+        }
+        shared.history.lock().unwrap_or_else(|e| e.into_inner()).push(Event {
+            client: id,
+            key,
+            op,
+            outcome,
+            invoke,
+            complete,
+        });
+    }
+}
+
+/// A process the nemesis can stop and bring back.
+struct Victim {
+    pid: u32,
+    argv: Vec<String>,
+    cwd: PathBuf,
+}
+
+fn read_victim(pid: u32) -> Option<Victim> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let argv: Vec<String> = raw
+        .split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect();
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok()?;
+    (!argv.is_empty()).then_some(Victim { pid, argv, cwd })
+}
+
+fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: plain libc call on a pid the caller owns.
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+fn respawn(v: &Victim) -> Option<u32> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(v.cwd.join(format!("nemesis-restart-{}.log", v.pid)))
+        .ok()?;
+    let child = std::process::Command::new(&v.argv[0])
+        .args(&v.argv[1..])
+        .current_dir(&v.cwd)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .ok()?;
+    Some(child.id())
+}
+
+async fn nemesis(cfg: NemesisConfig, seed: u64, deadline: Instant, faults: Arc<Mutex<Vec<String>>>) -> Vec<u32> {
+    let mut victims: Vec<Victim> = cfg.pids.iter().filter_map(|&p| read_victim(p)).collect();
+    let mut rng = Rng(seed | 1);
+    let start = Instant::now();
+    let mut restarted = Vec::new();
+    loop {
+        let wait = cfg.interval / 2 + Duration::from_millis(rng.below(cfg.interval.as_millis() as u64));
+        if Instant::now() + wait + cfg.fault_duration >= deadline {
+            return restarted;
+        }
+        tokio::time::sleep(wait).await;
+        if victims.is_empty() {
+            return restarted;
+        }
+        let i = rng.below(victims.len() as u64) as usize;
+        let pid = victims[i].pid;
+        let at = start.elapsed().as_secs_f64();
+        if rng.below(2) == 0 {
+            signal(pid, libc::SIGKILL);
+            tokio::time::sleep(cfg.fault_duration).await;
+            match respawn(&victims[i]) {
+                Some(new) => {
+                    faults
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(format!("{at:.1}s: SIGKILL pid {pid}, restarted as {new}"));
+                    victims[i].pid = new;
+                    restarted.push(new);
+                }
+                None => faults
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(format!("{at:.1}s: SIGKILL pid {pid}, restart failed")),
+            }
+        } else {
+            signal(pid, libc::SIGSTOP);
+            tokio::time::sleep(cfg.fault_duration).await;
+            signal(pid, libc::SIGCONT);
+            faults
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(format!("{at:.1}s: SIGSTOP pid {pid} for {:?}", cfg.fault_duration));
+        }
+    }
+}
+
+/// Runs the clients (and the nemesis) for the configured time, lets the
+/// cluster settle, reads everything back and checks the history.
+pub async fn run(cfg: RegisterConfig) -> RegisterReport {
+    let cfg = Arc::new(cfg);
+    let shared = Arc::new(Shared {
+        start: Instant::now(),
+        history: Mutex::new(Vec::new()),
+        inserts: Mutex::new(Vec::new()),
+    });
+    let deadline = Instant::now() + cfg.duration;
+    let faults = Arc::new(Mutex::new(Vec::new()));
+    let nem = cfg
+        .nemesis
+        .clone()
+        .map(|n| tokio::spawn(nemesis(n, cfg.seed, deadline, faults.clone())));
+    let clients: Vec<_> = (0..cfg.clients as u64)
+        .map(|id| tokio::spawn(client(cfg.clone(), id, shared.clone(), deadline)))
+        .collect();
+    for c in clients {
+        let _ = c.await;
+    }
+    let restarted_pids = match nem {
+        Some(n) => n.await.unwrap_or_default(),
+        None => Vec::new(),
+    };
+    // Final reads, through any node that answers, after the faults stopped.
+    let settle = Instant::now() + Duration::from_secs(20);
+    let mut history = shared.history.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let inserts = shared.inserts.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut present: Option<BTreeSet<String>> = None;
+    let keys: Vec<String> = (0..cfg.keys).map(|k| format!("register/{k}")).collect();
+    let mut finals: Vec<Event> = Vec::new();
+    'outer: while Instant::now() < settle {
+        for addr in &cfg.endpoints {
+            let Some(mut c) = connect(addr, Duration::from_secs(2)).await else {
+                continue;
+            };
+            let mut got = Vec::new();
+            for k in &keys {
+                let invoke = shared.now();
+                match c
+                    .range(RangeRequest {
+                        key: k.clone().into(),
+                        ..Default::default()
+                    })
+                    .await
+                {
+                    Ok(r) => got.push(Event {
+                        client: u64::MAX,
+                        key: k.clone(),
+                        op: Op::Read,
+                        outcome: Outcome::Got(r.into_inner().kvs.first().and_then(|kv| parse(&kv.value))),
+                        invoke,
+                        complete: shared.now(),
+                    }),
+                    Err(_) => continue 'outer,
+                }
+            }
+            let all = c
+                .range(RangeRequest {
+                    key: b"inserts/".to_vec(),
+                    range_end: b"inserts0".to_vec(),
+                    keys_only: true,
+                    ..Default::default()
+                })
+                .await;
+            if let Ok(r) = all {
+                present = Some(
+                    r.into_inner()
+                        .kvs
+                        .into_iter()
+                        .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
+                        .collect(),
+                );
+                finals = got;
+                break 'outer;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    history.extend(finals);
+    let inserts_lost: Vec<String> = match &present {
+        Some(p) => inserts.iter().filter(|k| !p.contains(*k)).cloned().collect(),
+        None => inserts.clone(), // nothing could be read back at all
+    };
+    // The longest stretch without a successful completion.
+    let mut oks: Vec<u64> = history
+        .iter()
+        .filter(|e| {
+            matches!(e.outcome, Outcome::Got(_) | Outcome::Written | Outcome::Swapped(_)) && e.client != u64::MAX
+        })
+        .map(|e| e.complete)
+        .collect();
+    oks.sort_unstable();
+    let end = cfg.duration.as_nanos() as u64;
+    let mut longest = 0u64;
+    let mut prev = 0u64;
+    for t in oks.iter().copied().chain(std::iter::once(end)) {
+        longest = longest.max(t.saturating_sub(prev));
+        prev = t;
+    }
+    let check = linearizability::check(&history, cfg.check_budget);
+    let faults = faults.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    RegisterReport {
+        history,
+        check,
+        inserts_acked: inserts.len(),
+        inserts_lost,
+        longest_unavailability: Duration::from_nanos(longest),
+        faults,
+        restarted_pids,
+    }
+}
