@@ -253,7 +253,21 @@ pub async fn debug_ranges(host: &str) -> Result<()> {
     for info in r.ranges {
         let d = info.descriptor.unwrap_or_default();
         let st = info.stats.unwrap_or_default();
-        let replicas: Vec<String> = d.replicas.iter().map(|x| format!("n{}", x.node_id)).collect();
+        let replicas: Vec<String> = d
+            .replicas
+            .iter()
+            .map(|x| {
+                use proto::storage::replica_descriptor::Type;
+                let kind = match Type::try_from(x.r#type) {
+                    Ok(Type::Voter) => "",
+                    Ok(Type::Learner) => "(learner)",
+                    Ok(Type::VoterIncoming) => "(incoming)",
+                    Ok(Type::VoterOutgoing) => "(outgoing)",
+                    Err(_) => "(?)",
+                };
+                format!("n{}{kind}", x.node_id)
+            })
+            .collect();
         println!(
             "{:<6} {:<8} {:<22} {:<10} {:<7} {:<6} {:<9} {:<9} {:>8} {:>10} {:>7}",
             d.range_id,

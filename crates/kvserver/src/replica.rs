@@ -371,17 +371,7 @@ impl Replica {
         } else {
             RangeDescriptor::decode(&cc.context[..]).unwrap_or_else(|_| self.desc.clone())
         };
-        let voters: Vec<u64> = cs.voters.iter().chain(&cs.voters_outgoing).copied().collect();
-        let learners: Vec<u64> = cs.learners.iter().chain(&cs.learners_next).copied().collect();
-        desc.replicas
-            .retain(|r| voters.contains(&r.replica_id) || learners.contains(&r.replica_id));
-        for r in &mut desc.replicas {
-            r.r#type = if voters.contains(&r.replica_id) {
-                replica_descriptor::Type::Voter as i32
-            } else {
-                replica_descriptor::Type::Learner as i32
-            };
-        }
+        mark_replicas(&mut desc, cs);
         desc.range_id = self.range_id;
         desc.generation = self.desc.generation + 1;
         desc
@@ -444,5 +434,103 @@ impl Replica {
         for (_, (_, reply)) in std::mem::take(&mut self.pending) {
             let _ = reply.send(Err(err.clone()));
         }
+    }
+}
+
+/// Keeps the replicas `cs` still names and marks each with its role in it:
+/// in a joint configuration a voter of only one half is `VoterIncoming` or
+/// `VoterOutgoing`, so nobody reads a range as fully replicated while both
+/// halves must still agree.
+fn mark_replicas(desc: &mut RangeDescriptor, cs: &ConfState) {
+    use replica_descriptor::Type;
+    let learner = |id: &u64| cs.learners.contains(id) || cs.learners_next.contains(id);
+    desc.replicas.retain(|r| {
+        cs.voters.contains(&r.replica_id) || cs.voters_outgoing.contains(&r.replica_id) || learner(&r.replica_id)
+    });
+    let joint = cs.is_joint();
+    for r in &mut desc.replicas {
+        let (inc, out) = (
+            cs.voters.contains(&r.replica_id),
+            cs.voters_outgoing.contains(&r.replica_id),
+        );
+        r.r#type = match (inc, out) {
+            (true, true) => Type::Voter,
+            (true, false) if joint => Type::VoterIncoming,
+            (true, false) => Type::Voter,
+            (false, true) => Type::VoterOutgoing,
+            (false, false) => Type::Learner,
+        } as i32;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::storage::ReplicaDescriptor;
+    use replica_descriptor::Type;
+
+    fn desc(ids: &[u64]) -> RangeDescriptor {
+        RangeDescriptor {
+            replicas: ids
+                .iter()
+                .map(|&id| ReplicaDescriptor {
+                    node_id: id,
+                    store_id: id,
+                    replica_id: id,
+                    r#type: 0,
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn types(d: &RangeDescriptor) -> Vec<(u64, Type)> {
+        d.replicas
+            .iter()
+            .map(|r| (r.replica_id, Type::try_from(r.r#type).unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn a_joint_configuration_is_not_shown_as_fully_replicated() {
+        // Promoting learner 3 into {1, 2}: old half {1, 2}, new half {1, 2, 3}.
+        let mut d = desc(&[1, 2, 3]);
+        let joint = ConfState {
+            voters: vec![1, 2, 3],
+            voters_outgoing: vec![1, 2],
+            ..Default::default()
+        };
+        mark_replicas(&mut d, &joint);
+        assert_eq!(
+            types(&d),
+            vec![(1, Type::Voter), (2, Type::Voter), (3, Type::VoterIncoming)]
+        );
+        // Replacing 2 by 3: 2 is outgoing.
+        let mut d = desc(&[1, 2, 3]);
+        let swap = ConfState {
+            voters: vec![1, 3],
+            voters_outgoing: vec![1, 2],
+            ..Default::default()
+        };
+        mark_replicas(&mut d, &swap);
+        assert_eq!(
+            types(&d),
+            vec![(1, Type::Voter), (2, Type::VoterOutgoing), (3, Type::VoterIncoming)]
+        );
+        // Left: everyone named is a plain voter or learner; others are dropped.
+        let mut d = desc(&[1, 2, 3, 4]);
+        let left = ConfState {
+            voters: vec![1, 2, 3],
+            learners: vec![4],
+            ..Default::default()
+        };
+        mark_replicas(&mut d, &left);
+        assert_eq!(
+            types(&d),
+            vec![(1, Type::Voter), (2, Type::Voter), (3, Type::Voter), (4, Type::Learner)]
+        );
+        let mut d = desc(&[1, 2, 5]);
+        mark_replicas(&mut d, &left);
+        assert_eq!(types(&d), vec![(1, Type::Voter), (2, Type::Voter)]);
     }
 }

@@ -65,7 +65,13 @@ fn unsafe_follower_reads() -> bool {
 /// Where a request for a range goes now.
 enum Route {
     Here,
-    There(String),
+    /// To the node at this address, which holds the leader replica (this
+    /// replica id) in this term as far as this node knows.
+    There {
+        addr: String,
+        leader: u64,
+        term: u64,
+    },
     Wait,
 }
 
@@ -134,7 +140,11 @@ impl EtcdApi {
             return Route::Here;
         }
         match leader_addr(store, ETCD_RANGE_ID) {
-            Some(a) => Route::There(a),
+            Some(addr) => Route::There {
+                addr,
+                leader: st.leader,
+                term: st.term,
+            },
             None => Route::Wait,
         }
     }
@@ -203,18 +213,26 @@ impl EtcdApi {
             let store = self.shared.store()?;
             let outcome = match self.route(&store, read) {
                 Route::Here => local(store).await,
-                Route::There(addr) if !forwarded => match self.client(&addr).await {
+                Route::There { addr, leader, term } if !forwarded => match self.client(&addr).await {
                     Ok(c) => {
-                        // A read may be retried elsewhere: don't wait long on a
-                        // leaseholder that stopped answering (it may be paused).
                         let r = if read {
+                            // A read may be retried elsewhere: don't wait long on
+                            // a leaseholder that stopped answering (it may be paused).
                             let left = deadline.saturating_duration_since(Instant::now());
                             match tokio::time::timeout(left.min(FORWARD_READ_WAIT), forward(c)).await {
                                 Ok(r) => r,
                                 Err(_) => Err(Status::unavailable(format!("cannot reach {addr}: no answer"))),
                             }
                         } else {
-                            forward(c).await
+                            // A write may not be retried, but once another replica
+                            // leads in a later term the caller need not wait on a
+                            // deposed (perhaps paused) leader: its outcome is unknown.
+                            tokio::select! {
+                                r = forward(c) => r,
+                                () = leader_moved(&store, leader, term) => {
+                                    Err(propose_status(&kvserver::ProposeError::Ambiguous))
+                                }
+                            }
                         };
                         if r.as_ref()
                             .err()
@@ -226,7 +244,7 @@ impl EtcdApi {
                     }
                     Err(e) => Err(e),
                 },
-                Route::There(_) => Err(propose_status(&kvserver::ProposeError::NotLeader { leader: 1 })),
+                Route::There { .. } => Err(propose_status(&kvserver::ProposeError::NotLeader { leader: 1 })),
                 Route::Wait => Err(propose_status(&kvserver::ProposeError::NotLeader { leader: 0 })),
             };
             match outcome {
@@ -245,6 +263,20 @@ impl EtcdApi {
                 other => return other,
             }
         }
+    }
+}
+
+/// Resolves once the range has a leader other than `leader`, in a term after
+/// `term` (a leader deposed while a write was forwarded to it).
+async fn leader_moved(store: &StoreHandle, leader: u64, term: u64) {
+    loop {
+        if store
+            .status(ETCD_RANGE_ID)
+            .is_some_and(|st| st.term > term && st.leader != 0 && st.leader != leader)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -1,0 +1,544 @@
+//! Three-node clusters of real `tardigrade` processes on 127.0.0.1 (ports free
+//! at run time, stopped by PID): formation, reads and writes through any node,
+//! failover after SIGKILL, no stale read from a paused leaseholder, catch-up by
+//! snapshot, the register workload under the nemesis, and clear errors for bad
+//! input. Tick 50 ms, election timeout 10 ticks (0.5 s); waits give up after at
+//! least 10 election timeouts.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{free_port, http_get, Proc};
+use proto::admin::{admin_client::AdminClient, RangesRequest};
+use proto::etcdserverpb::{kv_client::KvClient, PutRequest, RangeRequest};
+use proto::storage::replica_descriptor;
+
+const TICK_MS: u64 = 50;
+const ELECTION: Duration = Duration::from_millis(500);
+
+struct Node {
+    proc: Proc,
+    store: PathBuf,
+    grpc: String,
+    http: String,
+}
+
+struct Cluster {
+    _dir: tempfile::TempDir,
+    nodes: Vec<Node>,
+    join: String,
+    extra_args: Vec<String>,
+}
+
+fn spawn(store: &Path, grpc: &str, http: &str, join: &str, extra: &[String]) -> Proc {
+    let log = std::fs::File::create(store.with_extension("log")).expect("log");
+    let child = Command::new(env!("CARGO_BIN_EXE_tardigrade"))
+        .args(["start", "--store"])
+        .arg(store)
+        .args(["--listen-addr", grpc, "--http-addr", http, "--join", join])
+        .args(["--tick-ms", &TICK_MS.to_string()])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn tardigrade start");
+    Proc {
+        child,
+        grpc: grpc.into(),
+        health: http.into(),
+    }
+}
+
+fn tardigrade(args: &[&str]) -> (i32, String, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_tardigrade"))
+        .args(args)
+        .output()
+        .expect("run tardigrade");
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+impl Cluster {
+    fn start(n: usize, extra: &[&str]) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let addrs: Vec<(String, String)> = (0..n)
+            .map(|_| {
+                (
+                    format!("127.0.0.1:{}", free_port()),
+                    format!("127.0.0.1:{}", free_port()),
+                )
+            })
+            .collect();
+        let join = addrs.iter().map(|(g, _)| g.clone()).collect::<Vec<_>>().join(",");
+        let extra_args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let nodes = addrs
+            .into_iter()
+            .enumerate()
+            .map(|(i, (grpc, http))| {
+                let store = dir.path().join(format!("n{}", i + 1));
+                Node {
+                    proc: spawn(&store, &grpc, &http, &join, &extra_args),
+                    store,
+                    grpc,
+                    http,
+                }
+            })
+            .collect();
+        let c = Cluster {
+            _dir: dir,
+            nodes,
+            join,
+            extra_args,
+        };
+        let first = &c.nodes[0];
+        let deadline = Instant::now() + 10 * ELECTION * 2;
+        while http_get(&first.http, "/health").is_none() {
+            assert!(Instant::now() < deadline, "node 1 never answered /health");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (code, out, err) = tardigrade(&["init", "--host", &first.grpc]);
+        assert_eq!(code, 0, "init: {out}{err}");
+        c
+    }
+
+    fn restart(&mut self, i: usize) {
+        let n = &mut self.nodes[i];
+        n.proc = spawn(&n.store, &n.grpc, &n.http, &self.join, &self.extra_args);
+    }
+
+    async fn ranges(&self, i: usize) -> Option<Vec<proto::admin::RangeInfo>> {
+        let mut a = AdminClient::connect(format!("http://{}", self.nodes[i].grpc))
+            .await
+            .ok()?;
+        Some(a.ranges(RangesRequest {}).await.ok()?.into_inner().ranges)
+    }
+
+    /// Waits until every node holds every range with three voters.
+    async fn wait_replicated(&self) {
+        wait(
+            "every range on every node with three voters",
+            10 * ELECTION * 4,
+            || async {
+                for i in 0..self.nodes.len() {
+                    let Some(rs) = self.ranges(i).await else { return false };
+                    let ok = rs.len() == 3
+                        && rs.iter().all(|r| {
+                            let d = r.descriptor.clone().unwrap_or_default();
+                            d.replicas.len() == 3
+                                && d.replicas
+                                    .iter()
+                                    .all(|x| x.r#type == replica_descriptor::Type::Voter as i32)
+                        });
+                    if !ok {
+                        return false;
+                    }
+                }
+                true
+            },
+        )
+        .await;
+    }
+
+    /// The node holding the most valid leases.
+    async fn busiest(&self) -> usize {
+        let mut best = (0, 0);
+        for i in 0..self.nodes.len() {
+            let leases = self
+                .ranges(i)
+                .await
+                .map_or(0, |rs| rs.iter().filter(|r| r.lease_valid).count());
+            if leases > best.1 {
+                best = (i, leases);
+            }
+        }
+        best.0
+    }
+
+    /// The node holding the etcd range's lease.
+    async fn etcd_leaseholder(&self) -> Option<usize> {
+        for i in 0..self.nodes.len() {
+            if let Some(rs) = self.ranges(i).await {
+                if rs
+                    .iter()
+                    .any(|r| r.descriptor.as_ref().is_some_and(|d| d.range_id == 2) && r.lease_valid)
+                {
+                    return Some(i);
+                }
+            }
+        }
+        None
+    }
+}
+
+async fn wait<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !f().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn kv(addr: &str) -> Option<KvClient<tonic::transport::Channel>> {
+    let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .ok()?
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .ok()?;
+    Some(KvClient::new(ch))
+}
+
+async fn put(addr: &str, k: &str, v: &str) -> Result<i64, String> {
+    let mut c = kv(addr).await.ok_or("no connection")?;
+    c.put(PutRequest {
+        key: k.into(),
+        value: v.into(),
+        ..Default::default()
+    })
+    .await
+    .map(|r| r.into_inner().header.map_or(0, |h| h.revision))
+    .map_err(|s| s.message().to_string())
+}
+
+async fn get(addr: &str, k: &str) -> Result<Option<String>, String> {
+    let mut c = kv(addr).await.ok_or("no connection")?;
+    c.range(RangeRequest {
+        key: k.into(),
+        ..Default::default()
+    })
+    .await
+    .map(|r| {
+        r.into_inner()
+            .kvs
+            .first()
+            .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+    })
+    .map_err(|s| s.message().to_string())
+}
+
+fn signal(p: &Proc, sig: libc::c_int) {
+    // SAFETY: plain libc call on our own child.
+    unsafe { libc::kill(p.pid(), sig) };
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_form_a_cluster_and_serve_through_any_node() {
+    let c = Cluster::start(3, &[]);
+    c.wait_replicated().await;
+    for (i, n) in c.nodes.iter().enumerate() {
+        put(&n.grpc, &format!("from-{i}"), &format!("v{i}")).await.unwrap();
+    }
+    for n in &c.nodes {
+        for i in 0..3 {
+            assert_eq!(get(&n.grpc, &format!("from-{i}")).await.unwrap(), Some(format!("v{i}")));
+        }
+    }
+    let (code, out, err) = tardigrade(&["node", "status", "--host", &c.nodes[1].grpc]);
+    assert_eq!(code, 0, "{err}");
+    let live = out
+        .lines()
+        .skip(2)
+        .filter(|l| l.split_whitespace().nth(2) == Some("live"))
+        .count();
+    assert_eq!(live, 3, "{out}");
+    for n in &c.nodes {
+        let (_, out, _) = tardigrade(&["debug", "ranges", "--host", &n.grpc]);
+        assert_eq!(out.matches("n1,n2,n3").count(), 3, "{out}");
+        assert_eq!(http_get(&n.http, "/health").map(|x| x.0), Some(200));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_after_sigkill_loses_no_acknowledged_write() {
+    let mut c = Cluster::start(3, &[]);
+    c.wait_replicated().await;
+    let victim = c.busiest().await;
+    let others: Vec<String> = (0..3)
+        .filter(|&i| i != victim)
+        .map(|i| c.nodes[i].grpc.clone())
+        .collect();
+    // Writers through every node.
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for (w, n) in c.nodes.iter().enumerate() {
+        let (addr, acked, stop) = (n.grpc.clone(), acked.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let k = format!("w{w}-{i}");
+                if put(&addr, &k, "x").await.is_ok() {
+                    acked.lock().unwrap().push(k);
+                }
+                i += 1;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.nodes[victim].proc.kill9();
+    let killed = Instant::now();
+    let mut first = None;
+    while first.is_none() && killed.elapsed() < 10 * ELECTION * 2 {
+        for o in &others {
+            if put(o, "after-kill", "y").await.is_ok() {
+                first = Some(killed.elapsed());
+                break;
+            }
+        }
+    }
+    let pause = first.expect("writes resume through the surviving nodes");
+    println!("failover: first successful write {pause:?} after SIGKILL of the busiest node");
+    assert!(pause < 10 * ELECTION, "writes resumed only after {pause:?}");
+    c.restart(victim);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        let _ = w.await;
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 20);
+    // Every acknowledged write, read through the restarted node once it caught up.
+    let node = c.nodes[victim].grpc.clone();
+    wait("the restarted node to serve", 10 * ELECTION * 4, || async {
+        get(&node, "after-kill").await.is_ok()
+    })
+    .await;
+    for k in &acked {
+        assert_eq!(
+            get(&node, k).await.unwrap(),
+            Some("x".into()),
+            "acknowledged write {k} lost"
+        );
+    }
+    println!("{} acknowledged writes all present after the restart", acked.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leaseholder_never_serves_a_stale_read() {
+    let c = Cluster::start(3, &[]);
+    c.wait_replicated().await;
+    put(&c.nodes[0].grpc, "reg", "old").await.unwrap();
+    let lh = c.etcd_leaseholder().await.expect("a leaseholder");
+    signal(&c.nodes[lh].proc, libc::SIGSTOP);
+    let other = c.nodes[(lh + 1) % 3].grpc.clone();
+    // Once a new leaseholder serves, write the new value.
+    wait("a new leaseholder to take the write", 10 * ELECTION * 2, || async {
+        put(&other, "reg", "new").await.is_ok()
+    })
+    .await;
+    signal(&c.nodes[lh].proc, libc::SIGCONT);
+    // Read through the old leaseholder at once.
+    let v = get(&c.nodes[lh].grpc, "reg").await;
+    assert_eq!(
+        v,
+        Ok(Some("new".into())),
+        "the old leaseholder must not answer from its stale state"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_behind_the_truncated_log_catches_up_by_snapshot() {
+    let mut c = Cluster::start(3, &["--raft-log-truncation-threshold", "40"]);
+    c.wait_replicated().await;
+    eprintln!("replicated");
+    let down = c.etcd_leaseholder().await.map_or(2, |lh| (lh + 1) % 3);
+    c.nodes[down].proc.kill9();
+    let up = c.nodes[(down + 1) % 3].grpc.clone();
+    for i in 0..300 {
+        let mut tries = 0;
+        while put(&up, &format!("s{i:03}"), &i.to_string()).await.is_err() {
+            tries += 1;
+            assert!(tries < 100, "writes with one node down keep failing");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    eprintln!("written");
+    tokio::time::sleep(Duration::from_secs(1)).await; // the leader truncates its log
+    c.restart(down);
+    eprintln!("restarted");
+    let metrics_addr = c.nodes[down].http.clone();
+    wait(
+        "the restarted node to install a snapshot",
+        10 * ELECTION * 4,
+        || async {
+            http_get(&metrics_addr, "/metrics").is_some_and(|(_, m)| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("tardigrade_snapshots_applied_total "))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .is_some_and(|n| n >= 1)
+            })
+        },
+    )
+    .await;
+    let node = c.nodes[down].grpc.clone();
+    for i in (0..300).step_by(37) {
+        assert_eq!(get(&node, &format!("s{i:03}")).await.unwrap(), Some(i.to_string()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_register_workload_under_the_nemesis_is_linearizable() {
+    let c = Cluster::start(3, &[]);
+    c.wait_replicated().await;
+    let pids: Vec<String> = c.nodes.iter().map(|n| n.proc.pid().to_string()).collect();
+    let hosts: Vec<String> = c.nodes.iter().map(|n| n.grpc.clone()).collect();
+    let out = Command::new(env!("CARGO_BIN_EXE_tardigrade"))
+        .args([
+            "workload",
+            "register",
+            "--hosts",
+            &hosts.join(","),
+            "--clients",
+            "6",
+            "--keys",
+            "3",
+        ])
+        .args([
+            "--duration",
+            "40",
+            "--nemesis",
+            "--pids",
+            &pids.join(","),
+            "--seed",
+            "11",
+            "--check-seconds",
+            "30",
+        ])
+        .output()
+        .expect("run the workload");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    // The nemesis restarts nodes as its own children: stop them too.
+    for line in stdout.lines().filter_map(|l| l.strip_prefix("restarted pids: ")) {
+        for p in line.split(',').filter_map(|p| p.trim().parse::<i32>().ok()) {
+            // SAFETY: plain libc call on a pid this test caused to exist.
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
+    }
+    println!("{stdout}");
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("LINEARIZABLE over"), "{stdout}");
+    assert!(stdout.contains(", 0 lost"), "{stdout}");
+    assert!(stdout.contains("nemesis: "), "the nemesis did something: {stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_errors_and_no_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    // A node whose --join address answers nothing waits, and says why.
+    let grpc = format!("127.0.0.1:{}", free_port());
+    let http = format!("127.0.0.1:{}", free_port());
+    let nowhere = format!("127.0.0.1:{}", free_port());
+    let mut lonely = spawn(&dir.path().join("lonely"), &grpc, &http, &nowhere, &[]);
+    wait("the lonely node to answer /health", 10 * ELECTION * 2, || async {
+        http_get(&http, "/health").is_some()
+    })
+    .await;
+    let (code, body) = http_get(&http, "/health").unwrap();
+    assert_eq!(code, 503);
+    assert!(body.contains("not initialized"), "{body}");
+    assert!(lonely.child.try_wait().unwrap().is_none(), "still running");
+    lonely.kill9();
+
+    let c = Cluster::start(3, &[]);
+    c.wait_replicated().await;
+    // init twice.
+    let (code, _, err) = tardigrade(&["init", "--host", &c.nodes[1].grpc]);
+    assert_eq!(code, 1);
+    assert!(err.contains("already initialized"), "{err}");
+    // A store of this cluster pointed at another cluster.
+    let other = Cluster::start(1, &[]);
+    wait("the other cluster to serve", 10 * ELECTION * 2, || async {
+        get(&other.nodes[0].grpc, "x").await.is_ok()
+    })
+    .await;
+    let stranger_grpc = format!("127.0.0.1:{}", free_port());
+    let stranger_http = format!("127.0.0.1:{}", free_port());
+    // Copy node 3's store while the node is stopped.
+    let mut c = c;
+    c.nodes[2].proc.kill9();
+    let copy = dir.path().join("stranger");
+    copy_dir(&c.nodes[2].store, &copy);
+    let out = Command::new(env!("CARGO_BIN_EXE_tardigrade"))
+        .args(["start", "--store"])
+        .arg(&copy)
+        .args([
+            "--listen-addr",
+            &stranger_grpc,
+            "--http-addr",
+            &stranger_http,
+            "--join",
+            &other.nodes[0].grpc,
+        ])
+        .args(["--tick-ms", "50"])
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("another cluster"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // A malformed internal RPC: raft messages from a wrong cluster, and with no body.
+    let mut t =
+        proto::transport::raft_transport_client::RaftTransportClient::connect(format!("http://{}", c.nodes[0].grpc))
+            .await
+            .unwrap();
+    let bad = proto::transport::RaftMessageBatch {
+        cluster_id: "nope".into(),
+        messages: vec![proto::transport::RaftMsg {
+            range_id: 2,
+            from: 9,
+            to: 1,
+            term: 1,
+            body: None,
+        }],
+        ..Default::default()
+    };
+    let r = t.raft_messages(tokio_stream::iter(vec![bad])).await;
+    if let Ok(resp) = r {
+        let mut s = resp.into_inner();
+        let first = s.message().await;
+        assert!(first.is_err(), "a batch from another cluster is refused");
+    }
+    let garbage = proto::transport::RaftMessageBatch {
+        cluster_id: String::new(),
+        to_store: 1,
+        messages: vec![proto::transport::RaftMsg {
+            range_id: 2,
+            from: 9,
+            to: 1,
+            term: 1,
+            body: None,
+        }],
+        ..Default::default()
+    };
+    let _ = t.raft_messages(tokio_stream::iter(vec![garbage])).await;
+    // Still serving.
+    put(&c.nodes[0].grpc, "still", "ok").await.unwrap();
+    assert_eq!(get(&c.nodes[1].grpc, "still").await.unwrap(), Some("ok".into()));
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let p = e.path();
+        if p.is_dir() {
+            copy_dir(&p, &to.join(e.file_name()));
+        } else if e.file_name() != "LOCK" {
+            std::fs::copy(&p, to.join(e.file_name())).unwrap();
+        }
+    }
+}
