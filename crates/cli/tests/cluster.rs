@@ -36,11 +36,12 @@ struct Cluster {
 fn spawn(store: &Path, grpc: &str, http: &str, join: &str, extra: &[String]) -> Proc {
     let log = std::fs::File::create(store.with_extension("log")).expect("log");
     let child = Command::new(env!("CARGO_BIN_EXE_tardigrade"))
+        .envs(extra.iter().filter_map(|a| a.strip_prefix("env:")?.split_once('=')))
         .args(["start", "--store"])
         .arg(store)
         .args(["--listen-addr", grpc, "--http-addr", http, "--join", join])
         .args(["--tick-ms", &TICK_MS.to_string()])
-        .args(extra)
+        .args(extra.iter().filter(|a| !a.starts_with("env:")))
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -65,6 +66,7 @@ fn tardigrade(args: &[&str]) -> (i32, String, String) {
 }
 
 impl Cluster {
+    /// `n` nodes started with the `extra` flags (`env:K=V` sets a variable).
     fn start(n: usize, extra: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let addrs: Vec<(String, String)> = (0..n)
@@ -433,6 +435,53 @@ async fn the_register_workload_under_the_nemesis_is_linearizable() {
     assert!(stdout.contains("LINEARIZABLE over"), "{stdout}");
     assert!(stdout.contains(", 0 lost"), "{stdout}");
     assert!(stdout.contains("nemesis: "), "the nemesis did something: {stdout}");
+    // Stated bounds (election timeout 0.5 s, faults of 2 s): no fault stalls
+    // every client while it lasts (the cluster answers within 2 s of losing
+    // any node), and no operation waits longer than a paused gateway's pause
+    // plus 4 election timeouts, well under the 5 s operation timeout.
+    let secs = |label: &str| -> f64 {
+        let at = stdout.find(label).unwrap_or_else(|| panic!("{label} in {stdout}")) + label.len();
+        stdout[at..]
+            .split('s')
+            .next()
+            .and_then(|x| x.trim().parse().ok())
+            .expect("seconds")
+    };
+    assert!(secs("longest unavailability ") < 2.0, "{stdout}");
+    assert!(secs("longest operation ") < 4.0, "{stdout}");
+}
+
+/// The proof that the register test bites: with followers allowed to answer
+/// reads from their own state, the checker reports a violation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checker_catches_follower_reads_when_the_knob_is_on() {
+    let c = Cluster::start(3, &["env:TARDIGRADE_UNSAFE_FOLLOWER_READS=1"]);
+    c.wait_replicated().await;
+    let pids: Vec<String> = c.nodes.iter().map(|n| n.proc.pid().to_string()).collect();
+    let hosts: Vec<String> = c.nodes.iter().map(|n| n.grpc.clone()).collect();
+    let out = Command::new(env!("CARGO_BIN_EXE_tardigrade"))
+        .args([
+            "workload",
+            "register",
+            "--hosts",
+            &hosts.join(","),
+            "--duration",
+            "5",
+            "--nemesis",
+        ])
+        .args(["--pids", &pids.join(","), "--seed", "3", "--check-seconds", "20"])
+        .output()
+        .expect("run the workload");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    for line in stdout.lines().filter_map(|l| l.strip_prefix("restarted pids: ")) {
+        for p in line.split(',').filter_map(|p| p.trim().parse::<i32>().ok()) {
+            // SAFETY: plain libc call on a pid this test caused to exist.
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
+    }
+    println!("{stdout}");
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains("NOT LINEARIZABLE"), "{stdout}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

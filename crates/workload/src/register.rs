@@ -56,6 +56,9 @@ pub struct RegisterReport {
     pub inserts_lost: Vec<String>,
     /// The longest stretch with no operation completing successfully.
     pub longest_unavailability: Duration,
+    /// The longest any operation took, from invoke to completion (including
+    /// ones cut off at the operation timeout).
+    pub longest_operation: Duration,
     pub faults: Vec<String>,
     /// Processes restarted by the nemesis (the caller owns them now).
     pub restarted_pids: Vec<u32>,
@@ -245,7 +248,10 @@ async fn client(cfg: Arc<RegisterConfig>, id: u64, shared: Arc<Shared>, deadline
 struct Victim {
     pid: u32,
     argv: Vec<String>,
+    env: Vec<(String, String)>,
     cwd: PathBuf,
+    /// Where its stderr went, if a file (the restarted process appends there).
+    log: Option<PathBuf>,
 }
 
 fn read_victim(pid: u32) -> Option<Victim> {
@@ -256,7 +262,26 @@ fn read_victim(pid: u32) -> Option<Victim> {
         .map(|s| String::from_utf8_lossy(s).into_owned())
         .collect();
     let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok()?;
-    (!argv.is_empty()).then_some(Victim { pid, argv, cwd })
+    // Its environment too, so a restarted node runs exactly as before.
+    let env = std::fs::read(format!("/proc/{pid}/environ"))
+        .unwrap_or_default()
+        .split(|&b| b == 0)
+        .filter_map(|kv| {
+            let kv = String::from_utf8_lossy(kv);
+            let (k, v) = kv.split_once('=')?;
+            Some((k.to_string(), v.to_string()))
+        })
+        .collect();
+    let log = std::fs::read_link(format!("/proc/{pid}/fd/2"))
+        .ok()
+        .filter(|p| p.is_file());
+    (!argv.is_empty()).then_some(Victim {
+        pid,
+        argv,
+        env,
+        cwd,
+        log,
+    })
 }
 
 fn signal(pid: u32, sig: libc::c_int) {
@@ -265,13 +290,15 @@ fn signal(pid: u32, sig: libc::c_int) {
 }
 
 fn respawn(v: &Victim) -> Option<u32> {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(v.cwd.join(format!("nemesis-restart-{}.log", v.pid)))
-        .ok()?;
+    let path = v
+        .log
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("nemesis-restart-{}.log", v.pid)));
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(path).ok()?;
     let child = std::process::Command::new(&v.argv[0])
         .args(&v.argv[1..])
+        .env_clear()
+        .envs(v.env.iter().cloned())
         .current_dir(&v.cwd)
         .stdout(std::process::Stdio::null())
         .stderr(log)
@@ -427,6 +454,12 @@ pub async fn run(cfg: RegisterConfig) -> RegisterReport {
         longest = longest.max(t.saturating_sub(prev));
         prev = t;
     }
+    let longest_operation = history
+        .iter()
+        .filter(|e| e.client != u64::MAX)
+        .map(|e| e.complete.saturating_sub(e.invoke))
+        .max()
+        .unwrap_or(0);
     let check = linearizability::check(&history, cfg.check_budget);
     let faults = faults.lock().unwrap_or_else(|e| e.into_inner()).clone();
     RegisterReport {
@@ -435,6 +468,7 @@ pub async fn run(cfg: RegisterConfig) -> RegisterReport {
         inserts_acked: inserts.len(),
         inserts_lost,
         longest_unavailability: Duration::from_nanos(longest),
+        longest_operation: Duration::from_nanos(longest_operation),
         faults,
         restarted_pids,
     }
