@@ -257,6 +257,18 @@ async fn three_nodes_form_a_cluster_and_serve_through_any_node() {
         .filter(|l| l.split_whitespace().nth(2) == Some("live"))
         .count();
     assert_eq!(live, 3, "{out}");
+    // One long-lived raft stream per peer: a stream reopened for every few
+    // batches would add a connection setup to every write.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for n in &c.nodes {
+        let m = http_get(&n.http, "/metrics").expect("metrics").1;
+        let opened: u64 = m
+            .lines()
+            .find_map(|l| l.strip_prefix("tardigrade_raft_streams_opened_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("tardigrade_raft_streams_opened_total");
+        assert!((2..=6).contains(&opened), "{opened} raft streams opened by {}", n.grpc);
+    }
     for n in &c.nodes {
         let (_, out, _) = tardigrade(&["debug", "ranges", "--host", &n.grpc]);
         assert_eq!(out.matches("n1,n2,n3").count(), 3, "{out}");

@@ -118,6 +118,9 @@ pub struct Metrics {
     pub ranges: Gauge,
     pub applied_commands: Counter,
     pub snapshots_applied: Counter,
+    /// Raft message streams opened to other stores (one per peer normally;
+    /// more only when peers restart or the network breaks).
+    pub raft_streams_opened: Counter,
     pub rejected_commands: Counter,
     request_latency: Vec<Histogram>,
 }
@@ -137,6 +140,7 @@ impl Default for Metrics {
             ranges: Gauge::default(),
             applied_commands: Counter::default(),
             snapshots_applied: Counter::default(),
+            raft_streams_opened: Counter::default(),
             rejected_commands: Counter::default(),
             request_latency: METHODS.iter().map(|_| Histogram::new(LATENCY_BUCKETS)).collect(),
         }
@@ -155,7 +159,12 @@ impl Metrics {
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &Counter); 12] = [
+        let counters: [(&str, &str, &Counter); 13] = [
+            (
+                "tardigrade_raft_streams_opened_total",
+                "Raft message streams opened to other stores.",
+                &self.raft_streams_opened,
+            ),
             (
                 "tardigrade_snapshots_applied_total",
                 "Raft snapshots installed on this store.",

@@ -184,12 +184,18 @@ impl Shared {
 }
 
 /// A running node.
+/// How long `shutdown` lets open connections finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
 pub struct Node {
     shared: Arc<Shared>,
     grpc_addr: SocketAddr,
     http_addr: SocketAddr,
     stop_grpc: Option<oneshot::Sender<()>>,
     stop_http: Option<oneshot::Sender<()>>,
+    /// The gRPC and HTTP servers: stopped gracefully, so that no connection
+    /// still holds the store when `shutdown` returns.
+    servers: Vec<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -273,7 +279,8 @@ impl Node {
             );
         let (stop_grpc, grpc_stopped) = oneshot::channel::<()>();
         let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
-        tasks.push(tokio::spawn(async move {
+        let mut servers = Vec::new();
+        servers.push(tokio::spawn(async move {
             if let Err(e) = grpc
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = grpc_stopped.await;
@@ -285,7 +292,7 @@ impl Node {
         }));
         let (stop_http, http_stopped) = oneshot::channel::<()>();
         let app = http::router(shared.clone());
-        tasks.push(tokio::spawn(async move {
+        servers.push(tokio::spawn(async move {
             let served = axum::serve(http_listener, app).with_graceful_shutdown(async {
                 let _ = http_stopped.await;
             });
@@ -300,6 +307,7 @@ impl Node {
             http_addr,
             stop_grpc: Some(stop_grpc),
             stop_http: Some(stop_http),
+            servers,
             tasks,
         })
     }
@@ -333,6 +341,14 @@ impl Node {
         for t in self.tasks.drain(..) {
             t.abort();
             let _ = t.await;
+        }
+        // Graceful: open connections are told to go away and finish; one that
+        // lingers (a client holding a stream) is cut after a while.
+        for mut t in self.servers.drain(..) {
+            if tokio::time::timeout(SHUTDOWN_GRACE, &mut t).await.is_err() {
+                t.abort();
+                let _ = t.await;
+            }
         }
         let store = self.shared.store.lock().take();
         if let Some(mut store) = store {

@@ -98,7 +98,15 @@ impl GrpcTransport {
             };
             let mut client = RaftTransportClient::new(ch);
             let (tx, out) = mpsc::channel::<RaftMessageBatch>(QUEUE);
-            let call = tokio::spawn(async move { client.raft_messages(ReceiverStream::new(out)).await });
+            l.store.metrics().raft_streams_opened.inc();
+            // The call lives as long as the stream: its response resolves as
+            // soon as the peer accepts, so read the peer's answers until it
+            // closes or refuses (another cluster) before calling it over.
+            let call = tokio::spawn(async move {
+                let mut answers = client.raft_messages(ReceiverStream::new(out)).await?.into_inner();
+                while answers.message().await?.is_some() {}
+                Ok::<(), Status>(())
+            });
             backoff = Duration::from_millis(50);
             // Forward batches until the stream breaks.
             loop {
