@@ -208,8 +208,8 @@ pub async fn node_status(host: &str) -> Result<()> {
         .into_inner();
     println!("cluster {} (as seen by node {})", r.cluster_id, r.node_id);
     println!(
-        "{:<5} {:<22} {:<6} {:>9} {:>7} {:>12}",
-        "node", "address", "live", "replicas", "leases", "live bytes"
+        "{:<5} {:<22} {:<6} {:>6} {:>11} {:>9} {:>7} {:>12}",
+        "node", "address", "live", "epoch", "expires in", "replicas", "leases", "live bytes"
     );
     for n in r.nodes {
         // Per-store figures come from each node itself.
@@ -226,10 +226,20 @@ pub async fn node_status(host: &str) -> Result<()> {
             Err(_) => ("?".into(), "?".into(), "?".into()),
         };
         println!(
-            "{:<5} {:<22} {:<6} {:>9} {:>7} {:>12}",
+            "{:<5} {:<22} {:<6} {:>6} {:>11} {:>9} {:>7} {:>12}",
             n.node_id,
             n.addr,
             if n.live { "live" } else { "dead" },
+            if n.liveness_epoch == 0 {
+                "-".to_string()
+            } else {
+                n.liveness_epoch.to_string()
+            },
+            if n.liveness_epoch == 0 {
+                "-".to_string()
+            } else {
+                format!("{:.1}s", n.liveness_expires_in_ms as f64 / 1000.0)
+            },
             replicas,
             leases,
             bytes

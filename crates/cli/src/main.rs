@@ -297,10 +297,11 @@ fn real_main() -> Result<()> {
                 }
                 print!("{}", r.check);
                 println!(
-                    "inserts: {} acknowledged, {} lost; longest unavailability {:.2}s; longest operation {:.2}s",
+                    "inserts: {} acknowledged, {} lost; longest unavailability {:.2}s (from {:.1}s); longest operation {:.2}s",
                     r.inserts_acked,
                     r.inserts_lost.len(),
                     r.longest_unavailability.as_secs_f64(),
+                    r.longest_unavailability_from.as_secs_f64(),
                     r.longest_operation.as_secs_f64()
                 );
                 if !r.ok() {

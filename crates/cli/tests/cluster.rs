@@ -109,6 +109,21 @@ impl Cluster {
         c
     }
 
+    /// Starts one more node joining the cluster.
+    fn add_node(&mut self) -> usize {
+        let grpc = format!("127.0.0.1:{}", free_port());
+        let http = format!("127.0.0.1:{}", free_port());
+        let store = self._dir.path().join(format!("n{}", self.nodes.len() + 1));
+        let proc = spawn(&store, &grpc, &http, &self.join, &self.extra_args);
+        self.nodes.push(Node {
+            proc,
+            store,
+            grpc,
+            http,
+        });
+        self.nodes.len() - 1
+    }
+
     fn restart(&mut self, i: usize) {
         let n = &mut self.nodes[i];
         n.proc = spawn(&n.store, &n.grpc, &n.http, &self.join, &self.extra_args);
@@ -274,6 +289,32 @@ async fn three_nodes_form_a_cluster_and_serve_through_any_node() {
         assert_eq!(out.matches("n1,n2,n3").count(), 3, "{out}");
         assert_eq!(http_get(&n.http, "/health").map(|x| x.0), Some(200));
     }
+    // A fourth node holds no replica (three are enough) yet serves reads and
+    // writes: its DistSender finds the leaseholder.
+    let mut c = c;
+    let four = c.add_node();
+    let addr = c.nodes[four].grpc.clone();
+    wait("the fourth node to serve", 10 * ELECTION * 4, || async {
+        put(&addr, "from-3", "v3").await.is_ok()
+    })
+    .await;
+    assert_eq!(get(&addr, "from-0").await.unwrap(), Some("v0".into()));
+    assert_eq!(get(&c.nodes[0].grpc, "from-3").await.unwrap(), Some("v3".into()));
+    assert_eq!(
+        c.ranges(four).await.map(|r| r.len()),
+        Some(0),
+        "no replica on the fourth node"
+    );
+    let host = c.nodes[0].grpc.clone();
+    wait("node status to show four live nodes", 10 * ELECTION * 2, || async {
+        let (_, out, _) = tardigrade(&["node", "status", "--host", &host]);
+        out.lines()
+            .skip(2)
+            .filter(|l| l.split_whitespace().nth(2) == Some("live"))
+            .count()
+            == 4
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -317,8 +358,32 @@ async fn failover_after_sigkill_loses_no_acknowledged_write() {
     let pause = first.expect("writes resume through the surviving nodes");
     println!("failover: first successful write {pause:?} after SIGKILL of the busiest node");
     assert!(pause < 10 * ELECTION, "writes resumed only after {pause:?}");
+    // Its liveness lapses (4.5 s TTL) and `node status` says so; back, it
+    // heartbeats in a new epoch.
+    let (host, victim_addr) = (others[0].clone(), c.nodes[victim].grpc.clone());
+    let row = |out: &str| -> Option<(String, String)> {
+        let l = out
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(victim_addr.as_str()))?;
+        let f: Vec<&str> = l.split_whitespace().collect();
+        Some((f.get(2)?.to_string(), f.get(3)?.to_string()))
+    };
+    wait(
+        "node status to show the killed node dead",
+        10 * ELECTION * 2,
+        || async { row(&tardigrade(&["node", "status", "--host", &host]).1).is_some_and(|(live, _)| live == "dead") },
+    )
+    .await;
     c.restart(victim);
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    wait(
+        "the restarted node live again in epoch 2",
+        10 * ELECTION * 2,
+        || async {
+            row(&tardigrade(&["node", "status", "--host", &host]).1)
+                .is_some_and(|(live, epoch)| live == "live" && epoch == "2")
+        },
+    )
+    .await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for w in writers {
         let _ = w.await;
@@ -586,6 +651,46 @@ async fn bad_input_gets_clear_errors_and_no_panic() {
         ..Default::default()
     };
     let _ = t.raft_messages(tokio_stream::iter(vec![garbage])).await;
+    // Malformed internal batch requests: typed refusals, never a panic.
+    use proto::kvserver::{batch_error::Kind, batch_response::Response as R, internal_client::InternalClient};
+    let cluster_id = AdminClient::connect(format!("http://{}", c.nodes[0].grpc))
+        .await
+        .unwrap()
+        .nodes(proto::admin::NodesStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .cluster_id;
+    let mut internal = InternalClient::connect(format!("http://{}", c.nodes[0].grpc))
+        .await
+        .unwrap();
+    let kind = |r: proto::kvserver::BatchResponse| match r.response {
+        Some(R::Error(e)) => e.kind,
+        other => panic!("expected an error, got {other:?}"),
+    };
+    let wrong_cluster = proto::kvserver::BatchRequest {
+        cluster_id: "nope".into(),
+        range_id: 2,
+        request: None,
+    };
+    let r = internal.batch(wrong_cluster).await.unwrap().into_inner();
+    assert!(matches!(kind(r), Some(Kind::Unavailable(m)) if m.contains("cluster")));
+    let empty = proto::kvserver::BatchRequest {
+        cluster_id: cluster_id.clone(),
+        range_id: 2,
+        request: None,
+    };
+    let r = internal.batch(empty).await.unwrap().into_inner();
+    assert!(matches!(kind(r), Some(Kind::Etcd(e)) if e.message.contains("empty")));
+    let nowhere = proto::kvserver::BatchRequest {
+        cluster_id,
+        range_id: 999,
+        request: Some(proto::kvserver::batch_request::Request::EtcdRange(
+            RangeRequest::default(),
+        )),
+    };
+    let r = internal.batch(nowhere).await.unwrap().into_inner();
+    assert!(matches!(kind(r), Some(Kind::RangeNotFound(999))));
     // Still serving.
     put(&c.nodes[0].grpc, "still", "ok").await.unwrap();
     assert_eq!(get(&c.nodes[1].grpc, "still").await.unwrap(), Some("ok".into()));

@@ -57,6 +57,34 @@ pub enum EtcdError {
     Corrupt(String),
 }
 
+/// gRPC status codes (as numbers: this crate does not speak gRPC).
+pub mod grpc_code {
+    pub const INVALID_ARGUMENT: i32 = 3;
+    pub const NOT_FOUND: i32 = 5;
+    pub const OUT_OF_RANGE: i32 = 11;
+    pub const INTERNAL: i32 = 13;
+    pub const UNAVAILABLE: i32 = 14;
+}
+
+impl EtcdError {
+    /// The gRPC status code etcd answers this error with.
+    pub fn grpc_code(&self) -> i32 {
+        match self {
+            EtcdError::EmptyKey
+            | EtcdError::DuplicateKey
+            | EtcdError::TooManyOps
+            | EtcdError::TooLarge
+            | EtcdError::KeyNotFound
+            | EtcdError::ValueProvided
+            | EtcdError::LeaseProvided => grpc_code::INVALID_ARGUMENT,
+            EtcdError::FutureRev | EtcdError::Compacted => grpc_code::OUT_OF_RANGE,
+            EtcdError::LeaseNotFound(_) => grpc_code::NOT_FOUND,
+            EtcdError::Timeout => grpc_code::UNAVAILABLE,
+            EtcdError::Storage(_) | EtcdError::Corrupt(_) => grpc_code::INTERNAL,
+        }
+    }
+}
+
 /// The revision state of the etcd range, persisted with the data it describes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RevState {

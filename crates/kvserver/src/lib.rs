@@ -7,6 +7,7 @@
 //! (that is `server`), and it reaches time only through `hlc::WallClock` and
 //! `std::time::Instant` in the scheduler, so a simulation can replace them.
 
+pub mod batch;
 pub mod command;
 pub mod etcd;
 pub mod hlc;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
 use prost::Message as _;
-use proto::kvserver::{raft_command, NodeRecord, NodesRecord, RaftCommand};
+use proto::kvserver::{raft_command, Liveness, LivenessRecord, NodeRecord, NodesRecord, RaftCommand};
 use proto::storage::{replica_descriptor, RangeDescriptor};
 use raft::{ConfChange, ConfState, Entry, EntryPayload, RawNode, Role};
 use storage::mvcc::MvccStats;
@@ -32,12 +32,16 @@ pub const REV_STATE_SUFFIX: u8 = b'e';
 
 /// Range-local record suffix of the node list (system range only).
 pub const NODES_SUFFIX: u8 = b'N';
+/// Range-local record of the system range: every node's liveness.
+pub const LIVENESS_SUFFIX: u8 = b'L';
 
 /// The outcome of a proposed command, once applied (or known lost).
 #[derive(Debug)]
 pub enum ApplyOutcome {
     /// A node id was allocated.
     NodeId(u64),
+    /// A node's liveness after its heartbeat.
+    Liveness(Liveness),
     /// An etcd write, applied at raft `term`; `rev` is the store's revision after it.
     Etcd {
         result: Result<EtcdWriteResponse, EtcdError>,
@@ -301,8 +305,17 @@ impl Replica {
                         rangestate::set_local_record(&mut batch, self.range_id, NODES_SUFFIX, &nodes.encode_to_vec())?;
                         outcome = Some(ApplyOutcome::NodeId(id));
                     }
+                    if let Some(raft_command::Op::Heartbeat(h)) = &cmd.op {
+                        let mut rec = match rangestate::local_record(&self.engine, self.range_id, LIVENESS_SUFFIX)? {
+                            Some(b) => LivenessRecord::decode(&b[..]).unwrap_or_default(),
+                            None => LivenessRecord::default(),
+                        };
+                        let l = heartbeat(&mut rec, h.node_id, h.expiration_nanos, hlc.wall as i64);
+                        rangestate::set_local_record(&mut batch, self.range_id, LIVENESS_SUFFIX, &rec.encode_to_vec())?;
+                        outcome = Some(ApplyOutcome::Liveness(l));
+                    }
                     let write = match cmd.op {
-                        Some(raft_command::Op::AllocateNode(_)) => None,
+                        Some(raft_command::Op::AllocateNode(_) | raft_command::Op::Heartbeat(_)) => None,
                         Some(raft_command::Op::EtcdPut(p)) => Some(EtcdWrite::Put(p)),
                         Some(raft_command::Op::EtcdDeleteRange(d)) => Some(EtcdWrite::DeleteRange(d)),
                         Some(raft_command::Op::EtcdTxn(t)) => Some(EtcdWrite::Txn(t)),
@@ -437,6 +450,30 @@ impl Replica {
     }
 }
 
+/// Applies node `node`'s heartbeat (live until `expiration`) proposed at HLC
+/// wall time `now`: a node whose liveness had lapsed by then starts a new
+/// epoch; an expiration never moves back. Returns the node's liveness.
+fn heartbeat(rec: &mut LivenessRecord, node: u64, expiration: i64, now: i64) -> Liveness {
+    match rec.nodes.iter_mut().find(|l| l.node_id == node) {
+        Some(l) => {
+            if l.expiration_nanos < now {
+                l.epoch += 1;
+            }
+            l.expiration_nanos = l.expiration_nanos.max(expiration);
+            *l
+        }
+        None => {
+            let l = Liveness {
+                node_id: node,
+                epoch: 1,
+                expiration_nanos: expiration,
+            };
+            rec.nodes.push(l);
+            l
+        }
+    }
+}
+
 /// Keeps the replicas `cs` still names and marks each with its role in it:
 /// in a joint configuration a voter of only one half is `VoterIncoming` or
 /// `VoterOutgoing`, so nobody reads a range as fully replicated while both
@@ -489,6 +526,23 @@ mod tests {
             .iter()
             .map(|r| (r.replica_id, Type::try_from(r.r#type).unwrap()))
             .collect()
+    }
+
+    #[test]
+    fn heartbeats_extend_liveness_and_a_lapse_starts_a_new_epoch() {
+        let mut rec = LivenessRecord::default();
+        assert_eq!(heartbeat(&mut rec, 2, 100, 10).epoch, 1);
+        // Renewed in time: same epoch, later expiration.
+        let l = heartbeat(&mut rec, 2, 150, 90);
+        assert_eq!((l.epoch, l.expiration_nanos), (1, 150));
+        // A late, reordered heartbeat never moves the expiration back.
+        assert_eq!(heartbeat(&mut rec, 2, 120, 95).expiration_nanos, 150);
+        // Lapsed (proposed after expiring): a new epoch.
+        let l = heartbeat(&mut rec, 2, 400, 200);
+        assert_eq!((l.epoch, l.expiration_nanos), (2, 400));
+        // Other nodes are independent.
+        assert_eq!(heartbeat(&mut rec, 3, 500, 200).epoch, 1);
+        assert_eq!(rec.nodes.len(), 2);
     }
 
     #[test]

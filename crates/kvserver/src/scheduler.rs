@@ -221,15 +221,40 @@ impl Scheduler {
         rc
     }
 
+    /// The stores worth placing replicas on: by the liveness records when
+    /// this store has a replica of the system range with records, else by
+    /// whether this store hears from them (transport pings).
     fn live_stores(&self) -> Vec<u64> {
+        let records = self
+            .replicas
+            .contains_key(&crate::keyspace::SYSTEM_RANGE_ID)
+            .then(|| {
+                storage::rangestate::local_record(
+                    &self.engine,
+                    crate::keyspace::SYSTEM_RANGE_ID,
+                    crate::replica::LIVENESS_SUFFIX,
+                )
+                .ok()
+                .flatten()
+                .and_then(|b| proto::kvserver::LivenessRecord::decode(&b[..]).ok())
+            })
+            .flatten()
+            .filter(|r| !r.nodes.is_empty());
         let now = Instant::now();
+        let wall = self.clock.physical() as i64;
         let heard = self.last_heard.lock();
         let mut live: Vec<u64> = self
             .known_stores
             .read()
             .keys()
             .copied()
-            .filter(|s| *s == self.store_id || heard.get(s).is_some_and(|t| now.duration_since(*t) < LIVENESS_WINDOW))
+            .filter(|s| {
+                *s == self.store_id
+                    || match &records {
+                        Some(r) => r.nodes.iter().any(|l| l.node_id == *s && l.expiration_nanos > wall),
+                        None => heard.get(s).is_some_and(|t| now.duration_since(*t) < LIVENESS_WINDOW),
+                    }
+            })
             .collect();
         if !live.contains(&self.store_id) {
             live.push(self.store_id);

@@ -243,6 +243,19 @@ impl StoreHandle {
     }
 
     /// The nodes the cluster gave ids to (from this store's system range replica).
+    /// Every node's liveness as this store's replica of the system range has
+    /// applied it (`None` without a replica or a record here).
+    pub fn liveness(&self) -> Option<Vec<proto::kvserver::Liveness>> {
+        self.status(crate::keyspace::SYSTEM_RANGE_ID)?;
+        let b = rangestate::local_record(
+            &self.engine,
+            crate::keyspace::SYSTEM_RANGE_ID,
+            crate::replica::LIVENESS_SUFFIX,
+        )
+        .ok()??;
+        proto::kvserver::LivenessRecord::decode(&b[..]).ok().map(|r| r.nodes)
+    }
+
     pub fn node_records(&self) -> Vec<proto::kvserver::NodeRecord> {
         rangestate::local_record(
             &self.engine,

@@ -5,20 +5,7 @@ use kvserver::ProposeError;
 use tonic::{Code, Status};
 
 pub fn etcd_status(e: &EtcdError) -> Status {
-    let code = match e {
-        EtcdError::EmptyKey
-        | EtcdError::DuplicateKey
-        | EtcdError::TooManyOps
-        | EtcdError::TooLarge
-        | EtcdError::KeyNotFound
-        | EtcdError::ValueProvided
-        | EtcdError::LeaseProvided => Code::InvalidArgument,
-        EtcdError::FutureRev | EtcdError::Compacted => Code::OutOfRange,
-        EtcdError::LeaseNotFound(_) => Code::NotFound,
-        EtcdError::Timeout => Code::Unavailable,
-        EtcdError::Storage(_) | EtcdError::Corrupt(_) => Code::Internal,
-    };
-    Status::new(code, e.to_string())
+    Status::new(Code::from(e.grpc_code()), e.to_string())
 }
 
 /// A proposal that produced no outcome. Only `Dropped` and `NotLeader` are

@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use kvserver::keyspace::ETCD_RANGE_ID;
+use kvserver::keyspace::{ETCD_RANGE_ID, SYSTEM_RANGE_ID};
 
 use crate::Shared;
 
@@ -21,13 +21,22 @@ pub fn router(shared: Arc<Shared>) -> Router {
 
 /// Healthy once the node can serve etcd requests: it is part of an
 /// initialized cluster, its clock agrees with its peers, and the etcd range
-/// has a leaseholder it knows (here or elsewhere).
+/// has a leaseholder it knows (here or elsewhere; a node with no replica of
+/// it is healthy once it reaches the cluster's leaseholders).
 async fn health(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     let reason = match shared.health_problem() {
         Some(r) => Some(r),
         None => match shared.local.get().and_then(|l| l.store.status(ETCD_RANGE_ID)) {
             Some(s) if s.can_serve(std::time::Instant::now()) => None,
             Some(s) if s.leader != 0 && !s.desc.replicas.is_empty() => None,
+            // No replica of the etcd range here: fine once this node's
+            // DistSender reaches leaseholders (its liveness heartbeats land).
+            None if shared.local.get().is_some()
+                && (shared.ranges.leaseholder(ETCD_RANGE_ID).is_some()
+                    || shared.ranges.leaseholder(SYSTEM_RANGE_ID).is_some()) =>
+            {
+                None
+            }
             _ => Some("the etcd range has no known leaseholder yet".to_string()),
         },
     };

@@ -2,15 +2,18 @@
 //! serves etcd's v3 gRPC API, the admin API, cluster membership and the raft
 //! transport on the listen address, and health and metrics over HTTP.
 //!
-//! A node is a gateway: a request for a range it does not lead is forwarded to
-//! the leaseholder. This crate wires parts together; it holds no storage or
-//! consensus logic.
+//! A node is a gateway: its DistSender sends a request for a range to the
+//! range's leaseholder, wherever it is. This crate wires parts together; it
+//! holds no storage or consensus logic.
 
 pub mod admin_api;
 pub mod clock_check;
+pub mod dist_sender;
 pub mod errors;
 pub mod etcd_api;
 pub mod http;
+pub mod internal_api;
+pub mod liveness;
 pub mod membership;
 pub mod transport;
 
@@ -25,6 +28,7 @@ use parking_lot::Mutex;
 use proto::admin::admin_server::AdminServer;
 use proto::cluster::membership_server::MembershipServer;
 use proto::etcdserverpb::{cluster_server::ClusterServer, kv_server::KvServer, maintenance_server::MaintenanceServer};
+use proto::kvserver::internal_server::InternalServer;
 use proto::transport::raft_transport_server::RaftTransportServer;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -98,6 +102,8 @@ pub struct Shared {
     /// Set when the node must stop serving for good (e.g. a store of another cluster).
     pub fatal: Mutex<Option<String>>,
     channels: Mutex<HashMap<String, Channel>>,
+    /// The DistSender's leaseholder and descriptor cache.
+    pub ranges: dist_sender::RangeCache,
 }
 
 impl Shared {
@@ -224,6 +230,7 @@ impl Node {
             start_lock: tokio::sync::Mutex::new(()),
             fatal: Mutex::new(None),
             channels: Mutex::new(HashMap::new()),
+            ranges: Default::default(),
             cfg: cfg.clone(),
         });
         let mut tasks = Vec::new();
@@ -260,12 +267,17 @@ impl Node {
                 tasks.push(tokio::spawn(membership::maintain(shared.clone(), join.clone())));
             }
         }
+        tasks.push(tokio::spawn(liveness::heartbeat_loop(shared.clone())));
         let etcd = etcd_api::EtcdApi { shared: shared.clone() };
         let limit = 4 << 20;
         let grpc = tonic::transport::Server::builder()
             .add_service(KvServer::new(etcd.clone()).max_decoding_message_size(limit))
             .add_service(MaintenanceServer::new(etcd.clone()))
             .add_service(ClusterServer::new(etcd.clone()))
+            .add_service(
+                InternalServer::new(internal_api::InternalApi { shared: shared.clone() })
+                    .max_decoding_message_size(64 << 20),
+            )
             .add_service(AdminServer::new(admin_api::AdminApi { shared: shared.clone() }))
             .add_service(MembershipServer::new(membership::MembershipApi {
                 shared: shared.clone(),

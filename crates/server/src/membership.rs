@@ -11,14 +11,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kvserver::keyspace::SYSTEM_RANGE_ID;
-use kvserver::{ApplyOutcome, Bootstrap};
+use kvserver::Bootstrap;
 use proto::cluster::membership_client::MembershipClient;
 use proto::cluster::membership_server::Membership;
 use proto::cluster::{InitRequest, InitResponse, JoinRequest, JoinResponse, NodeInfo, NodesRequest, NodesResponse};
-use proto::kvserver::{raft_command, AllocateNode, RaftCommand, StoreIdent};
+use proto::kvserver::{batch_request, batch_response, raft_command, AllocateNode, RaftCommand, StoreIdent};
 use tonic::{Request, Response, Status};
 
-use crate::errors::propose_status;
 use crate::Shared;
 
 #[derive(Clone)]
@@ -77,55 +76,34 @@ impl Membership for MembershipApi {
     }
 
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
-        let forwarded = req.metadata().get(crate::etcd_api::FORWARDED).is_some();
         let r = req.into_inner();
         if r.addr.is_empty() {
             return Err(Status::invalid_argument("a joining node must say where it serves"));
         }
         let store = self.shared.store()?;
-        let deadline = tokio::time::Instant::now() + self.shared.cfg.request_timeout;
-        loop {
-            let st = store
-                .status(SYSTEM_RANGE_ID)
-                .ok_or_else(|| Status::unavailable("no system range here"))?;
-            if st.leader_ready {
-                let cmd = RaftCommand {
-                    max_lease_index: 0,
-                    proposer_ts: None,
-                    op: Some(raft_command::Op::AllocateNode(AllocateNode { addr: r.addr.clone() })),
-                };
-                let id = match store
-                    .propose(SYSTEM_RANGE_ID, cmd, self.shared.cfg.request_timeout)
-                    .await
-                {
-                    Ok(ApplyOutcome::NodeId(id)) => id,
-                    Ok(other) => return Err(Status::internal(format!("unexpected outcome {other:?}"))),
-                    Err(e) => return Err(propose_status(&e)),
-                };
-                store.known_stores().write().insert(id, r.addr.clone());
-                tracing::info!(node = id, addr = %r.addr, "a node joined");
-                return Ok(Response::new(JoinResponse {
-                    cluster_id: store.ident().cluster_id.clone(),
-                    node_id: id,
-                    store_id: id,
-                    nodes: book(&self.shared),
-                }));
-            }
-            // Ask the system range's leader instead.
-            if !forwarded {
-                if let Some(addr) = crate::etcd_api::leader_addr(&store, SYSTEM_RANGE_ID) {
-                    let ch = self.shared.channel(&addr).await?;
-                    let mut req = Request::new(r.clone());
-                    req.metadata_mut()
-                        .insert(crate::etcd_api::FORWARDED, "1".parse().expect("ascii"));
-                    return MembershipClient::new(ch).join(req).await;
-                }
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(Status::unavailable("etcdserver: no leader"));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let cmd = RaftCommand {
+            max_lease_index: 0,
+            proposer_ts: None,
+            op: Some(raft_command::Op::AllocateNode(AllocateNode { addr: r.addr.clone() })),
+        };
+        // Node ids come from the system range, wherever its leaseholder is.
+        let id = match self
+            .shared
+            .send(SYSTEM_RANGE_ID, batch_request::Request::Write(cmd))
+            .await
+        {
+            Ok(batch_response::Response::NodeId(id)) => id,
+            Ok(other) => return Err(Status::internal(format!("unexpected answer {other:?}"))),
+            Err(e) => return Err(Status::unavailable(format!("cannot allocate a node id: {e}"))),
+        };
+        store.known_stores().write().insert(id, r.addr.clone());
+        tracing::info!(node = id, addr = %r.addr, "a node joined");
+        Ok(Response::new(JoinResponse {
+            cluster_id: store.ident().cluster_id.clone(),
+            node_id: id,
+            store_id: id,
+            nodes: book(&self.shared),
+        }))
     }
 
     async fn nodes(&self, req: Request<NodesRequest>) -> Result<Response<NodesResponse>, Status> {

@@ -56,6 +56,8 @@ pub struct RegisterReport {
     pub inserts_lost: Vec<String>,
     /// The longest stretch with no operation completing successfully.
     pub longest_unavailability: Duration,
+    /// When that stretch began, from the start of the run.
+    pub longest_unavailability_from: Duration,
     /// The longest any operation took, from invoke to completion (including
     /// ones cut off at the operation timeout).
     pub longest_operation: Duration,
@@ -448,10 +450,12 @@ pub async fn run(cfg: RegisterConfig) -> RegisterReport {
         .collect();
     oks.sort_unstable();
     let end = cfg.duration.as_nanos() as u64;
-    let mut longest = 0u64;
+    let (mut longest, mut longest_from) = (0u64, 0u64);
     let mut prev = 0u64;
     for t in oks.iter().copied().chain(std::iter::once(end)) {
-        longest = longest.max(t.saturating_sub(prev));
+        if t.saturating_sub(prev) > longest {
+            (longest, longest_from) = (t - prev, prev);
+        }
         prev = t;
     }
     let longest_operation = history
@@ -468,6 +472,7 @@ pub async fn run(cfg: RegisterConfig) -> RegisterReport {
         inserts_acked: inserts.len(),
         inserts_lost,
         longest_unavailability: Duration::from_nanos(longest),
+        longest_unavailability_from: Duration::from_nanos(longest_from),
         longest_operation: Duration::from_nanos(longest_operation),
         faults,
         restarted_pids,

@@ -1,0 +1,168 @@
+//! The leaseholder's side of the internal batch RPC: evaluates one request for
+//! one range on this store, a read under the lease or a write proposed
+//! through raft and answered once applied, and says (typed) why not when it
+//! cannot: not the leaseholder (with a hint), no such range, outcome unknown.
+//!
+//! It never routes and never retries: finding the leaseholder is the
+//! DistSender's job (in the server crate), which calls this directly when the
+//! leaseholder is local and over the `Internal.Batch` RPC otherwise.
+
+use std::time::{Duration, Instant};
+
+use proto::etcdserverpb::{CompactionResponse, ResponseHeader};
+use proto::kvserver::{
+    batch_error, batch_request, batch_response, Ambiguous, BatchError, BatchRequest, BatchResponse,
+    EtcdError as PbEtcdError, NotLeaseholder,
+};
+
+use crate::etcd::{self, grpc_code, EtcdError, EtcdWriteResponse};
+use crate::replica::{ApplyOutcome, ProposeError};
+use crate::store::StoreHandle;
+
+/// How a store evaluates.
+#[derive(Clone, Debug)]
+pub struct EvalOptions {
+    /// How long a write may wait for its entry to apply.
+    pub write_timeout: Duration,
+    /// Testing knob, never on in production: answer reads from this replica's
+    /// state without a lease (stale reads; the register workload must catch it).
+    pub unsafe_follower_reads: bool,
+}
+
+fn error(kind: batch_error::Kind) -> BatchResponse {
+    BatchResponse {
+        response: Some(batch_response::Response::Error(BatchError { kind: Some(kind) })),
+    }
+}
+
+fn etcd_error(e: &EtcdError) -> BatchResponse {
+    error(batch_error::Kind::Etcd(PbEtcdError {
+        code: e.grpc_code(),
+        message: e.to_string(),
+    }))
+}
+
+fn internal(msg: String) -> BatchResponse {
+    error(batch_error::Kind::Etcd(PbEtcdError {
+        code: grpc_code::INTERNAL,
+        message: msg,
+    }))
+}
+
+/// "Not here": names the store of the leader replica if this store knows it.
+pub fn not_leaseholder(store: &StoreHandle, range_id: u64) -> BatchResponse {
+    let Some(st) = store.status(range_id) else {
+        return error(batch_error::Kind::RangeNotFound(range_id));
+    };
+    let leader_store = st
+        .desc
+        .replicas
+        .iter()
+        .find(|r| st.leader != 0 && r.replica_id == st.leader)
+        .map_or(0, |r| r.store_id);
+    error(batch_error::Kind::NotLeaseholder(NotLeaseholder {
+        leader_store,
+        descriptor: Some(st.desc),
+    }))
+}
+
+/// The header etcd puts on every answer.
+pub fn header(store: &StoreHandle, revision: i64, raft_term: u64) -> ResponseHeader {
+    let ident = store.ident();
+    ResponseHeader {
+        cluster_id: u64::from_str_radix(&ident.cluster_id, 16).unwrap_or(1),
+        member_id: ident.node_id,
+        revision,
+        raft_term,
+    }
+}
+
+/// Evaluates `req` here.
+pub async fn evaluate(store: &StoreHandle, req: BatchRequest, opts: &EvalOptions) -> BatchResponse {
+    let range_id = req.range_id;
+    match req.request {
+        None => internal("empty batch request".into()),
+        Some(batch_request::Request::EtcdRange(r)) => read(store, range_id, &r, opts),
+        Some(batch_request::Request::Write(cmd)) => {
+            let Some(st) = store.status(range_id) else {
+                return error(batch_error::Kind::RangeNotFound(range_id));
+            };
+            let here = st.leader != 0
+                && st
+                    .desc
+                    .replicas
+                    .iter()
+                    .any(|r| r.replica_id == st.leader && r.store_id == store.ident().store_id);
+            if !here {
+                return not_leaseholder(store, range_id);
+            }
+            match store.propose(range_id, cmd, opts.write_timeout).await {
+                Ok(outcome) => answer(store, outcome),
+                Err(ProposeError::NotLeader { .. } | ProposeError::Dropped) => not_leaseholder(store, range_id),
+                Err(ProposeError::NoSuchRange(r)) => error(batch_error::Kind::RangeNotFound(r)),
+                Err(ProposeError::Clock(c)) => error(batch_error::Kind::Unavailable(format!("clock: {c}"))),
+                // Stopped while it waited: it may have applied.
+                Err(ProposeError::Ambiguous | ProposeError::Stopped) => {
+                    error(batch_error::Kind::Ambiguous(Ambiguous {}))
+                }
+            }
+        }
+    }
+}
+
+fn answer(store: &StoreHandle, outcome: ApplyOutcome) -> BatchResponse {
+    use batch_response::Response as R;
+    let response = match outcome {
+        ApplyOutcome::NodeId(id) => R::NodeId(id),
+        ApplyOutcome::Liveness(l) => R::Liveness(l),
+        ApplyOutcome::Etcd { result: Err(e), .. } => return etcd_error(&e),
+        ApplyOutcome::Etcd {
+            result: Ok(resp),
+            rev,
+            term,
+        } => match etcd::with_header(resp, header(store, rev, term)) {
+            EtcdWriteResponse::Put(p) => R::EtcdPut(p),
+            EtcdWriteResponse::DeleteRange(d) => R::EtcdDeleteRange(d),
+            EtcdWriteResponse::Txn(t) => R::EtcdTxn(t),
+            EtcdWriteResponse::Compact => R::EtcdCompact(CompactionResponse {
+                header: Some(header(store, rev, term)),
+            }),
+        },
+    };
+    BatchResponse {
+        response: Some(response),
+    }
+}
+
+fn read(
+    store: &StoreHandle,
+    range_id: u64,
+    r: &proto::etcdserverpb::RangeRequest,
+    opts: &EvalOptions,
+) -> BatchResponse {
+    let Some(st) = store.status(range_id) else {
+        return error(batch_error::Kind::RangeNotFound(range_id));
+    };
+    let unsafe_reads = opts.unsafe_follower_reads && st.applied.index > 1;
+    if !unsafe_reads && !st.can_serve(Instant::now()) {
+        return not_leaseholder(store, range_id);
+    }
+    let snap = store.engine().snapshot();
+    // The lease must still hold now that the view is taken.
+    if !unsafe_reads && !store.status(range_id).is_some_and(|s| s.can_serve(Instant::now())) {
+        return not_leaseholder(store, range_id);
+    }
+    let rev = match store.rev_state(&snap) {
+        Ok(r) => r,
+        Err(e) => return internal(e.to_string()),
+    };
+    match etcd::range(&snap, &rev, r) {
+        Ok(mut resp) => {
+            resp.header = Some(header(store, rev.rev, st.term));
+            BatchResponse {
+                response: Some(batch_response::Response::EtcdRange(resp)),
+            }
+        }
+        Err(e) => etcd_error(&e),
+    }
+}
