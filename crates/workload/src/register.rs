@@ -117,6 +117,9 @@ fn parse(v: &[u8]) -> Option<u64> {
 }
 
 struct Shared {
+    /// Every key of this run starts with it, so that a run never sees what an
+    /// earlier one left (the checker assumes every register starts empty).
+    prefix: String,
     start: Instant,
     history: Mutex<Vec<Event>>,
     inserts: Mutex<Vec<String>>,
@@ -143,14 +146,14 @@ async fn client(cfg: Arc<RegisterConfig>, id: u64, shared: Arc<Shared>, deadline
             }
         }
         let Some(c) = kv.as_mut() else { continue };
-        let key = format!("register/{}", rng.below(cfg.keys as u64));
+        let key = format!("{}register/{}", shared.prefix, rng.below(cfg.keys as u64));
         counter += 1;
         let fresh = id * 1_000_000_000 + counter;
         let roll = rng.below(100);
         let invoke = shared.now();
         if roll < 15 {
             // A unique insert: it must survive everything once acknowledged.
-            let k = format!("inserts/{id}/{counter}");
+            let k = format!("{}inserts/{id}/{counter}", shared.prefix);
             let r = tokio::time::timeout(
                 cfg.op_timeout,
                 c.put(PutRequest {
@@ -359,7 +362,11 @@ async fn nemesis(cfg: NemesisConfig, seed: u64, deadline: Instant, faults: Arc<M
 /// cluster settle, reads everything back and checks the history.
 pub async fn run(cfg: RegisterConfig) -> RegisterReport {
     let cfg = Arc::new(cfg);
+    let run_id = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
     let shared = Arc::new(Shared {
+        prefix: format!("workload/register/{run_id:016x}/"),
         start: Instant::now(),
         history: Mutex::new(Vec::new()),
         inserts: Mutex::new(Vec::new()),
@@ -385,7 +392,9 @@ pub async fn run(cfg: RegisterConfig) -> RegisterReport {
     let mut history = shared.history.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let inserts = shared.inserts.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let mut present: Option<BTreeSet<String>> = None;
-    let keys: Vec<String> = (0..cfg.keys).map(|k| format!("register/{k}")).collect();
+    let keys: Vec<String> = (0..cfg.keys)
+        .map(|k| format!("{}register/{k}", shared.prefix))
+        .collect();
     let mut finals: Vec<Event> = Vec::new();
     'outer: while Instant::now() < settle {
         for addr in &cfg.endpoints {
@@ -415,8 +424,8 @@ pub async fn run(cfg: RegisterConfig) -> RegisterReport {
             }
             let all = c
                 .range(RangeRequest {
-                    key: b"inserts/".to_vec(),
-                    range_end: b"inserts0".to_vec(),
+                    key: format!("{}inserts/", shared.prefix).into_bytes(),
+                    range_end: format!("{}inserts0", shared.prefix).into_bytes(),
                     keys_only: true,
                     ..Default::default()
                 })
