@@ -539,6 +539,29 @@ async fn the_register_workload_under_the_nemesis_is_linearizable() {
     assert!(secs("longest operation ") < 4.0, "{stdout}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_clock_is_off_stops_serving_and_says_why() {
+    let mut c = Cluster::start(3, &[]);
+    c.wait_replicated().await;
+    c.nodes[2].proc.kill9();
+    // Back with its clock 2 s ahead (the maximum offset is 500 ms).
+    c.extra_args.push("env:TARDIGRADE_TESTING_CLOCK_SKEW_MS=2000".into());
+    c.restart(2);
+    let http = c.nodes[2].http.clone();
+    wait("the skewed node to say so on /health", 10 * ELECTION * 2, || async {
+        http_get(&http, "/health").is_some_and(|(code, body)| code == 503 && body.contains("clock is off"))
+    })
+    .await;
+    let err = put(&c.nodes[2].grpc, "k", "v").await.unwrap_err();
+    assert!(err.contains("clock is off"), "{err}");
+    let log = std::fs::read_to_string(c.nodes[2].store.with_extension("log")).unwrap();
+    assert!(log.contains("stopped serving: clock is off"), "{log}");
+    // One bad peer is not a quorum: the others keep serving.
+    put(&c.nodes[0].grpc, "k", "v").await.unwrap();
+    assert_eq!(get(&c.nodes[1].grpc, "k").await.unwrap(), Some("v".into()));
+    assert_eq!(http_get(&c.nodes[0].http, "/health").map(|x| x.0), Some(200));
+}
+
 /// The proof that the register test bites: with followers allowed to answer
 /// reads from their own state, the checker reports a violation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

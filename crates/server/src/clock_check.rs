@@ -6,6 +6,7 @@
 //! the 500 ms default), so it errs towards trusting a clock.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -13,6 +14,8 @@ use parking_lot::Mutex;
 pub struct ClockCheck {
     max_offset_nanos: i64,
     seen: Mutex<HashMap<u64, (i64, Instant)>>,
+    /// Whether the last verdict was a problem (to log changes once).
+    failing: AtomicBool,
 }
 
 /// Offsets older than this are not counted.
@@ -23,6 +26,7 @@ impl ClockCheck {
         ClockCheck {
             max_offset_nanos: max_offset.as_nanos().min(i64::MAX as u128) as i64,
             seen: Mutex::new(HashMap::new()),
+            failing: AtomicBool::new(false),
         }
     }
 
@@ -33,9 +37,26 @@ impl ClockCheck {
         self.seen.lock().insert(peer, (offset, Instant::now()));
     }
 
+    /// Whether a peer's clock reading `remote` when ours read `local` is
+    /// within the maximum offset.
+    pub fn within_max_offset(&self, remote: u64, local: u64) -> bool {
+        (remote as i128 - local as i128).abs() <= self.max_offset_nanos as i128
+    }
+
     /// Why this node must not serve, if its clock is off from a quorum of the
-    /// `peers` other nodes it should hear from.
+    /// `peers` other nodes it should hear from. Logs when that starts and ends.
     pub fn problem(&self, peers: usize) -> Option<String> {
+        let p = self.verdict(peers);
+        let was = self.failing.swap(p.is_some(), Ordering::Relaxed);
+        match (&p, was) {
+            (Some(why), false) => tracing::error!("stopped serving: {why}"),
+            (None, true) => tracing::info!("clock agrees with the peers again: serving"),
+            _ => {}
+        }
+        p
+    }
+
+    fn verdict(&self, peers: usize) -> Option<String> {
         if peers == 0 {
             return None;
         }

@@ -144,11 +144,15 @@ impl Shared {
         scfg.tick = self.cfg.tick;
         scfg.election_ticks = self.cfg.election_ticks;
         scfg.log_truncation_threshold = self.cfg.log_truncation_threshold;
-        let opts = StoreOptions {
+        let mut opts = StoreOptions {
             transport: self.transport.clone(),
             bootstrap: plan,
             ..Default::default()
         };
+        if let Some(skew) = testing_clock_skew() {
+            tracing::warn!(skew_ms = skew, "testing knob: this node's clock is skewed");
+            opts.wall = Arc::new(SkewedClock(skew.saturating_mul(1_000_000)));
+        }
         let store = tokio::task::spawn_blocking(move || Store::start_with(scfg, opts))
             .await
             .map_err(|e| format!("store start-up task failed: {e}"))?
@@ -186,6 +190,21 @@ impl Shared {
     /// Forgets a channel that failed.
     pub fn drop_channel(&self, addr: &str) {
         self.channels.lock().remove(addr);
+    }
+}
+
+/// `TARDIGRADE_TESTING_CLOCK_SKEW_MS=N` (testing knob, off by default) runs
+/// the node with its wall clock N ms off, to exercise the clock check.
+fn testing_clock_skew() -> Option<i64> {
+    std::env::var("TARDIGRADE_TESTING_CLOCK_SKEW_MS").ok()?.parse().ok()
+}
+
+/// The system clock, shifted.
+struct SkewedClock(i64);
+
+impl kvserver::hlc::WallClock for SkewedClock {
+    fn now_nanos(&self) -> u64 {
+        kvserver::hlc::SystemClock.now_nanos().saturating_add_signed(self.0)
     }
 }
 

@@ -271,14 +271,16 @@ impl RaftTransport for RaftService {
                         book.insert(batch.from_store, batch.from_addr.clone());
                     }
                 }
+                let mut trusted = true;
                 if batch.sender_physical_nanos > 0 {
-                    clock_check.observe(
-                        batch.from_store,
-                        batch.sender_physical_nanos,
-                        local.store.clock().physical(),
-                    );
+                    let ours = local.store.clock().physical();
+                    clock_check.observe(batch.from_store, batch.sender_physical_nanos, ours);
+                    trusted = clock_check.within_max_offset(batch.sender_physical_nanos, ours);
+                    let peers = local.store.known_stores().read().len().saturating_sub(1);
+                    let _ = clock_check.problem(peers); // logs when this node stops or resumes serving
                 }
-                if let Some(ts) = batch.sender_clock {
+                // A clock beyond the maximum offset must not drag ours along.
+                if let Some(ts) = batch.sender_clock.filter(|_| trusted) {
                     let _ = local.store.clock().update(ts.into());
                 }
                 local.store.deliver(batch.from_store, batch.messages);
