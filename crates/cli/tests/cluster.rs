@@ -65,6 +65,24 @@ fn tardigrade(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+impl Drop for Cluster {
+    /// A failed test shows the end of every node's log (they live in a
+    /// temporary directory that goes with the cluster).
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for (i, n) in self.nodes.iter().enumerate() {
+            let log = std::fs::read_to_string(n.store.with_extension("log")).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!("---- node {} ({}) log, last 60 lines ----", i + 1, n.grpc);
+            for l in &lines[lines.len().saturating_sub(60)..] {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
 impl Cluster {
     /// `n` nodes started with the `extra` flags (`env:K=V` sets a variable).
     fn start(n: usize, extra: &[&str]) -> Cluster {
@@ -716,6 +734,7 @@ async fn bad_input_gets_clear_errors_and_no_panic() {
     };
     let r = internal.batch(empty).await.unwrap().into_inner();
     assert!(matches!(kind(r), Some(Kind::Etcd(e)) if e.message.contains("empty")));
+    let nowhere_cluster = cluster_id.clone();
     let nowhere = proto::kvserver::BatchRequest {
         cluster_id,
         range_id: 999,
@@ -725,6 +744,24 @@ async fn bad_input_gets_clear_errors_and_no_panic() {
     };
     let r = internal.batch(nowhere).await.unwrap().into_inner();
     assert!(matches!(kind(r), Some(Kind::RangeNotFound(999))));
+    // A liveness heartbeat sent to the etcd range is refused, not applied there.
+    let misdirected = proto::kvserver::BatchRequest {
+        cluster_id: nowhere_cluster.clone(),
+        range_id: 2,
+        request: Some(proto::kvserver::batch_request::Request::Write(
+            proto::kvserver::RaftCommand {
+                op: Some(proto::kvserver::raft_command::Op::Heartbeat(
+                    proto::kvserver::Heartbeat {
+                        node_id: 1,
+                        expiration_nanos: i64::MAX,
+                    },
+                )),
+                ..Default::default()
+            },
+        )),
+    };
+    let r = internal.batch(misdirected).await.unwrap().into_inner();
+    assert!(matches!(kind(r), Some(Kind::Etcd(e)) if e.message.contains("does not serve")));
     // Still serving.
     put(&c.nodes[0].grpc, "still", "ok").await.unwrap();
     assert_eq!(get(&c.nodes[1].grpc, "still").await.unwrap(), Some("ok".into()));

@@ -9,6 +9,7 @@
 
 use std::time::{Duration, Instant};
 
+use prost::Message as _;
 use proto::etcdserverpb::{CompactionResponse, ResponseHeader};
 use proto::kvserver::{
     batch_error, batch_request, batch_response, Ambiguous, BatchError, BatchRequest, BatchResponse,
@@ -16,6 +17,7 @@ use proto::kvserver::{
 };
 
 use crate::etcd::{self, grpc_code, EtcdError, EtcdWriteResponse};
+use crate::keyspace::{ETCD_RANGE_ID, SYSTEM_RANGE_ID};
 use crate::replica::{ApplyOutcome, ProposeError};
 use crate::store::StoreHandle;
 
@@ -40,6 +42,36 @@ fn etcd_error(e: &EtcdError) -> BatchResponse {
         code: e.grpc_code(),
         message: e.to_string(),
     }))
+}
+
+fn etcd_error_msg(code: i32, message: String) -> BatchResponse {
+    error(batch_error::Kind::Etcd(PbEtcdError { code, message }))
+}
+
+/// Why `req` must not be evaluated at all: an operation sent to a range that
+/// does not hold its kind of data, or a write larger than etcd accepts.
+fn misdirected(req: &BatchRequest) -> Option<String> {
+    use proto::kvserver::raft_command::Op;
+    let wants = match &req.request {
+        None => return None, // answered as an empty request
+        Some(batch_request::Request::EtcdRange(_)) => ETCD_RANGE_ID,
+        Some(batch_request::Request::Write(cmd)) => {
+            if cmd.encoded_len() > etcd::MAX_REQUEST_BYTES + 1024 {
+                return Some(EtcdError::TooLarge.to_string());
+            }
+            match &cmd.op {
+                None => return Some("a write without an operation".into()),
+                Some(Op::EtcdPut(_) | Op::EtcdDeleteRange(_) | Op::EtcdTxn(_) | Op::EtcdCompact(_)) => ETCD_RANGE_ID,
+                Some(Op::AllocateNode(_) | Op::Heartbeat(_)) => SYSTEM_RANGE_ID,
+            }
+        }
+    };
+    (wants != req.range_id).then(|| {
+        format!(
+            "range {} does not serve this request (range {wants} does)",
+            req.range_id
+        )
+    })
 }
 
 fn internal(msg: String) -> BatchResponse {
@@ -80,6 +112,13 @@ pub fn header(store: &StoreHandle, revision: i64, raft_term: u64) -> ResponseHea
 /// Evaluates `req` here.
 pub async fn evaluate(store: &StoreHandle, req: BatchRequest, opts: &EvalOptions) -> BatchResponse {
     let range_id = req.range_id;
+    // A range this store lacks is answered RangeNotFound (the sender looks
+    // elsewhere); one it has refuses what it does not hold.
+    if store.has_range(range_id) {
+        if let Some(why) = misdirected(&req) {
+            return etcd_error_msg(grpc_code::INVALID_ARGUMENT, why);
+        }
+    }
     match req.request {
         None => internal("empty batch request".into()),
         Some(batch_request::Request::EtcdRange(r)) => read(store, range_id, &r, opts),

@@ -183,6 +183,12 @@ impl Replica {
         }
         self.proposed_lai = self.proposed_lai.max(self.applied.lease_applied_index);
         self.raw.storage_mut().reload()?;
+        // Proposals the snapshot covers will never be applied here one by one:
+        // whether they made it is unknown to this replica.
+        let later = self.pending.split_off(&(self.applied.index + 1));
+        for (_, (_, reply)) in std::mem::replace(&mut self.pending, later) {
+            let _ = reply.send(Err(ProposeError::Ambiguous));
+        }
         Ok(())
     }
 
@@ -220,9 +226,10 @@ impl Replica {
             Ok((index, term)) => {
                 self.proposed_lai = lai;
                 metrics.raft_proposals.inc();
-                // An older proposal waiting on this index was lost (replaced).
+                // An older proposal waiting on this index left this log, but
+                // another replica may still hold it and commit it: unknown.
                 if let Some((_, old)) = self.pending.insert(index, (term, reply)) {
-                    let _ = old.send(Err(ProposeError::Dropped));
+                    let _ = old.send(Err(ProposeError::Ambiguous));
                 }
             }
             Err(e) => {
@@ -294,7 +301,8 @@ impl Replica {
                     }
                     if let Some(raft_command::Op::AllocateNode(a)) = &cmd.op {
                         let mut nodes = match rangestate::local_record(&self.engine, self.range_id, NODES_SUFFIX)? {
-                            Some(b) => NodesRecord::decode(&b[..]).unwrap_or_default(),
+                            Some(b) => NodesRecord::decode(&b[..])
+                                .map_err(|e| crate::StoreError::Corrupt(format!("nodes record: {e}")))?,
                             None => NodesRecord::default(),
                         };
                         let id = nodes.nodes.iter().map(|n| n.node_id).max().unwrap_or(0) + 1;
@@ -307,7 +315,8 @@ impl Replica {
                     }
                     if let Some(raft_command::Op::Heartbeat(h)) = &cmd.op {
                         let mut rec = match rangestate::local_record(&self.engine, self.range_id, LIVENESS_SUFFIX)? {
-                            Some(b) => LivenessRecord::decode(&b[..]).unwrap_or_default(),
+                            Some(b) => LivenessRecord::decode(&b[..])
+                                .map_err(|e| crate::StoreError::Corrupt(format!("liveness record: {e}")))?,
                             None => LivenessRecord::default(),
                         };
                         let l = heartbeat(&mut rec, h.node_id, h.expiration_nanos, hlc.wall as i64);

@@ -184,6 +184,11 @@ impl StoreHandle {
         self.statuses.read().values().map(|s| s.read().clone()).collect()
     }
 
+    /// Whether this store holds a replica of `range_id`.
+    pub fn has_range(&self, range_id: u64) -> bool {
+        self.statuses.read().contains_key(&range_id)
+    }
+
     pub fn status(&self, range_id: u64) -> Option<ReplicaStatus> {
         self.statuses.read().get(&range_id).map(|s| s.read().clone())
     }

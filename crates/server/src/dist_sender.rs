@@ -119,8 +119,18 @@ impl Shared {
         range_id: u64,
         request: batch_request::Request,
     ) -> Result<batch_response::Response, SendError> {
+        self.send_within(range_id, request, self.cfg.request_timeout).await
+    }
+
+    /// [`Shared::send`] with its own deadline.
+    pub async fn send_within(
+        &self,
+        range_id: u64,
+        request: batch_request::Request,
+        timeout: Duration,
+    ) -> Result<batch_response::Response, SendError> {
         let read = matches!(request, batch_request::Request::EtcdRange(_));
-        let deadline = Instant::now() + self.cfg.request_timeout;
+        let deadline = Instant::now() + timeout;
         let opts = self.eval_options();
         let mut probe = 0usize;
         let mut last = String::from("no attempt");
@@ -148,8 +158,8 @@ impl Shared {
             } else {
                 let known = self.ranges.descriptors.lock().get(&range_id).cloned();
                 let mut stores: Vec<u64> = match known {
-                    Some(d) => d.replicas.iter().map(|r| r.store_id).collect(),
-                    None => store
+                    Some(d) if !d.replicas.is_empty() => d.replicas.iter().map(|r| r.store_id).collect(),
+                    _ => store
                         .known_stores()
                         .read()
                         .keys()
@@ -173,6 +183,10 @@ impl Shared {
                 request: Some(request.clone()),
             };
             let answer = if target == me {
+                let opts = EvalOptions {
+                    write_timeout: deadline.saturating_duration_since(Instant::now()),
+                    ..opts.clone()
+                };
                 batch::evaluate(&store, req, &opts).await
             } else {
                 let addr = store
@@ -230,6 +244,7 @@ impl Shared {
                             return Err(SendError::Ambiguous);
                         }
                         last = e;
+                        tokio::time::sleep(BACKOFF).await;
                         continue;
                     }
                 }
@@ -263,13 +278,16 @@ impl Shared {
                         last = m;
                         tokio::time::sleep(BACKOFF).await;
                     }
-                    None => return Err(SendError::NotReady("an empty error came back".into())),
+                    None if read => return Err(SendError::NotReady("an empty error came back".into())),
+                    None => return Err(SendError::Ambiguous),
                 },
                 Some(ok) => {
                     self.ranges.set(range_id, target, local_term);
                     return Ok(ok);
                 }
-                None => return Err(SendError::NotReady("an empty answer came back".into())),
+                None if read => return Err(SendError::NotReady("an empty answer came back".into())),
+                // Something answered, but not what: the write may have applied.
+                None => return Err(SendError::Ambiguous),
             }
         }
     }

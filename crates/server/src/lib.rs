@@ -180,6 +180,9 @@ impl Shared {
             .map_err(|e| Status::internal(e.to_string()))?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(Duration::from_secs(3))
+            .keep_alive_while_idle(true)
             .connect()
             .await
             .map_err(|e| Status::unavailable(format!("cannot reach {addr}: {e}")))?;

@@ -20,6 +20,9 @@ use tonic::{Request, Response, Status};
 
 use crate::Shared;
 
+/// How long a membership call to another node may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
 #[derive(Clone)]
 pub struct MembershipApi {
     pub shared: Arc<Shared>,
@@ -138,11 +141,16 @@ pub async fn maintain(shared: Arc<Shared>, join: Vec<String>) {
                     continue;
                 }
                 let Ok(ch) = shared.channel(addr).await else { continue };
-                match MembershipClient::new(ch)
-                    .join(JoinRequest {
-                        addr: shared.advertise.clone(),
-                    })
+                let mut client = MembershipClient::new(ch);
+                let call = client.join(JoinRequest {
+                    addr: shared.advertise.clone(),
+                });
+                // The receiver allocates through the system range within its
+                // request timeout; a silent receiver is given up on after it.
+                let wait = shared.cfg.request_timeout + CALL_TIMEOUT;
+                match tokio::time::timeout(wait, call)
                     .await
+                    .unwrap_or_else(|_| Err(Status::deadline_exceeded(format!("{addr} did not answer"))))
                 {
                     Ok(resp) => {
                         let r = resp.into_inner();
@@ -199,7 +207,10 @@ async fn exchange(shared: &Shared, join: &[String]) {
                 addr: shared.advertise.clone(),
             }),
         };
-        match MembershipClient::new(ch).nodes(req).await {
+        let answer = tokio::time::timeout(CALL_TIMEOUT, MembershipClient::new(ch).nodes(req))
+            .await
+            .unwrap_or_else(|_| Err(Status::deadline_exceeded(format!("{addr} did not answer"))));
+        match answer {
             Ok(r) => merge(shared, &r.into_inner().nodes),
             Err(s) if s.code() == tonic::Code::FailedPrecondition && s.message().contains("belongs to cluster") => {
                 let msg = format!(

@@ -43,12 +43,19 @@ pub struct GrpcTransport {
 
 const QUEUE: usize = 1024;
 const CHUNK: usize = 1 << 20;
+/// The longest a snapshot may take to send and apply.
+const SNAPSHOT_DEADLINE: Duration = Duration::from_secs(120);
 
 async fn connect(addr: &str) -> Result<Channel, String> {
     Channel::from_shared(format!("http://{addr}"))
         .map_err(|e| e.to_string())?
         .connect_timeout(Duration::from_secs(1))
         .tcp_nodelay(true)
+        // A peer that stops answering (paused, partitioned) is found out and
+        // the stream reopened, instead of waiting for TCP to give up.
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(3))
+        .keep_alive_while_idle(true)
         .connect()
         .await
         .map_err(|e| e.to_string())
@@ -207,7 +214,12 @@ impl Transport for GrpcTransport {
     ) {
         let local = self.local.clone();
         self.rt.spawn(async move {
-            let ok = match Self::send_snapshot_task(local, to_store, msg, meta, dir).await {
+            // Bounded, so that raft always hears back and can try again.
+            let sent = tokio::time::timeout(
+                SNAPSHOT_DEADLINE,
+                Self::send_snapshot_task(local, to_store, msg, meta, dir),
+            );
+            let ok = match sent.await.unwrap_or_else(|_| Err("timed out".into())) {
                 Ok(ok) => ok,
                 Err(e) => {
                     tracing::warn!(to_store, error = %e, "snapshot send failed");
@@ -217,6 +229,13 @@ impl Transport for GrpcTransport {
             done(ok);
         });
     }
+}
+
+/// Whether a message may arrive on the message stream. A snapshot may not:
+/// only `RaftSnapshot` stages snapshot files, and the handle in a streamed one
+/// would name a directory the sender chose (a bad one stopped the raft loop).
+fn admissible_in_stream(m: &RaftMsg) -> bool {
+    !matches!(m.body, Some(raft_msg::Body::Snapshot(_)))
 }
 
 /// Incoming side of the raft transport.
@@ -283,7 +302,10 @@ impl RaftTransport for RaftService {
                 if let Some(ts) = batch.sender_clock.filter(|_| trusted) {
                     let _ = local.store.clock().update(ts.into());
                 }
-                local.store.deliver(batch.from_store, batch.messages);
+                // Snapshots come only over RaftSnapshot, which stages their
+                // files here; one in a message stream names nothing of ours.
+                let msgs: Vec<RaftMsg> = batch.messages.into_iter().filter(admissible_in_stream).collect();
+                local.store.deliver(batch.from_store, msgs);
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -306,6 +328,17 @@ impl RaftTransport for RaftService {
         let meta = head
             .meta
             .ok_or_else(|| Status::invalid_argument("snapshot without meta"))?;
+        if head.to_store != ident.store_id {
+            return Err(Status::failed_precondition(format!(
+                "snapshot for store {}, this is store {}",
+                head.to_store, ident.store_id
+            )));
+        }
+        if meta.range_id != msg.range_id {
+            return Err(Status::invalid_argument(
+                "snapshot meta and message name different ranges",
+            ));
+        }
         let staged = storage::snapshot::new_incoming_dir(local.store.engine(), msg.range_id)
             .map_err(|e| Status::internal(e.to_string()))?;
         let mut files: HashMap<String, Vec<u8>> = HashMap::new();
@@ -337,5 +370,28 @@ impl RaftTransport for RaftService {
             applied: true,
             error: String::new(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshots_are_refused_on_the_message_stream() {
+        let snap = RaftMsg {
+            range_id: 2,
+            from: 2,
+            to: 1,
+            term: 5,
+            body: Some(raft_msg::Body::Snapshot(Default::default())),
+        };
+        assert!(!admissible_in_stream(&snap));
+        let beat = RaftMsg {
+            body: Some(raft_msg::Body::Heartbeat(Default::default())),
+            ..snap
+        };
+        assert!(admissible_in_stream(&beat));
+        assert!(admissible_in_stream(&RaftMsg::default()));
     }
 }

@@ -98,7 +98,7 @@ pub fn apply_snapshot_with_hook(
     let rel = dir
         .strip_prefix(engine.dir())
         .ok()
-        .filter(|r| r.starts_with("snapshots"))
+        .filter(|r| r.starts_with("snapshots") && r.components().all(|c| matches!(c, std::path::Component::Normal(_))))
         .ok_or_else(|| {
             Error::InvalidArgument(format!(
                 "snapshot dir {dir:?} is not inside {:?} (use new_incoming_dir)",
