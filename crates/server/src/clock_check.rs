@@ -2,8 +2,12 @@
 //! node whose clock is off from a quorum of its peers by more than the maximum
 //! offset stops serving, and says why in its log and on `/health`.
 //!
-//! The estimate ignores network delay (loopback and LAN delays are far below
-//! the 500 ms default), so it errs towards trusting a clock.
+//! A batch's stamp is older than its arrival by the delay it met (the network,
+//! the sender's queue, a receiver that was paused and reads its backlog), so
+//! one reading can make a good clock look behind; the estimate per peer is
+//! the largest offset read within a short window, the one that met the least
+//! delay. It ignores the remaining delay (loopback and LAN delays are far
+//! below the 500 ms default), so it errs towards trusting a clock.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,13 +17,26 @@ use parking_lot::Mutex;
 
 pub struct ClockCheck {
     max_offset_nanos: i64,
-    seen: Mutex<HashMap<u64, (i64, Instant)>>,
+    seen: Mutex<HashMap<u64, Estimate>>,
     /// Whether the last verdict was a problem (to log changes once).
     failing: AtomicBool,
 }
 
-/// Offsets older than this are not counted.
+/// Peers not heard from for this long are not counted.
 const FRESH: Duration = Duration::from_secs(10);
+/// How long the least-delayed reading stands for a peer's offset before a
+/// later one may replace it even if it reads lower.
+const WINDOW: Duration = Duration::from_secs(2);
+
+/// One peer's offset as far as its batches tell.
+#[derive(Debug, Clone, Copy)]
+struct Estimate {
+    /// The largest offset (remote minus local, nanoseconds) read since `since`.
+    offset: i64,
+    since: Instant,
+    /// When the peer's last batch arrived.
+    heard: Instant,
+}
 
 impl ClockCheck {
     pub fn new(max_offset: Duration) -> Self {
@@ -32,9 +49,23 @@ impl ClockCheck {
 
     /// Records that `peer`'s clock read `remote` when ours read `local`.
     pub fn observe(&self, peer: u64, remote: u64, local: u64) {
+        self.observe_at(peer, remote, local, Instant::now());
+    }
+
+    fn observe_at(&self, peer: u64, remote: u64, local: u64, now: Instant) {
         let offset = remote as i128 - local as i128;
         let offset = offset.clamp(i64::MIN as i128, i64::MAX as i128) as i64;
-        self.seen.lock().insert(peer, (offset, Instant::now()));
+        let mut seen = self.seen.lock();
+        let e = seen.entry(peer).or_insert(Estimate {
+            offset,
+            since: now,
+            heard: now,
+        });
+        if offset >= e.offset || now.duration_since(e.since) >= WINDOW {
+            e.offset = offset;
+            e.since = now;
+        }
+        e.heard = now;
     }
 
     /// Whether a peer's clock reading `remote` when ours read `local` is
@@ -57,15 +88,18 @@ impl ClockCheck {
     }
 
     fn verdict(&self, peers: usize) -> Option<String> {
+        self.verdict_at(peers, Instant::now())
+    }
+
+    fn verdict_at(&self, peers: usize, now: Instant) -> Option<String> {
         if peers == 0 {
             return None;
         }
-        let now = Instant::now();
         let seen = self.seen.lock();
         let off: Vec<(u64, i64)> = seen
             .iter()
-            .filter(|(_, (o, t))| now.duration_since(*t) < FRESH && o.abs() > self.max_offset_nanos)
-            .map(|(&p, (o, _))| (p, *o))
+            .filter(|(_, e)| now.duration_since(e.heard) < FRESH && e.offset.abs() > self.max_offset_nanos)
+            .map(|(&p, e)| (p, e.offset))
             .collect();
         // With us, a quorum of the peers + 1 nodes: more than half the peers.
         if off.len() * 2 > peers {
@@ -93,8 +127,39 @@ mod tests {
         assert!(c.problem(2).is_none(), "one of two peers off: not a quorum");
         c.observe(3, base + 1_900_000_000, base);
         assert!(c.problem(2).unwrap().contains("2 of 2 peers"));
-        c.observe(3, base + 100_000_000, base);
-        assert!(c.problem(2).is_none());
+        // Fixed: the good reading counts once the bad one is a window old.
+        let later = Instant::now() + WINDOW;
+        c.observe_at(3, base + 100_000_000, base, later);
+        assert!(c.verdict_at(2, later).is_none());
         assert!(c.problem(0).is_none());
+    }
+
+    #[test]
+    fn a_backlog_read_after_a_pause_does_not_make_good_clocks_look_off() {
+        // This node was paused for 3 s: the batches waiting in its socket
+        // carry stamps from before the pause, read against a clock that went
+        // on; the peers' readings from just before the pause still stand.
+        let c = ClockCheck::new(Duration::from_millis(500));
+        let t0 = Instant::now();
+        let base = 1_000_000_000_000u64;
+        c.observe_at(2, base, base, t0);
+        c.observe_at(3, base, base, t0);
+        let resumed = t0 + Duration::from_millis(1500);
+        c.observe_at(2, base, base + 1_500_000_000, resumed);
+        c.observe_at(3, base + 10_000_000, base + 1_500_000_000, resumed);
+        assert!(
+            c.verdict_at(2, resumed).is_none(),
+            "delayed batches read as clock offsets"
+        );
+        // A peer whose clock really is behind is still found, by every
+        // reading, as soon as it reads behind for a whole window.
+        let mut t = resumed;
+        for i in 0..30u64 {
+            t += Duration::from_millis(100);
+            let local = base + 1_600_000_000 + i * 100_000_000;
+            c.observe_at(2, local - 2_000_000_000, local, t);
+            c.observe_at(3, local - 2_000_000_000, local, t);
+        }
+        assert!(c.verdict_at(2, t).unwrap().contains("2 of 2 peers"));
     }
 }
