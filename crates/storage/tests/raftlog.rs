@@ -231,6 +231,19 @@ fn snapshot_round_trip_between_two_engines_replaces_the_span_only() {
         let f = f.unwrap();
         std::fs::copy(f.path(), recv.join(f.file_name())).unwrap();
     }
+    // A directory that climbs out of the store's snapshots with `..` is
+    // refused, even when it holds the right files.
+    let outside = b.dir().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    for f in std::fs::read_dir(snap_dir.path()).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), outside.join(f.file_name())).unwrap();
+    }
+    let climbing = b.dir().join("snapshots").join("..").join("outside");
+    assert!(matches!(
+        snapshot::apply_snapshot(&b, &climbing, &meta, None),
+        Err(Error::InvalidArgument(_))
+    ));
     snapshot::apply_snapshot(
         &b,
         &recv,
