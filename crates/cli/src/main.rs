@@ -296,6 +296,7 @@ fn real_main() -> Result<()> {
                     );
                 }
                 print!("{}", r.check);
+                println!("checked in {:.2}s", r.check_time.as_secs_f64());
                 println!(
                     "inserts: {} acknowledged, {} lost; longest unavailability {:.2}s (from {:.1}s); longest operation {:.2}s",
                     r.inserts_acked,

@@ -52,6 +52,8 @@ pub struct NemesisConfig {
 pub struct RegisterReport {
     pub history: Vec<Event>,
     pub check: linearizability::Report,
+    /// How long the linearizability check took (bounded by the budget).
+    pub check_time: Duration,
     pub inserts_acked: usize,
     pub inserts_lost: Vec<String>,
     /// The longest stretch with no operation completing successfully.
@@ -473,11 +475,14 @@ pub async fn run(cfg: RegisterConfig) -> RegisterReport {
         .map(|e| e.complete.saturating_sub(e.invoke))
         .max()
         .unwrap_or(0);
+    let check_started = std::time::Instant::now();
     let check = linearizability::check(&history, cfg.check_budget);
+    let check_time = check_started.elapsed();
     let faults = faults.lock().unwrap_or_else(|e| e.into_inner()).clone();
     RegisterReport {
         history,
         check,
+        check_time,
         inserts_acked: inserts.len(),
         inserts_lost,
         longest_unavailability: Duration::from_nanos(longest),
