@@ -4,22 +4,9 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
-use common::{http_get, start_tardigrade};
-
-fn tardigrade(args: &[&str]) -> (i32, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_tardigrade"))
-        .args(args)
-        .output()
-        .expect("run tardigrade");
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
+use common::{http_get, start_tardigrade, tardigrade};
 
 #[test]
 fn every_command_has_help() {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, http_get, Proc};
+use common::{free_port, http_get, tardigrade, Proc};
 use proto::admin::{admin_client::AdminClient, RangesRequest};
 use proto::etcdserverpb::{kv_client::KvClient, PutRequest, RangeRequest};
 use proto::storage::replica_descriptor;
@@ -51,18 +51,6 @@ fn spawn(store: &Path, grpc: &str, http: &str, join: &str, extra: &[String]) -> 
         grpc: grpc.into(),
         health: http.into(),
     }
-}
-
-fn tardigrade(args: &[&str]) -> (i32, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_tardigrade"))
-        .args(args)
-        .output()
-        .expect("run tardigrade");
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
 }
 
 impl Drop for Cluster {

@@ -176,14 +176,7 @@ impl Shared {
         if let Some(c) = self.channels.lock().get(addr).cloned() {
             return Ok(c);
         }
-        let c = Channel::from_shared(format!("http://{addr}"))
-            .map_err(|e| Status::internal(e.to_string()))?
-            .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(1))
-            .keep_alive_timeout(Duration::from_secs(3))
-            .keep_alive_while_idle(true)
-            .connect()
+        let c = transport::connect(addr)
             .await
             .map_err(|e| Status::unavailable(format!("cannot reach {addr}: {e}")))?;
         self.channels.lock().insert(addr.to_string(), c.clone());

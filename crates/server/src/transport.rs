@@ -46,7 +46,9 @@ const CHUNK: usize = 1 << 20;
 /// The longest a snapshot may take to send and apply.
 const SNAPSHOT_DEADLINE: Duration = Duration::from_secs(120);
 
-async fn connect(addr: &str) -> Result<Channel, String> {
+/// A connection to another node, for raft traffic and every other call
+/// between nodes.
+pub(crate) async fn connect(addr: &str) -> Result<Channel, String> {
     Channel::from_shared(format!("http://{addr}"))
         .map_err(|e| e.to_string())?
         .connect_timeout(Duration::from_secs(1))
