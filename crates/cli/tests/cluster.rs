@@ -602,6 +602,22 @@ async fn the_checker_catches_follower_reads_when_the_knob_is_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_on_a_second_node_founds_no_second_cluster() {
+    // `init` run again at once on another node, before it has joined: it
+    // must not bootstrap a second cluster (which made both first nodes stop,
+    // each seeing a peer of another cluster).
+    let c = Cluster::start(3, &[]);
+    let (code, out, err) = tardigrade(&["init", "--host", &c.nodes[1].grpc]);
+    assert_eq!(code, 1, "a second init succeeded: {out}{err}");
+    assert!(err.contains("already initialized"), "{err}");
+    c.wait_replicated().await;
+    put(&c.nodes[1].grpc, "one", "cluster").await.unwrap();
+    for n in &c.nodes {
+        assert_eq!(get(&n.grpc, "one").await.unwrap(), Some("cluster".into()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_clear_errors_and_no_panic() {
     let dir = tempfile::tempdir().unwrap();
     // A node whose --join address answers nothing waits, and says why.

@@ -60,8 +60,19 @@ impl Membership for MembershipApi {
         if self.shared.local.get().is_some() {
             return Err(Status::already_exists("the cluster is already initialized"));
         }
-        if let crate::Mode::SingleNode = self.shared.cfg.mode {
-            return Err(Status::failed_precondition("a single node initializes itself"));
+        let join = match &self.shared.cfg.mode {
+            crate::Mode::SingleNode => {
+                return Err(Status::failed_precondition("a single node initializes itself"));
+            }
+            crate::Mode::Cluster { join } => join.clone(),
+        };
+        // A node still waiting to join must not found a second cluster
+        // beside one its --join addresses already serve (init run on the
+        // wrong node): it joins that one instead.
+        if let Some((addr, cluster)) = initialized_peer(&self.shared, &join).await {
+            return Err(Status::already_exists(format!(
+                "the cluster is already initialized: {addr} serves cluster {cluster}, which this node joins"
+            )));
         }
         let h = self
             .shared
@@ -131,6 +142,22 @@ impl Membership for MembershipApi {
     }
 }
 
+/// The first of the `join` addresses (other than this node) that answers as
+/// a member of an initialized cluster, with that cluster's id.
+async fn initialized_peer(shared: &Shared, join: &[String]) -> Option<(String, String)> {
+    for addr in join.iter().filter(|a| **a != shared.advertise) {
+        let Ok(ch) = shared.channel(addr).await else { continue };
+        let mut client = MembershipClient::new(ch);
+        if let Ok(Ok(r)) = tokio::time::timeout(CALL_TIMEOUT, client.nodes(NodesRequest::default())).await {
+            let cluster = r.into_inner().cluster_id;
+            if !cluster.is_empty() {
+                return Some((addr.clone(), cluster));
+            }
+        }
+    }
+    None
+}
+
 /// Joins (if the store is empty) and keeps the address book fresh.
 pub async fn maintain(shared: Arc<Shared>, join: Vec<String>) {
     let mut warned = false;
@@ -194,6 +221,11 @@ async fn exchange(shared: &Shared, join: &[String]) {
     targets.extend(book(shared).into_iter().map(|n| n.addr));
     targets.sort();
     targets.dedup();
+    // Peers that say they belong to another cluster. Who is wrong cannot be
+    // told from one answer: this node gives up only when most of its --join
+    // peers say so (it is the stray one); otherwise it says so and serves on.
+    let peers = join.iter().filter(|a| **a != shared.advertise).count();
+    let mut strangers = Vec::new();
     for addr in targets {
         if addr == shared.advertise {
             continue;
@@ -218,9 +250,14 @@ async fn exchange(shared: &Shared, join: &[String]) {
                     s.message()
                 );
                 tracing::error!("{msg}");
-                *shared.fatal.lock() = Some(msg);
+                if join.contains(&addr) {
+                    strangers.push(msg);
+                }
             }
             Err(_) => shared.drop_channel(&addr),
         }
+    }
+    if strangers.len() * 2 > peers {
+        *shared.fatal.lock() = strangers.pop();
     }
 }
