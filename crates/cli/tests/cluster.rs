@@ -618,6 +618,45 @@ async fn init_on_a_second_node_founds_no_second_cluster() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_of_another_cluster_does_not_stop_a_healthy_node() {
+    // Node 3's address comes back as a one-node cluster of its own. Nodes 1
+    // and 2 still hear from each other: they say so in their logs and serve
+    // on (they used to stop, as if their own stores were the strays).
+    let mut c = Cluster::start(3, &[]);
+    c.wait_replicated().await;
+    c.nodes[2].proc.kill9();
+    std::fs::remove_dir_all(&c.nodes[2].store).unwrap();
+    let (grpc, http, store) = (
+        c.nodes[2].grpc.clone(),
+        c.nodes[2].http.clone(),
+        c.nodes[2].store.clone(),
+    );
+    c.nodes[2].proc = spawn(&store, &grpc, &http, &grpc, &[]);
+    wait("the new node to answer /health", 10 * ELECTION * 2, || async {
+        http_get(&http, "/health").is_some()
+    })
+    .await;
+    let (code, out, err) = tardigrade(&["init", "--host", &grpc]);
+    assert_eq!(code, 0, "{out}{err}");
+    // Several address-book exchanges (every 2 s).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for i in 0..2 {
+        assert!(
+            c.nodes[i].proc.child.try_wait().unwrap().is_none(),
+            "node {} stopped",
+            i + 1
+        );
+    }
+    let log = std::fs::read_to_string(c.nodes[0].store.with_extension("log")).unwrap();
+    assert!(log.contains("another cluster"), "{log}");
+    wait("nodes 1 and 2 to take a write", 10 * ELECTION * 2, || async {
+        put(&c.nodes[0].grpc, "still", "one").await.is_ok()
+    })
+    .await;
+    assert_eq!(get(&c.nodes[1].grpc, "still").await.unwrap(), Some("one".into()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_clear_errors_and_no_panic() {
     let dir = tempfile::tempdir().unwrap();
     // A node whose --join address answers nothing waits, and says why.
