@@ -199,6 +199,20 @@ impl Cluster {
     }
 }
 
+/// The nemesis restarts nodes as its own children, which the cluster's
+/// guards do not know: stop the ones the workload's output names.
+fn kill_restarted(workload_stdout: &str) {
+    for line in workload_stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("restarted pids: "))
+    {
+        for p in line.split(',').filter_map(|p| p.trim().parse::<i32>().ok()) {
+            // SAFETY: plain libc call on a pid this test caused to exist.
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
+    }
+}
+
 async fn wait<F, Fut>(what: &str, timeout: Duration, mut f: F)
 where
     F: FnMut() -> Fut,
@@ -513,13 +527,7 @@ async fn the_register_workload_under_the_nemesis_is_linearizable() {
         .output()
         .expect("run the workload again");
     let again = String::from_utf8_lossy(&again.stdout).into_owned();
-    // The nemesis restarts nodes as its own children: stop them too.
-    for line in stdout.lines().filter_map(|l| l.strip_prefix("restarted pids: ")) {
-        for p in line.split(',').filter_map(|p| p.trim().parse::<i32>().ok()) {
-            // SAFETY: plain libc call on a pid this test caused to exist.
-            unsafe { libc::kill(p, libc::SIGKILL) };
-        }
-    }
+    kill_restarted(&stdout);
     println!("{stdout}");
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("LINEARIZABLE over"), "{stdout}");
@@ -590,12 +598,7 @@ async fn the_checker_catches_follower_reads_when_the_knob_is_on() {
         .output()
         .expect("run the workload");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    for line in stdout.lines().filter_map(|l| l.strip_prefix("restarted pids: ")) {
-        for p in line.split(',').filter_map(|p| p.trim().parse::<i32>().ok()) {
-            // SAFETY: plain libc call on a pid this test caused to exist.
-            unsafe { libc::kill(p, libc::SIGKILL) };
-        }
-    }
+    kill_restarted(&stdout);
     println!("{stdout}");
     assert!(!out.status.success(), "{stdout}");
     assert!(stdout.contains("NOT LINEARIZABLE"), "{stdout}");
