@@ -54,6 +54,36 @@ fn status(s: tonic::Status) -> String {
     format!("ERR {:?} {}", s.code(), s.message())
 }
 
+fn header_rev(revs: &mut Revs, h: Option<&etcd_client::ResponseHeader>) -> String {
+    match h {
+        Some(h) => format!("@{}", revs.r(h.revision())),
+        None => "@none".into(),
+    }
+}
+
+/// Each operation's answer inside a txn, with the revision its header carries.
+fn txn_ops(revs: &mut Revs, t: &etcd_client::TxnResponse) -> Vec<String> {
+    t.op_responses()
+        .iter()
+        .map(|o| match o {
+            TxnOpResponse::Put(p) => format!("put {}", header_rev(revs, p.header())),
+            TxnOpResponse::Get(g) => {
+                let h = header_rev(revs, g.header());
+                format!(
+                    "get {h} {:?} more={}",
+                    g.kvs().iter().map(|k| kv(revs, k)).collect::<Vec<_>>(),
+                    g.more()
+                )
+            }
+            TxnOpResponse::Delete(d) => format!("del {} {}", header_rev(revs, d.header()), d.deleted()),
+            TxnOpResponse::Txn(t) => {
+                let h = header_rev(revs, t.header());
+                format!("txn {h} {:?}", txn_ops(revs, t))
+            }
+        })
+        .collect()
+}
+
 /// Runs the scripted calls against the server at `addr`; returns the transcript.
 async fn script(addr: &str) -> Vec<String> {
     let mut c = Client::connect([addr], None).await.expect("etcd-client connects");
@@ -90,6 +120,11 @@ async fn script(addr: &str) -> Vec<String> {
             "get all count only",
             "",
             GetOptions::new().with_all_keys().with_count_only(),
+        ),
+        (
+            "get all count only limit 1",
+            "",
+            GetOptions::new().with_all_keys().with_count_only().with_limit(1),
         ),
         (
             "get all by mod desc",
@@ -188,23 +223,37 @@ async fn script(addr: &str) -> Vec<String> {
                 .when([Compare::version("missing", CompareOp::Equal, 0)])
                 .and_then([TxnOp::put("m0", "1", None)]),
         ),
+        (
+            "txn get, put, get, del nothing, del",
+            Txn::new().and_then([
+                TxnOp::get("a", None),
+                TxnOp::put("a", "4", None),
+                TxnOp::get("a", None),
+                TxnOp::delete("nothing-here", None),
+                TxnOp::delete("m0", None),
+            ]),
+        ),
+        (
+            "txn read-only get",
+            Txn::new().and_then([TxnOp::get("a", None), TxnOp::delete("nothing-here", None)]),
+        ),
+        (
+            "txn get at first revision",
+            Txn::new().and_then([TxnOp::get("a", Some(GetOptions::new().with_revision(r1)))]),
+        ),
+        (
+            "txn nested",
+            Txn::new().and_then([
+                TxnOp::put("n1", "1", None),
+                TxnOp::txn(Txn::new().and_then([TxnOp::get("a", None), TxnOp::put("n2", "2", None)])),
+            ]),
+        ),
     ];
     for (what, t) in txns {
         let r = c.txn(t).await;
         rec(match r {
             Ok(t) => {
-                let ops: Vec<String> = t
-                    .op_responses()
-                    .iter()
-                    .map(|o| match o {
-                        TxnOpResponse::Put(p) => format!("put {}", revs.r(p.header().unwrap().revision())),
-                        TxnOpResponse::Get(g) => {
-                            format!("get {:?}", g.kvs().iter().map(|k| kv(&mut revs, k)).collect::<Vec<_>>())
-                        }
-                        TxnOpResponse::Delete(d) => format!("del {}", d.deleted()),
-                        TxnOpResponse::Txn(_) => "txn".into(),
-                    })
-                    .collect();
+                let ops = txn_ops(&mut revs, &t);
                 format!(
                     "{what} -> {} succeeded={} {ops:?}",
                     revs.r(t.header().unwrap().revision()),
@@ -237,6 +286,16 @@ async fn script(addr: &str) -> Vec<String> {
             .await
             .map(|_| ())
             .map_err(err)
+    ));
+    let t = Txn::new().and_then([TxnOp::get("a", Some(GetOptions::new().with_revision(r1)))]);
+    rec(format!(
+        "txn get at a compacted revision -> {:?}",
+        c.txn(t).await.map(|t| t.succeeded()).map_err(err)
+    ));
+    let t = Txn::new().and_then([TxnOp::get("a", Some(GetOptions::new().with_revision(cur + 1000)))]);
+    rec(format!(
+        "txn get at a future revision -> {:?}",
+        c.txn(t).await.map(|t| t.succeeded()).map_err(err)
     ));
     rec(format!(
         "compact again -> {:?}",

@@ -51,9 +51,20 @@ pub enum EtcdError {
     KeyNotFound,
     #[error("etcdserver: request timed out")]
     Timeout,
-    #[error("etcdserver: storage: {0}")]
-    Storage(#[from] storage::Error),
-    #[error("etcdserver: corrupt value: {0}")]
+}
+
+/// Why an etcd operation did not produce an answer: etcd's rules refused it
+/// (a definite answer; a write refused this way is applied as a no-op on
+/// every replica alike), or the engine failed or holds bytes it cannot read
+/// (nothing may be concluded: a write must not be taken as applied, and the
+/// store must stop applying rather than diverge from its peers).
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdFailure {
+    #[error(transparent)]
+    Refused(#[from] EtcdError),
+    #[error("storage: {0}")]
+    Engine(#[from] storage::Error),
+    #[error("corrupt etcd record: {0}")]
     Corrupt(String),
 }
 
@@ -80,7 +91,6 @@ impl EtcdError {
             EtcdError::FutureRev | EtcdError::Compacted => grpc_code::OUT_OF_RANGE,
             EtcdError::LeaseNotFound(_) => grpc_code::NOT_FOUND,
             EtcdError::Timeout => grpc_code::UNAVAILABLE,
-            EtcdError::Storage(_) | EtcdError::Corrupt(_) => grpc_code::INTERNAL,
         }
     }
 }
@@ -103,9 +113,9 @@ impl RevState {
         v
     }
 
-    pub fn decode(b: &[u8]) -> Result<RevState, EtcdError> {
+    pub fn decode(b: &[u8]) -> Result<RevState, EtcdFailure> {
         if b.len() != 17 || b[0] != 1 {
-            return Err(EtcdError::Corrupt(format!("revision state of {} bytes", b.len())));
+            return Err(EtcdFailure::Corrupt(format!("revision state of {} bytes", b.len())));
         }
         let mut r = [0u8; 8];
         r.copy_from_slice(&b[1..9]);
@@ -222,17 +232,17 @@ fn span(key: &[u8], range_end: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
     Some((start, etcd_key(range_end)))
 }
 
-fn decode_kv(user_key: &[u8], value: &[u8]) -> Result<KeyValue, EtcdError> {
-    let mut kv = KeyValue::decode(value).map_err(|e| EtcdError::Corrupt(e.to_string()))?;
+fn decode_kv(user_key: &[u8], value: &[u8]) -> Result<KeyValue, EtcdFailure> {
+    let mut kv = KeyValue::decode(value).map_err(|e| EtcdFailure::Corrupt(e.to_string()))?;
     kv.key = user_key
         .strip_prefix(ETCD_PREFIX)
-        .ok_or_else(|| EtcdError::Corrupt(format!("key {user_key:?} outside the etcd keyspace")))?
+        .ok_or_else(|| EtcdFailure::Corrupt(format!("key {user_key:?} outside the etcd keyspace")))?
         .to_vec();
     Ok(kv)
 }
 
 /// Every live key-value in `[start, end)` at `rev`, in key order.
-fn scan_at(r: &dyn Reader, start: &[u8], end: &[u8], rev: i64, max_keys: usize) -> Result<Vec<KeyValue>, EtcdError> {
+fn scan_at(r: &dyn Reader, start: &[u8], end: &[u8], rev: i64, max_keys: usize) -> Result<Vec<KeyValue>, EtcdFailure> {
     let res = mvcc::scan(
         r,
         &ScanOptions {
@@ -246,7 +256,7 @@ fn scan_at(r: &dyn Reader, start: &[u8], end: &[u8], rev: i64, max_keys: usize) 
     res.kvs.iter().map(|kv| decode_kv(&kv.key, &kv.value)).collect()
 }
 
-fn get_at(r: &dyn Reader, key: &[u8], rev: i64) -> Result<Option<KeyValue>, EtcdError> {
+fn get_at(r: &dyn Reader, key: &[u8], rev: i64) -> Result<Option<KeyValue>, EtcdFailure> {
     let k = etcd_key(key);
     match mvcc::get(r, &k, &ReadOptions::at(ts(rev)))? {
         Some(kv) => Ok(Some(decode_kv(&k, &kv.value)?)),
@@ -254,9 +264,9 @@ fn get_at(r: &dyn Reader, key: &[u8], rev: i64) -> Result<Option<KeyValue>, Etcd
     }
 }
 
-/// Range, as etcd answers it: at `r.revision` (or `current` if not positive).
-pub fn range(reader: &dyn Reader, state: &RevState, r: &RangeRequest) -> Result<RangeResponse, EtcdError> {
-    validate_range(r)?;
+/// The revision a Range reads at: `r.revision`, or `current` if not
+/// positive; refused above `current` or below the compaction point.
+fn read_revision(r: &RangeRequest, state: &RevState) -> Result<i64, EtcdError> {
     let rev = if r.revision <= 0 { state.rev } else { r.revision };
     if rev > state.rev {
         return Err(EtcdError::FutureRev);
@@ -264,6 +274,13 @@ pub fn range(reader: &dyn Reader, state: &RevState, r: &RangeRequest) -> Result<
     if rev < state.compact_rev {
         return Err(EtcdError::Compacted);
     }
+    Ok(rev)
+}
+
+/// Range, as etcd answers it: at `r.revision` (or `current` if not positive).
+pub fn range(reader: &dyn Reader, state: &RevState, r: &RangeRequest) -> Result<RangeResponse, EtcdFailure> {
+    validate_range(r)?;
+    let rev = read_revision(r, state)?;
     let mut resp = RangeResponse::default();
     let Some((start, end)) = span(&r.key, &r.range_end) else {
         return Ok(resp);
@@ -299,7 +316,9 @@ pub fn range(reader: &dyn Reader, state: &RevState, r: &RangeRequest) -> Result<
     }
     if r.limit > 0 && kvs.len() > r.limit as usize {
         kvs.truncate(r.limit as usize);
-        resp.more = true;
+        // A count alone is exact and returns no keys: nothing more to fetch
+        // (etcd answers `more: false`).
+        resp.more = !r.count_only;
     }
     if r.count_only {
         kvs.clear();
@@ -336,13 +355,13 @@ impl Writer<'_> {
         self.rev.unwrap_or(self.state.rev)
     }
 
-    fn put(&mut self, p: &PutRequest) -> Result<PutResponse, EtcdError> {
+    fn put(&mut self, p: &PutRequest) -> Result<PutResponse, EtcdFailure> {
         if p.lease != 0 {
-            return Err(EtcdError::LeaseNotFound(p.lease));
+            return Err(EtcdError::LeaseNotFound(p.lease).into());
         }
         let prev = get_at(&*self.batch, &p.key, self.read_rev())?;
         if (p.ignore_value || p.ignore_lease) && prev.is_none() {
-            return Err(EtcdError::KeyNotFound);
+            return Err(EtcdError::KeyNotFound.into());
         }
         let rev = self.rev();
         let value = if p.ignore_value {
@@ -371,13 +390,18 @@ impl Writer<'_> {
             None,
         )?;
         Ok(PutResponse {
-            header: None,
+            header: Some(rev_header(rev)),
             prev_kv: if p.prev_kv { prev } else { None },
         })
     }
 
-    fn delete(&mut self, d: &DeleteRangeRequest) -> Result<DeleteRangeResponse, EtcdError> {
-        let mut resp = DeleteRangeResponse::default();
+    fn delete(&mut self, d: &DeleteRangeRequest) -> Result<DeleteRangeResponse, EtcdFailure> {
+        // Deleting nothing answers the revision as it is (the txn's new one
+        // if it wrote before), as etcd does.
+        let mut resp = DeleteRangeResponse {
+            header: Some(rev_header(self.read_rev())),
+            ..Default::default()
+        };
         let Some((start, end)) = span(&d.key, &d.range_end) else {
             return Ok(resp);
         };
@@ -390,13 +414,14 @@ impl Writer<'_> {
             mvcc::delete(self.batch, self.stats, &etcd_key(&kv.key), ts(rev), None)?;
         }
         resp.deleted = doomed.len() as i64;
+        resp.header = Some(rev_header(rev));
         if d.prev_kv {
             resp.prev_kvs = doomed;
         }
         Ok(resp)
     }
 
-    fn compare(&self, c: &Compare) -> Result<bool, EtcdError> {
+    fn compare(&self, c: &Compare) -> Result<bool, EtcdFailure> {
         let kvs: Vec<KeyValue> = if c.range_end.is_empty() {
             get_at(&*self.batch, &c.key, self.read_rev())?.into_iter().collect()
         } else {
@@ -448,7 +473,7 @@ impl Writer<'_> {
         Ok(kvs.iter().all(|kv| check(Some(kv))))
     }
 
-    fn txn(&mut self, t: &TxnRequest) -> Result<TxnResponse, EtcdError> {
+    fn txn(&mut self, t: &TxnRequest) -> Result<TxnResponse, EtcdFailure> {
         let mut ok = true;
         for c in &t.compare {
             if !self.compare(c)? {
@@ -468,16 +493,25 @@ impl Writer<'_> {
         })
     }
 
-    fn op(&mut self, op: &RequestOp) -> Result<ResponseOp, EtcdError> {
+    fn op(&mut self, op: &RequestOp) -> Result<ResponseOp, EtcdFailure> {
         let response = match &op.request {
             Some(request_op::Request::RequestRange(r)) => {
-                let mut r = r.clone();
-                r.revision = 0;
-                let state = RevState {
+                // At its own revision if it names one (checked against the
+                // revision before this txn's writes, as etcd checks it), else
+                // at the txn's view, its own writes included; the header
+                // carries that view's revision.
+                let before = RevState {
+                    rev: self.state.rev,
+                    compact_rev: self.state.compact_rev,
+                };
+                read_revision(r, &before)?;
+                let view = RevState {
                     rev: self.read_rev(),
                     compact_rev: self.state.compact_rev,
                 };
-                Some(response_op::Response::ResponseRange(range(&*self.batch, &state, &r)?))
+                let mut resp = range(&*self.batch, &view, r)?;
+                resp.header = Some(rev_header(view.rev));
+                Some(response_op::Response::ResponseRange(resp))
             }
             Some(request_op::Request::RequestPut(p)) => Some(response_op::Response::ResponsePut(self.put(p)?)),
             Some(request_op::Request::RequestDeleteRange(d)) => {
@@ -511,14 +545,15 @@ pub enum EtcdWriteResponse {
 
 /// Applies one write in log order. On error the batch may hold part of the
 /// write: the caller discards it (each command is applied in a batch of its
-/// own) and `state` is left unchanged.
+/// own) and `state` is left unchanged. Only `EtcdFailure::Refused` is an
+/// answer; any other failure means the write could not be applied at all.
 pub fn apply(
     batch: &mut Batch,
     stats: &mut MvccStats,
     state: &mut RevState,
     hlc_wall: u64,
     w: &EtcdWrite,
-) -> Result<(EtcdWriteResponse, Option<i64>), EtcdError> {
+) -> Result<(EtcdWriteResponse, Option<i64>), EtcdFailure> {
     let mut wr = Writer {
         batch,
         stats,
@@ -541,10 +576,10 @@ pub fn apply(
         }
         EtcdWrite::Compact(c) => {
             if c.revision > wr.state.rev {
-                return Err(EtcdError::FutureRev);
+                return Err(EtcdError::FutureRev.into());
             }
             if c.revision <= wr.state.compact_rev {
-                return Err(EtcdError::Compacted);
+                return Err(EtcdError::Compacted.into());
             }
             // Keep what reads at or above the revision see; drop the rest.
             let (start, end) = (ETCD_PREFIX.to_vec(), etcd_span_end());
@@ -560,7 +595,18 @@ pub fn apply(
     Ok((resp, new_rev))
 }
 
-/// Sets `header.revision` (and the rest of the header) on a write response.
+/// A header carrying only a revision; `with_header` fills in the rest.
+fn rev_header(revision: i64) -> ResponseHeader {
+    ResponseHeader {
+        revision,
+        ..Default::default()
+    }
+}
+
+/// Sets the header of a write response. The operations inside a txn keep the
+/// revision each one saw (a Range before the txn's writes answers the
+/// revision before them, as etcd does) and take the rest of `header`; a
+/// nested txn's own response has an empty header (revision 0), as in etcd.
 pub fn with_header(resp: EtcdWriteResponse, header: ResponseHeader) -> EtcdWriteResponse {
     match resp {
         EtcdWriteResponse::Put(mut p) => {
@@ -581,12 +627,24 @@ pub fn with_header(resp: EtcdWriteResponse, header: ResponseHeader) -> EtcdWrite
 
 fn set_txn_headers(t: &mut TxnResponse, header: &ResponseHeader) {
     t.header = Some(*header);
+    set_op_headers(t, header);
+}
+
+fn set_op_headers(t: &mut TxnResponse, header: &ResponseHeader) {
+    let fill = |h: &mut Option<ResponseHeader>| {
+        let revision = h.map_or(header.revision, |h| h.revision);
+        *h = Some(ResponseHeader { revision, ..*header });
+    };
     for r in &mut t.responses {
         match &mut r.response {
-            Some(response_op::Response::ResponseRange(x)) => x.header = Some(*header),
-            Some(response_op::Response::ResponsePut(x)) => x.header = Some(*header),
-            Some(response_op::Response::ResponseDeleteRange(x)) => x.header = Some(*header),
-            Some(response_op::Response::ResponseTxn(x)) => set_txn_headers(x, header),
+            Some(response_op::Response::ResponseRange(x)) => fill(&mut x.header),
+            Some(response_op::Response::ResponsePut(x)) => fill(&mut x.header),
+            Some(response_op::Response::ResponseDeleteRange(x)) => fill(&mut x.header),
+            Some(response_op::Response::ResponseTxn(x)) => {
+                // etcd sends an empty one: every field zero.
+                x.header = Some(ResponseHeader::default());
+                set_op_headers(x, header);
+            }
             None => {}
         }
     }

@@ -41,6 +41,14 @@ pub const BOOTSTRAP_RANGES: &[(u64, &[u8], &[u8], &str)] = &[
     (3, ETCD_END, KEY_MAX, "user"),
 ];
 
+/// The name a range is shown by: its bootstrap name, else `r<id>`.
+pub fn range_name(range_id: u64) -> String {
+    BOOTSTRAP_RANGES
+        .iter()
+        .find(|(id, ..)| *id == range_id)
+        .map_or_else(|| format!("r{range_id}"), |(.., n)| n.to_string())
+}
+
 /// The system range (meta and node records).
 pub const SYSTEM_RANGE_ID: u64 = 1;
 

@@ -7,16 +7,23 @@
 //! (that is `server`), and it reaches time only through `hlc::WallClock` and
 //! `std::time::Instant` in the scheduler, so a simulation can replace them.
 
-pub mod batch;
+mod apply;
 pub mod command;
 pub mod etcd;
+pub mod evaluator;
 pub mod hlc;
 pub mod keyspace;
+pub mod liveness;
+pub mod log_truncation;
 pub mod metrics;
+pub mod node_ids;
 pub mod raft_storage;
 pub mod replica;
-pub mod scheduler;
+pub mod replicate_queue;
+mod router;
+mod scheduler;
 pub mod store;
+pub mod ticker;
 pub mod transport;
 
 pub use replica::{ApplyOutcome, ProposeError, ReplicaStatus};
@@ -31,6 +38,10 @@ pub enum StoreError {
     Corrupt(String),
     #[error("raft: {0}")]
     Raft(String),
+    /// Applying a committed entry failed: the replica can no longer follow
+    /// its log, so the store stops.
+    #[error("apply: {0}")]
+    Apply(String),
     #[error("io: {0}")]
     Io(String),
     #[error("this store belongs to cluster {store}, not to cluster {cluster}")]

@@ -14,26 +14,19 @@ use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
 use prost::Message as _;
-use proto::kvserver::{raft_command, Liveness, LivenessRecord, NodeRecord, NodesRecord, RaftCommand};
+use proto::kvserver::{Liveness, RaftCommand};
 use proto::storage::{replica_descriptor, RangeDescriptor};
-use raft::{ConfChange, ConfState, Entry, EntryPayload, RawNode, Role};
-use storage::mvcc::MvccStats;
+use raft::{ConfChange, ConfState, RawNode, Role};
 use storage::rangestate::{self, AppliedState};
-use storage::{Engine, Timestamp};
+use storage::Engine;
 use tokio::sync::oneshot;
 
-use crate::etcd::{self, EtcdError, EtcdWrite, EtcdWriteResponse, RevState};
-use crate::hlc::Clock;
+use crate::etcd::{EtcdError, EtcdWriteResponse, RevState};
 use crate::metrics::Metrics;
-use crate::raft_storage::{self, ReplicaStorage, CONF_STATE_SUFFIX};
+use crate::raft_storage::{self, ReplicaStorage};
 
 /// Range-local record suffix of the etcd revision state.
 pub const REV_STATE_SUFFIX: u8 = b'e';
-
-/// Range-local record suffix of the node list (system range only).
-pub const NODES_SUFFIX: u8 = b'N';
-/// Range-local record of the system range: every node's liveness.
-pub const LIVENESS_SUFFIX: u8 = b'L';
 
 /// The outcome of a proposed command, once applied (or known lost).
 #[derive(Debug)]
@@ -99,10 +92,11 @@ pub struct Replica {
     pub raw: RawNode<ReplicaStorage>,
     pub desc: RangeDescriptor,
     pub name: String,
-    engine: Engine,
-    applied: AppliedState,
-    rev: Option<RevState>,
-    pending: BTreeMap<u64, (u64, Reply)>,
+    pub(crate) engine: Engine,
+    pub(crate) applied: AppliedState,
+    pub(crate) rev: Option<RevState>,
+    /// Proposals waiting for their entry: index -> (term, reply).
+    pub(crate) pending: BTreeMap<u64, (u64, Reply)>,
     proposed_lai: u64,
     /// Heartbeat round -> when its messages were sent (monotonic clock).
     hb_times: BTreeMap<u64, Instant>,
@@ -138,7 +132,8 @@ impl Replica {
         let mut cfg = raft_cfg;
         cfg.applied = applied.index;
         let raw = RawNode::new(cfg, st).map_err(|e| crate::StoreError::Raft(e.to_string()))?;
-        let synced_term_vote = (raw.raft.term, raw.raft.vote);
+        let hs = raw.hard_state();
+        let synced_term_vote = (hs.term, hs.vote);
         let peers = desc.replicas.iter().map(|r| (r.replica_id, r.store_id)).collect();
         let status = Arc::new(RwLock::new(ReplicaStatus {
             desc: desc.clone(),
@@ -192,7 +187,7 @@ impl Replica {
         Ok(())
     }
 
-    fn set_descriptor(&mut self, desc: RangeDescriptor) {
+    pub(crate) fn set_descriptor(&mut self, desc: RangeDescriptor) {
         for r in &desc.replicas {
             self.peers.insert(r.replica_id, r.store_id);
         }
@@ -248,146 +243,10 @@ impl Replica {
         self.hb_times.insert(seq, at);
     }
 
-    /// Applies committed entries, in order, one batch each.
-    pub fn apply(&mut self, entries: Vec<Entry>, clock: &Clock, metrics: &Metrics) -> Result<(), crate::StoreError> {
-        let Some(last) = entries.last().map(|e| e.index) else {
-            return Ok(());
-        };
-        for e in entries {
-            self.apply_one(e, clock, metrics)?;
-        }
-        self.raw.on_applied(last);
-        Ok(())
-    }
-
-    fn apply_one(&mut self, e: Entry, clock: &Clock, metrics: &Metrics) -> Result<(), crate::StoreError> {
-        let mut applied = self.applied;
-        applied.index = e.index;
-        applied.term = e.term;
-        let mut batch = self.engine.batch();
-        let mut outcome: Option<ApplyOutcome> = None;
-        let mut new_rev = self.rev;
-        match &e.payload {
-            EntryPayload::Empty => {}
-            EntryPayload::ConfChange(cc) => {
-                let before = self.raw.raft.counters.invalid_conf_changes;
-                let cs = self.raw.apply_conf_change(cc);
-                if self.raw.raft.counters.invalid_conf_changes == before {
-                    let desc = self.descriptor_after(cc, &cs);
-                    rangestate::set_descriptor(&mut batch, &desc)?;
-                    rangestate::set_local_record(
-                        &mut batch,
-                        self.range_id,
-                        CONF_STATE_SUFFIX,
-                        &raft_storage::conf_to_record(&cs),
-                    )?;
-                    self.set_descriptor(desc);
-                    self.raw.storage_mut().set_conf(cs);
-                }
-            }
-            EntryPayload::Normal(data) => match RaftCommand::decode(&data[..]) {
-                Err(err) => {
-                    tracing::error!(range = self.range_id, index = e.index, %err, "undecodable command applied as a no-op");
-                }
-                Ok(cmd) if cmd.max_lease_index <= applied.lease_applied_index => {
-                    // Already applied once, or overtaken: never apply twice.
-                    metrics.rejected_commands.inc();
-                }
-                Ok(cmd) => {
-                    applied.lease_applied_index = cmd.max_lease_index;
-                    let hlc = cmd.proposer_ts.map(Timestamp::from).unwrap_or_default();
-                    if let Err(err) = clock.update(hlc) {
-                        tracing::error!(%err, "clock cannot follow an applied timestamp");
-                    }
-                    if let Some(raft_command::Op::AllocateNode(a)) = &cmd.op {
-                        let mut nodes = match rangestate::local_record(&self.engine, self.range_id, NODES_SUFFIX)? {
-                            Some(b) => NodesRecord::decode(&b[..])
-                                .map_err(|e| crate::StoreError::Corrupt(format!("nodes record: {e}")))?,
-                            None => NodesRecord::default(),
-                        };
-                        let id = nodes.nodes.iter().map(|n| n.node_id).max().unwrap_or(0) + 1;
-                        nodes.nodes.push(NodeRecord {
-                            node_id: id,
-                            addr: a.addr.clone(),
-                        });
-                        rangestate::set_local_record(&mut batch, self.range_id, NODES_SUFFIX, &nodes.encode_to_vec())?;
-                        outcome = Some(ApplyOutcome::NodeId(id));
-                    }
-                    if let Some(raft_command::Op::Heartbeat(h)) = &cmd.op {
-                        let mut rec = match rangestate::local_record(&self.engine, self.range_id, LIVENESS_SUFFIX)? {
-                            Some(b) => LivenessRecord::decode(&b[..])
-                                .map_err(|e| crate::StoreError::Corrupt(format!("liveness record: {e}")))?,
-                            None => LivenessRecord::default(),
-                        };
-                        let l = heartbeat(&mut rec, h.node_id, h.expiration_nanos, hlc.wall as i64);
-                        rangestate::set_local_record(&mut batch, self.range_id, LIVENESS_SUFFIX, &rec.encode_to_vec())?;
-                        outcome = Some(ApplyOutcome::Liveness(l));
-                    }
-                    let write = match cmd.op {
-                        Some(raft_command::Op::AllocateNode(_) | raft_command::Op::Heartbeat(_)) => None,
-                        Some(raft_command::Op::EtcdPut(p)) => Some(EtcdWrite::Put(p)),
-                        Some(raft_command::Op::EtcdDeleteRange(d)) => Some(EtcdWrite::DeleteRange(d)),
-                        Some(raft_command::Op::EtcdTxn(t)) => Some(EtcdWrite::Txn(t)),
-                        Some(raft_command::Op::EtcdCompact(c)) => Some(EtcdWrite::Compact(c)),
-                        None => None,
-                    };
-                    if let (Some(w), Some(rev)) = (write, self.rev) {
-                        let mut state = rev;
-                        let mut delta = MvccStats::default();
-                        let result = etcd::apply(&mut batch, &mut delta, &mut state, hlc.wall, &w);
-                        let result = match result {
-                            Ok((resp, rev_after)) => {
-                                applied.stats += delta;
-                                new_rev = Some(state);
-                                if let Some(r) = rev_after {
-                                    let _ = clock.update(Timestamp::new(r as u64, 0));
-                                }
-                                Ok(resp)
-                            }
-                            Err(err) => {
-                                // Nothing of a failed write is kept.
-                                batch = self.engine.batch();
-                                Err(err)
-                            }
-                        };
-                        let rev = new_rev.map_or(0, |r| r.rev);
-                        outcome = Some(ApplyOutcome::Etcd {
-                            result,
-                            rev,
-                            term: e.term,
-                        });
-                    }
-                    metrics.applied_commands.inc();
-                }
-            },
-        }
-        if let Some(r) = new_rev {
-            if Some(r) != self.rev {
-                rangestate::set_local_record(&mut batch, self.range_id, REV_STATE_SUFFIX, &r.encode())?;
-            }
-        }
-        rangestate::set_applied_state(&mut batch, self.range_id, applied)?;
-        // Unsynced: the entry is durable in the raft log, so a crash replays it.
-        self.engine.write(batch, false)?;
-        self.applied = applied;
-        self.rev = new_rev;
-        metrics.raft_entries_committed.inc();
-        // Answer the proposer if this entry is the one it proposed here.
-        if let Some((term, reply)) = self.pending.remove(&e.index) {
-            let r = match outcome {
-                Some(o) if term == e.term => Ok(o),
-                _ if term == e.term => Err(ProposeError::Dropped),
-                _ => Err(ProposeError::Dropped),
-            };
-            let _ = reply.send(r);
-        }
-        Ok(())
-    }
-
     /// The descriptor after a membership change: entering a joint
     /// configuration carries it (with every replica of both halves); leaving
     /// one keeps the replicas still in the configuration.
-    fn descriptor_after(&self, cc: &ConfChange, cs: &ConfState) -> RangeDescriptor {
+    pub(crate) fn descriptor_after(&self, cc: &ConfChange, cs: &ConfState) -> RangeDescriptor {
         let mut desc = if cc.is_leave() {
             self.desc.clone()
         } else {
@@ -404,31 +263,13 @@ impl Replica {
         self.applied.index
     }
 
-    /// Truncates the raft log if it holds more than `threshold` applied
-    /// entries: never past the durably applied index, and, on a leader, never
-    /// past what a live follower still needs unless it lags so far that it
-    /// will be sent a snapshot anyway. Returns the new truncated index.
-    pub fn maybe_truncate_log(&mut self, threshold: u64) -> Result<Option<u64>, crate::StoreError> {
-        let first = self.raw.raft.log.first_index();
-        let mut target = self.durable_applied.min(self.applied.index);
-        if target < first || target - first < threshold {
-            return Ok(None);
-        }
-        if self.raw.role() == Role::Leader {
-            for (&id, p) in &self.raw.raft.trk.progress {
-                if id != self.replica_id && p.recent_active && p.matched + threshold >= target {
-                    target = target.min(p.matched);
-                }
-            }
-        }
-        if target < first || target - first < threshold / 2 {
-            return Ok(None);
-        }
+    /// Drops the raft log up to `index` (persisting the truncated state).
+    pub fn truncate_log(&mut self, index: u64) -> Result<(), crate::StoreError> {
         let mut b = self.engine.batch();
-        storage::raftlog::truncate(&mut b, self.range_id, target)?;
+        storage::raftlog::truncate(&mut b, self.range_id, index)?;
         self.engine.write(b, false)?;
         self.raw.storage_mut().reload()?;
-        Ok(Some(target))
+        Ok(())
     }
 
     /// Refreshes what readers see.
@@ -440,45 +281,45 @@ impl Replica {
             self.hb_times = keep;
             sent.map(|t| t + self.lease_duration)
         });
-        let r = &self.raw.raft;
         let mut s = self.status.write();
-        s.leader = r.leader;
-        s.term = r.term;
-        s.commit = r.log.committed;
+        s.leader = self.raw.leader();
+        s.term = self.raw.term();
+        s.commit = self.raw.committed();
         s.applied = self.applied;
-        s.leader_ready = r.leader_ready();
+        s.leader_ready = self.raw.leader_ready();
         s.lease_until = lease_until;
         let _ = now;
+    }
+
+    /// Publishes a lost lease at once: called before any message of a
+    /// `Ready` leaves, so that readers stop serving under a lease raft gave
+    /// up (a leader transfer's TimeoutNow, a step-down) before any other
+    /// replica can act on it, without waiting for the cycle's fsync.
+    pub fn publish_lease_loss(&mut self) {
+        let ready = self.raw.leader_ready();
+        if ready && self.raw.lease_round().is_some() {
+            return;
+        }
+        let stale = {
+            let s = self.status.read();
+            s.lease_until.is_some() || s.leader_ready != ready
+        };
+        if stale {
+            let mut s = self.status.write();
+            s.lease_until = None;
+            s.leader_ready = ready;
+        }
+    }
+
+    /// Starts moving leadership (and so the lease) to replica `to`.
+    pub fn transfer_leader(&mut self, to: u64) {
+        self.raw.transfer_leader(to);
     }
 
     /// Fails every waiting proposal (the store is stopping).
     pub fn fail_pending(&mut self, err: ProposeError) {
         for (_, (_, reply)) in std::mem::take(&mut self.pending) {
             let _ = reply.send(Err(err.clone()));
-        }
-    }
-}
-
-/// Applies node `node`'s heartbeat (live until `expiration`) proposed at HLC
-/// wall time `now`: a node whose liveness had lapsed by then starts a new
-/// epoch; an expiration never moves back. Returns the node's liveness.
-fn heartbeat(rec: &mut LivenessRecord, node: u64, expiration: i64, now: i64) -> Liveness {
-    match rec.nodes.iter_mut().find(|l| l.node_id == node) {
-        Some(l) => {
-            if l.expiration_nanos < now {
-                l.epoch += 1;
-            }
-            l.expiration_nanos = l.expiration_nanos.max(expiration);
-            *l
-        }
-        None => {
-            let l = Liveness {
-                node_id: node,
-                epoch: 1,
-                expiration_nanos: expiration,
-            };
-            rec.nodes.push(l);
-            l
         }
     }
 }
@@ -535,23 +376,6 @@ mod tests {
             .iter()
             .map(|r| (r.replica_id, Type::try_from(r.r#type).unwrap()))
             .collect()
-    }
-
-    #[test]
-    fn heartbeats_extend_liveness_and_a_lapse_starts_a_new_epoch() {
-        let mut rec = LivenessRecord::default();
-        assert_eq!(heartbeat(&mut rec, 2, 100, 10).epoch, 1);
-        // Renewed in time: same epoch, later expiration.
-        let l = heartbeat(&mut rec, 2, 150, 90);
-        assert_eq!((l.epoch, l.expiration_nanos), (1, 150));
-        // A late, reordered heartbeat never moves the expiration back.
-        assert_eq!(heartbeat(&mut rec, 2, 120, 95).expiration_nanos, 150);
-        // Lapsed (proposed after expiring): a new epoch.
-        let l = heartbeat(&mut rec, 2, 400, 200);
-        assert_eq!((l.epoch, l.expiration_nanos), (2, 400));
-        // Other nodes are independent.
-        assert_eq!(heartbeat(&mut rec, 3, 500, 200).epoch, 1);
-        assert_eq!(rec.nodes.len(), 2);
     }
 
     #[test]

@@ -25,12 +25,14 @@ use tokio::sync::oneshot;
 
 use crate::etcd::RevState;
 use crate::hlc::{Clock, SystemClock, WallClock};
-use crate::keyspace::{BOOTSTRAP_RANGES, ETCD_RANGE_ID};
+use crate::keyspace::{BOOTSTRAP_RANGES, ETCD_RANGE_ID, SYSTEM_RANGE_ID};
 use crate::metrics::Metrics;
 use crate::replica::{ApplyOutcome, ProposeError, Replica, ReplicaStatus, REV_STATE_SUFFIX};
 use crate::scheduler::Scheduler;
 use crate::transport::{NoTransport, Transport};
 use crate::StoreError;
+use crate::{liveness, node_ids};
+use proto::kvserver::Liveness;
 
 /// Settings of a store.
 #[derive(Clone, Debug)]
@@ -83,6 +85,11 @@ pub(crate) enum Event {
         range_id: u64,
         to: u64,
         ok: bool,
+    },
+    /// Move the range's leadership (and lease) to its replica on `to_store`.
+    TransferLeader {
+        range_id: u64,
+        to_store: u64,
     },
     Stop,
 }
@@ -144,24 +151,45 @@ impl StoreHandle {
         &self.known_stores
     }
 
-    /// Stores heard from within the liveness window (this one included).
-    pub fn live_stores(&self) -> Vec<u64> {
-        let now = Instant::now();
+    /// Every known store with whether it is live and its liveness record,
+    /// judged as `liveness` says; and for each when this store last heard
+    /// from it.
+    pub fn node_liveness(&self) -> Vec<(u64, bool, Option<Liveness>, Option<Instant>)> {
+        let records = if self.has_range(SYSTEM_RANGE_ID) {
+            liveness::records(&self.engine).ok().flatten()
+        } else {
+            None
+        };
         let heard = self.last_heard.lock();
-        let mut v: Vec<u64> = heard
-            .iter()
-            .filter(|(_, t)| now.duration_since(**t) < crate::scheduler::LIVENESS_WINDOW)
-            .map(|(&s, _)| s)
-            .collect();
-        v.push(self.ident.store_id);
-        v.sort_unstable();
-        v.dedup();
-        v
+        let now = Instant::now();
+        let view = liveness::View {
+            records: records.as_deref(),
+            heard: &heard,
+            now,
+            wall: self.clock.physical() as i64,
+            me: self.ident.store_id,
+        };
+        self.known_stores
+            .read()
+            .keys()
+            .map(|&id| {
+                let last = if id == self.ident.store_id {
+                    Some(now)
+                } else {
+                    heard.get(&id).copied()
+                };
+                (id, view.is_live(id), view.record(id), last)
+            })
+            .collect()
     }
 
-    /// When this store last heard from `store`.
-    pub fn last_heard(&self, store: u64) -> Option<Instant> {
-        self.last_heard.lock().get(&store).copied()
+    /// Moves `range_id`'s leadership, and so its lease, to its replica on
+    /// `to_store` (raft leader transfer; the lease is given up before the
+    /// TimeoutNow leaves). The outcome shows in the range's status.
+    pub fn transfer_leader(&self, range_id: u64, to_store: u64) -> Result<(), ProposeError> {
+        self.tx
+            .send(Event::TransferLeader { range_id, to_store })
+            .map_err(|_| ProposeError::Stopped)
     }
     pub fn engine(&self) -> &Engine {
         &self.engine
@@ -248,30 +276,8 @@ impl StoreHandle {
     }
 
     /// The nodes the cluster gave ids to (from this store's system range replica).
-    /// Every node's liveness as this store's replica of the system range has
-    /// applied it (`None` without a replica or a record here).
-    pub fn liveness(&self) -> Option<Vec<proto::kvserver::Liveness>> {
-        self.status(crate::keyspace::SYSTEM_RANGE_ID)?;
-        let b = rangestate::local_record(
-            &self.engine,
-            crate::keyspace::SYSTEM_RANGE_ID,
-            crate::replica::LIVENESS_SUFFIX,
-        )
-        .ok()??;
-        proto::kvserver::LivenessRecord::decode(&b[..]).ok().map(|r| r.nodes)
-    }
-
     pub fn node_records(&self) -> Vec<proto::kvserver::NodeRecord> {
-        rangestate::local_record(
-            &self.engine,
-            crate::keyspace::SYSTEM_RANGE_ID,
-            crate::replica::NODES_SUFFIX,
-        )
-        .ok()
-        .flatten()
-        .and_then(|b| proto::kvserver::NodesRecord::decode(&b[..]).ok())
-        .map(|r| r.nodes)
-        .unwrap_or_default()
+        node_ids::records(&self.engine).unwrap_or_default()
     }
 
     /// The etcd revision state as of a point-in-time view.
@@ -333,7 +339,7 @@ impl Store {
             store_id: ident.store_id,
             last_heard: Arc::new(Mutex::new(HashMap::new())),
             known_stores: known_stores.clone(),
-            next_replicate: Instant::now(),
+            next_queues: Instant::now(),
             next_ping: Instant::now(),
             events: tx.clone(),
         };
@@ -341,11 +347,8 @@ impl Store {
             let Some(me) = desc.replicas.iter().find(|r| r.store_id == ident.store_id) else {
                 continue;
             };
-            let name = BOOTSTRAP_RANGES
-                .iter()
-                .find(|(id, ..)| *id == desc.range_id)
-                .map_or_else(|| format!("r{}", desc.range_id), |(.., n)| n.to_string());
-            let rc = sched.raft_config(me.replica_id, desc.range_id);
+            let name = crate::keyspace::range_name(desc.range_id);
+            let rc = crate::scheduler::raft_config(&cfg, clock.physical(), me.replica_id, desc.range_id);
             let mut rep = Replica::new(
                 engine.clone(),
                 desc.clone(),
@@ -479,18 +482,12 @@ fn bootstrap_if_needed(engine: &Engine, plan: &Bootstrap) -> Result<StoreIdent, 
                 commit: raft::BOOTSTRAP_INDEX,
             },
         )?;
-        if range_id == crate::keyspace::SYSTEM_RANGE_ID {
+        if range_id == SYSTEM_RANGE_ID {
             let addr = match plan {
-                Bootstrap::NewCluster { addr } => addr.clone(),
-                _ => String::new(),
+                Bootstrap::NewCluster { addr } => addr.as_str(),
+                _ => "",
             };
-            let nodes = proto::kvserver::NodesRecord {
-                nodes: vec![proto::kvserver::NodeRecord {
-                    node_id: ident.node_id,
-                    addr,
-                }],
-            };
-            rangestate::set_local_record(&mut b, range_id, crate::replica::NODES_SUFFIX, &nodes.encode_to_vec())?;
+            node_ids::bootstrap(&mut b, ident.node_id, addr)?;
         }
         if range_id == ETCD_RANGE_ID {
             let rev = RevState { rev: 1, compact_rev: 0 };

@@ -1,6 +1,8 @@
 //! Several stores in one process, joined by an in-memory transport: ranges
-//! up-replicate to every store, writes reach every replica, and the cluster
-//! keeps working when the leader's store stops.
+//! up-replicate to every store, writes reach every replica, the cluster
+//! keeps working when the leader's store stops, a leader transfer gives up
+//! the lease before its TimeoutNow leaves; and a store whose engine fails
+//! while applying stops instead of diverging.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -18,14 +20,28 @@ use proto::transport::{raft_msg, RaftMsg, SnapshotHandle};
 
 type Handles = Arc<RwLock<HashMap<u64, StoreHandle>>>;
 
+/// Whether the sending store still published a valid lease for the range
+/// when each TimeoutNow left it.
+type TimeoutNowProbe = Arc<parking_lot::Mutex<Vec<(u64, bool)>>>;
+
 /// Delivers directly into the destination store's raft loop.
 struct LocalTransport {
     me: u64,
     handles: Handles,
+    timeout_now: TimeoutNowProbe,
 }
 
 impl Transport for LocalTransport {
     fn send(&self, to_store: u64, msgs: Vec<RaftMsg>) {
+        for m in &msgs {
+            if let Some(raft_msg::Body::TimeoutNow(_)) = m.body {
+                let me = self.handles.read().get(&self.me).cloned();
+                let serving = me
+                    .and_then(|h| h.status(m.range_id))
+                    .is_some_and(|s| s.can_serve(Instant::now()));
+                self.timeout_now.lock().push((m.range_id, serving));
+            }
+        }
         if let Some(h) = self.handles.read().get(&to_store) {
             h.deliver(self.me, msgs);
         }
@@ -66,6 +82,7 @@ struct Cluster {
     _dirs: Vec<tempfile::TempDir>,
     stores: HashMap<u64, Store>,
     handles: Handles,
+    timeout_now: TimeoutNowProbe,
 }
 
 fn cfg(dir: &std::path::Path) -> StoreConfig {
@@ -80,6 +97,7 @@ fn start(n: u64) -> Cluster {
 
 fn start_with(n: u64, threshold: u64) -> Cluster {
     let handles: Handles = Arc::new(RwLock::new(HashMap::new()));
+    let timeout_now = TimeoutNowProbe::default();
     let mut stores = HashMap::new();
     let mut dirs = Vec::new();
     let mut cluster_id = String::new();
@@ -98,6 +116,7 @@ fn start_with(n: u64, threshold: u64) -> Cluster {
             transport: Arc::new(LocalTransport {
                 me: id,
                 handles: handles.clone(),
+                timeout_now: timeout_now.clone(),
             }),
             bootstrap,
             ..Default::default()
@@ -123,6 +142,7 @@ fn start_with(n: u64, threshold: u64) -> Cluster {
         _dirs: dirs,
         stores,
         handles,
+        timeout_now,
     }
 }
 
@@ -249,6 +269,7 @@ fn a_store_behind_the_truncated_log_catches_up_by_snapshot() {
         transport: Arc::new(LocalTransport {
             me: down,
             handles: c.handles.clone(),
+            timeout_now: c.timeout_now.clone(),
         }),
         bootstrap: Bootstrap::Existing,
         ..Default::default()
@@ -270,4 +291,75 @@ fn a_store_behind_the_truncated_log_catches_up_by_snapshot() {
         let s2 = h.engine().snapshot();
         h.rev_state(&s2).unwrap().rev
     });
+}
+
+#[test]
+fn a_leader_transfer_gives_up_the_lease_before_its_timeout_now_leaves() {
+    let c = start(3);
+    wait_for("three voters", Duration::from_secs(30), || {
+        c.handles
+            .read()
+            .values()
+            .all(|h| h.statuses().len() == 3 && h.statuses().iter().all(all_voters))
+    });
+    for round in 0..3 {
+        let old = leader_store(&c, ETCD_RANGE_ID).unwrap();
+        let h = c.handles.read()[&old].clone();
+        put(&h, &format!("before-{round}"), "1").unwrap();
+        wait_for("the leader to hold its lease", Duration::from_secs(10), || {
+            h.status(ETCD_RANGE_ID).is_some_and(|s| s.can_serve(Instant::now()))
+        });
+        let to = (1..=3).find(|&s| s != old).unwrap();
+        let seen = c.timeout_now.lock().len();
+        h.transfer_leader(ETCD_RANGE_ID, to).unwrap();
+        wait_for("leadership to move", Duration::from_secs(10), || {
+            leader_store(&c, ETCD_RANGE_ID) == Some(to)
+        });
+        let probes = c.timeout_now.lock()[seen..].to_vec();
+        assert!(!probes.is_empty(), "a TimeoutNow was sent");
+        assert!(
+            probes.iter().all(|&(_, serving)| !serving),
+            "the old leader still published a valid lease when its TimeoutNow left: {probes:?}"
+        );
+        assert!(!h.status(ETCD_RANGE_ID).unwrap().can_serve(Instant::now()));
+        put(&c.handles.read()[&to].clone(), &format!("after-{round}"), "2").unwrap();
+    }
+}
+
+#[test]
+fn an_engine_error_while_applying_stops_the_store_and_never_advances_the_applied_index() {
+    use storage::{keys, rangestate, Cf, Timestamp};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::start(cfg(dir.path())).unwrap();
+    let h = store.handle();
+    wait_for("the etcd range to serve", Duration::from_secs(10), || {
+        h.status(ETCD_RANGE_ID).is_some_and(|s| s.leader_ready)
+    });
+    let rev = put(&h, "k", "v1").unwrap();
+    // The version just written becomes bytes the engine cannot read: the
+    // next put of "k" reads it (for its create revision and version).
+    let key = keys::mvcc_version_key(&kvserver::keyspace::etcd_key(b"k"), Timestamp::new(rev as u64, 0));
+    let mut b = h.engine().batch();
+    b.put(Cf::Mvcc, &key, &[0x7f, 0xde, 0xad]).unwrap();
+    h.engine().write(b, true).unwrap();
+    let before = rangestate::applied_state(h.engine(), ETCD_RANGE_ID).unwrap();
+
+    let answer = put(&h, "k", "v2");
+    // Not a definite etcd error: the outcome is unknown to the client.
+    let answer = answer.expect_err("the write cannot succeed");
+    assert!(
+        answer.contains("Stopped") || answer.contains("Ambiguous"),
+        "a failed apply must not answer a definite etcd error: {answer}"
+    );
+    let after = rangestate::applied_state(h.engine(), ETCD_RANGE_ID).unwrap();
+    assert_eq!(
+        after.index, before.index,
+        "the applied index must not move past an entry that failed to apply"
+    );
+    // The store has stopped: nothing more is served or acknowledged.
+    wait_for("the store to stop serving", Duration::from_secs(5), || {
+        !h.status(ETCD_RANGE_ID).unwrap().leader_ready
+    });
+    let again = put(&h, "other", "x").expect_err("a stopped store acknowledges nothing");
+    assert!(again.contains("Stopped"), "{again}");
 }

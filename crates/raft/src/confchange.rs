@@ -82,6 +82,19 @@ pub fn apply_to(cs: &ConfState, cc: &ConfChange) -> Result<ConfState, String> {
     }
 }
 
+/// A committed membership change that did not fit the configuration it met
+/// (the reason says why); it was applied as a no-op.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfChangeRefused(pub String);
+
+impl std::fmt::Display for ConfChangeRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "configuration change refused: {}", self.0)
+    }
+}
+
+impl std::error::Error for ConfChangeRefused {}
+
 impl<S: Storage> Raft<S> {
     /// Proposes a membership change; returns the (index, term) it will have.
     pub fn propose_conf_change(&mut self, cc: ConfChange) -> Result<(u64, u64), ProposeError> {
@@ -104,16 +117,16 @@ impl<S: Storage> Raft<S> {
     }
 
     /// Applies a committed membership change (the node calls this when it
-    /// applies the entry) and returns the new configuration. An invalid change
-    /// is ignored, identically on every member, and the configuration returned
-    /// unchanged.
-    pub fn apply_conf_change(&mut self, cc: &ConfChange) -> ConfState {
+    /// applies the entry) and returns the new configuration. A change that
+    /// does not fit the configuration is refused, identically on every
+    /// member, and the configuration stays as it was.
+    pub fn apply_conf_change(&mut self, cc: &ConfChange) -> Result<ConfState, ConfChangeRefused> {
         let cs = self.trk.conf_state();
         let new = match apply_to(&cs, cc) {
             Ok(n) => n,
-            Err(_) => {
+            Err(why) => {
                 self.counters.invalid_conf_changes += 1;
-                return cs;
+                return Err(ConfChangeRefused(why));
             }
         };
         self.counters.conf_changes_applied += 1;
@@ -124,7 +137,7 @@ impl<S: Storage> Raft<S> {
                 // Removed (or demoted): step down and let the others elect.
                 let t = self.term;
                 self.become_follower(t, NONE);
-                return new;
+                return Ok(new);
             }
             if self.lead_transferee != NONE && !self.trk.is_voter(self.lead_transferee) {
                 self.lead_transferee = NONE;
@@ -145,7 +158,7 @@ impl<S: Storage> Raft<S> {
                 }
             }
         }
-        new
+        Ok(new)
     }
 
     /// A leader in a joint configuration proposes to leave it once the joint

@@ -23,6 +23,7 @@ mod quorum;
 mod raft;
 mod read;
 mod replication;
+mod status;
 mod storage;
 mod types;
 
@@ -31,9 +32,10 @@ mod sim;
 #[cfg(test)]
 mod tests;
 
-pub use confchange::{apply_to as apply_conf_change_to, enter_joint, leave_joint};
+pub use confchange::{apply_to as apply_conf_change_to, enter_joint, leave_joint, ConfChangeRefused};
 pub use node::{RawNode, Ready};
-pub use progress::{Progress, ProgressState};
-pub use raft::{Config, ProposeError, Raft, RaftCounters};
+pub use progress::ProgressState;
+pub use raft::{Config, ProposeError, RaftCounters};
+pub use status::{FollowerProgress, Status};
 pub use storage::{MemStorage, Storage, StorageError, BOOTSTRAP_INDEX, BOOTSTRAP_TERM};
 pub use types::*;

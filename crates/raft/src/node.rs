@@ -14,6 +14,7 @@
 
 use std::collections::VecDeque;
 
+use crate::confchange::ConfChangeRefused;
 use crate::raft::{Config, ProposeError, Raft};
 use crate::storage::{Storage, StorageError};
 use crate::types::{ConfChange, ConfState, Entry, HardState, Message, NodeId, ReadState, Role, Snapshot, SoftState};
@@ -58,7 +59,7 @@ struct InFlight {
 
 /// A Raft group member with the `Ready` interface.
 pub struct RawNode<S: Storage> {
-    pub raft: Raft<S>,
+    pub(crate) raft: Raft<S>,
     prev_hs: HardState,
     prev_ss: SoftState,
     next_number: u64,
@@ -99,7 +100,10 @@ impl<S: Storage> RawNode<S> {
         self.raft.propose_conf_change(cc)
     }
 
-    pub fn apply_conf_change(&mut self, cc: &ConfChange) -> ConfState {
+    /// Applies a committed membership change; a change that does not fit the
+    /// configuration is refused (identically on every member) and changes
+    /// nothing.
+    pub fn apply_conf_change(&mut self, cc: &ConfChange) -> Result<ConfState, ConfChangeRefused> {
         self.raft.apply_conf_change(cc)
     }
 

@@ -29,6 +29,11 @@ pub struct Mutations {
     /// Let a new leader propose a configuration change before its term's
     /// first entry is applied.
     pub early_conf_change: bool,
+    /// Not the core's: the simulated node's tick timer keeps its cadence
+    /// after a late tick, so the next tick comes less than a tick later (the
+    /// scheduler bug that let a follower's election timeout end before the
+    /// leader's lease).
+    pub catch_up_ticks: bool,
 }
 
 /// Settings of one Raft group member.
@@ -157,14 +162,20 @@ pub struct Raft<S: Storage> {
     pub vote: NodeId,
     pub leader: NodeId,
     pub role: Role,
-    pub log: RaftLog<S>,
-    pub trk: Tracker,
+    pub(crate) log: RaftLog<S>,
+    pub(crate) trk: Tracker,
     pub(crate) cfg: Config,
     pub(crate) election_elapsed: u64,
     pub(crate) heartbeat_elapsed: u64,
     pub(crate) randomized_timeout: u64,
     /// Ticks since this member started (saturating at the election timeout).
     pub(crate) ticks_since_start: u64,
+    /// Ticks since this member last heard from a leader (saturating at the
+    /// election timeout). Unlike `election_elapsed`, a change of term does not
+    /// reset it: it is the promise a leader's lease rests on, and a follower
+    /// moved to a new term (by a stale answer to its own pre-vote, say) must
+    /// keep it.
+    pub(crate) lease_elapsed: u64,
     rng: u64,
     /// Messages that may be sent at once.
     pub(crate) msgs: Vec<Message>,
@@ -213,6 +224,7 @@ impl<S: Storage> Raft<S> {
             heartbeat_elapsed: 0,
             randomized_timeout: 0,
             ticks_since_start: 0,
+            lease_elapsed: u64::MAX,
             msgs: Vec::new(),
             msgs_after_persist: Vec::new(),
             pending_conf_index: 0,
@@ -373,6 +385,7 @@ impl<S: Storage> Raft<S> {
         if self.ticks_since_start < self.cfg.election_ticks {
             self.ticks_since_start += 1;
         }
+        self.lease_elapsed = self.lease_elapsed.saturating_add(1);
         match self.role {
             Role::Leader => self.tick_heartbeat(),
             _ => self.tick_election(),
@@ -483,14 +496,17 @@ impl<S: Storage> Raft<S> {
     }
 
     /// Whether this member would still honour the lease of a leader it heard
-    /// from (or, having just started, of one it may have heard from).
-    fn in_lease(&self) -> bool {
+    /// from, in this term or an earlier one (or, having just started, of one
+    /// it may have heard from): until then it grants no vote but a leader
+    /// transfer's.
+    pub(crate) fn in_lease(&self) -> bool {
         #[cfg(test)]
         if self.cfg.mutations.ignore_lease_on_vote {
             return false;
         }
         self.cfg.check_quorum
-            && ((self.leader != NONE && self.election_elapsed < self.cfg.election_ticks)
+            && (self.role == Role::Leader
+                || self.lease_elapsed < self.cfg.election_ticks
                 || self.ticks_since_start < self.cfg.election_ticks)
     }
 
@@ -557,10 +573,10 @@ impl<S: Storage> Raft<S> {
             pre,
             last_index,
             last_term,
-            ..
+            transfer,
         } = m.body
         {
-            self.handle_vote(&m, pre, last_index, last_term);
+            self.handle_vote(&m, pre, last_index, last_term, transfer);
             return;
         }
         match self.role {
@@ -570,9 +586,15 @@ impl<S: Storage> Raft<S> {
         }
     }
 
-    fn handle_vote(&mut self, m: &Message, pre: bool, last_index: u64, last_term: u64) {
+    fn handle_vote(&mut self, m: &Message, pre: bool, last_index: u64, last_term: u64, transfer: bool) {
         let mut can_vote =
             self.vote == m.from || (self.vote == NONE && self.leader == NONE) || (pre && m.term > self.term);
+        if self.vote != m.from && !transfer && self.in_lease() {
+            // A term reached without a leader (a stale answer to a pre-vote)
+            // does not release the promise made to the last leader heard.
+            self.counters.votes_ignored_in_lease += 1;
+            can_vote = false;
+        }
         #[cfg(test)]
         if self.cfg.mutations.double_vote && !pre && self.role == Role::Follower {
             can_vote = true;
@@ -596,14 +618,17 @@ impl<S: Storage> Raft<S> {
         match m.body {
             MessageBody::Append { .. } => {
                 self.become_follower(m.term, m.from);
+                self.lease_elapsed = 0;
                 self.handle_append(m);
             }
             MessageBody::Heartbeat { commit, seq } => {
                 self.become_follower(m.term, m.from);
+                self.lease_elapsed = 0;
                 self.handle_heartbeat(m.from, commit, seq);
             }
             MessageBody::Snapshot { snapshot } => {
                 self.become_follower(m.term, m.from);
+                self.lease_elapsed = 0;
                 self.handle_snapshot(m.from, snapshot);
             }
             MessageBody::VoteResponse { pre, reject } => {
@@ -621,16 +646,19 @@ impl<S: Storage> Raft<S> {
         match m.body {
             MessageBody::Append { .. } => {
                 self.election_elapsed = 0;
+                self.lease_elapsed = 0;
                 self.leader = m.from;
                 self.handle_append(m);
             }
             MessageBody::Heartbeat { commit, seq } => {
                 self.election_elapsed = 0;
+                self.lease_elapsed = 0;
                 self.leader = m.from;
                 self.handle_heartbeat(m.from, commit, seq);
             }
             MessageBody::Snapshot { snapshot } => {
                 self.election_elapsed = 0;
+                self.lease_elapsed = 0;
                 self.leader = m.from;
                 self.handle_snapshot(m.from, snapshot);
             }

@@ -84,9 +84,4 @@ impl<S: Storage> Raft<S> {
             s => Some(s),
         }
     }
-
-    /// The minimum election timeout, in ticks, that lease arithmetic uses.
-    pub fn election_ticks(&self) -> u64 {
-        self.cfg.election_ticks
-    }
 }

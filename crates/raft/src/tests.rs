@@ -123,8 +123,9 @@ impl Net {
         let raw = self.nodes.get_mut(&id).unwrap();
         for e in &ents {
             if let EntryPayload::ConfChange(cc) = &e.payload {
-                let cs = raw.apply_conf_change(cc);
-                raw.storage_mut().conf_state = cs;
+                if let Ok(cs) = raw.apply_conf_change(cc) {
+                    raw.storage_mut().conf_state = cs;
+                }
             }
         }
         raw.storage_mut().applied = last;
@@ -218,6 +219,7 @@ impl Net {
             let r = &mut self.node(i).raft;
             r.ticks_since_start = 10;
             r.election_elapsed = 10;
+            r.lease_elapsed = 10;
         }
         let raw = self.node(id);
         raw.raft.election_elapsed = 0;
@@ -401,6 +403,50 @@ fn a_follower_in_lease_ignores_votes_but_not_a_transfer_campaign() {
 }
 
 #[test]
+fn a_follower_moved_to_a_new_term_without_a_leader_keeps_its_lease_promise() {
+    // Found by the simulator's lease-promise check: node 2 pre-campaigns,
+    // hears its leader again (and answers its heartbeat round, so it counts
+    // toward the lease), then a stale rejection of its pre-vote from a
+    // candidate of a higher term moves it to that term with no leader. It
+    // must still refuse that candidate's vote until its promise runs out.
+    let mut n = Net::new(&[1, 2, 3]);
+    n.elect(1);
+    n.tick_all(1);
+    let term = n.node(1).term();
+    assert!(n.node(1).lease_round().is_some());
+    n.node(2).step(Message {
+        from: 3,
+        to: 2,
+        term: term + 1,
+        body: MessageBody::VoteResponse {
+            pre: true,
+            reject: true,
+        },
+    });
+    assert_eq!(n.node(2).term(), term + 1, "a rejection of a higher term moves it on");
+    assert_eq!(n.node(2).leader(), NONE);
+    let vote = Message {
+        from: 3,
+        to: 2,
+        term: term + 1,
+        body: MessageBody::Vote {
+            pre: false,
+            last_index: 100,
+            last_term: term,
+            transfer: false,
+        },
+    };
+    n.node(2).step(vote.clone());
+    assert_eq!(n.node(2).raft.vote, NONE, "no vote while the leader's lease may hold");
+    // Once an election timeout has passed since it heard the leader, it votes.
+    for _ in 0..10 {
+        n.node(2).tick();
+    }
+    n.node(2).step(vote);
+    assert_eq!(n.node(2).raft.vote, 3);
+}
+
+#[test]
 fn a_restarted_node_rejects_votes_for_one_election_timeout() {
     let mut n = Net::new(&[1, 2, 3]);
     let vote = Message {
@@ -556,6 +602,7 @@ fn a_leader_never_commits_an_older_terms_entry_by_counting_replicas() {
         let r = &mut m.node(id).raft;
         r.ticks_since_start = 10;
         r.election_elapsed = 10;
+        r.lease_elapsed = 10;
     }
     m.cut.insert((1, 3));
     m.cut.insert((3, 1));
@@ -838,4 +885,47 @@ fn leader_transfer_moves_leadership_and_refuses_proposals_meanwhile() {
     assert_eq!(n.node(3).role(), Role::Leader);
     assert_eq!(n.node(1).role(), Role::Follower);
     assert_eq!(n.node(1).raft.counters.transfers_started, 1);
+}
+
+#[test]
+fn a_committed_change_that_does_not_fit_is_refused_by_raft_and_changes_nothing() {
+    let mut n = Net::new(&[1, 2, 3]);
+    n.elect(1);
+    let before = n.node(2).conf_state();
+    // Leaving a joint configuration that was never entered.
+    let refused = n.node(2).apply_conf_change(&ConfChange::leave_joint());
+    assert!(refused.is_err(), "raft reports the refusal: {refused:?}");
+    // Removing every voter at once.
+    let refused = n.node(2).apply_conf_change(&cc(&[
+        (ConfChangeKind::Remove, 1),
+        (ConfChangeKind::Remove, 2),
+        (ConfChangeKind::Remove, 3),
+    ]));
+    assert!(refused.is_err());
+    assert_eq!(n.node(2).conf_state(), before);
+    assert_eq!(n.node(2).counters().invalid_conf_changes, 2);
+    // A change that fits is applied and returned.
+    let cs = n
+        .node(2)
+        .apply_conf_change(&cc(&[(ConfChangeKind::AddLearner, 4)]))
+        .unwrap();
+    assert!(cs.learners_next.contains(&4) || cs.learners.contains(&4));
+}
+
+#[test]
+fn status_shows_progress_only_on_a_leader() {
+    let mut n = Net::new(&[1, 2, 3]);
+    n.elect(1);
+    let (idx, _) = n.propose(1, b"x");
+    let st = n.node(1).status();
+    assert_eq!(st.role, Role::Leader);
+    assert!(st.leader_ready);
+    assert_eq!(st.last_index, idx);
+    assert_eq!(st.progress.len(), 3);
+    assert!(st.progress.values().all(|p| p.matched == idx), "{:?}", st.progress);
+    let f = n.node(2).status();
+    assert_eq!(f.role, Role::Follower);
+    assert_eq!(f.leader, 1);
+    assert!(f.progress.is_empty() && !f.leader_ready);
+    assert_eq!(n.node(2).progress(1), None);
 }

@@ -41,39 +41,23 @@ impl Admin for AdminApi {
 
     async fn nodes(&self, _req: Request<NodesStatusRequest>) -> Result<Response<NodesStatusResponse>, Status> {
         let store = self.shared.store()?;
-        let me = store.ident().store_id;
         let now = std::time::Instant::now();
         let wall = store.clock().physical() as i64;
-        let records = store.liveness();
-        let window = kvserver::scheduler::LIVENESS_WINDOW;
+        let addrs = store.known_stores().read().clone();
         let nodes = store
-            .known_stores()
-            .read()
-            .iter()
-            .map(|(&id, addr)| {
-                let heard = if id == me { Some(now) } else { store.last_heard(id) };
-                let record = records
-                    .as_ref()
-                    .and_then(|r| r.iter().find(|l| l.node_id == id).cloned());
-                // Live: by its liveness record; without a replica of the system
-                // range here, by whether this node hears from it.
-                let live = match &records {
-                    Some(_) => record.as_ref().is_some_and(|l| l.expiration_nanos > wall),
-                    None => heard.is_some_and(|t| now.duration_since(t) < window),
-                };
-                NodeStatus {
-                    node_id: id,
-                    store_id: id,
-                    addr: if addr.is_empty() {
-                        self.shared.advertise.clone()
-                    } else {
-                        addr.clone()
-                    },
-                    live,
-                    last_heard_ms: heard.map_or(u64::MAX, |t| now.duration_since(t).as_millis() as u64),
-                    liveness_epoch: record.as_ref().map_or(0, |l| l.epoch),
-                    liveness_expires_in_ms: record.map_or(0, |l| (l.expiration_nanos - wall) / 1_000_000),
-                }
+            .node_liveness()
+            .into_iter()
+            .map(|(id, live, record, heard)| NodeStatus {
+                node_id: id,
+                store_id: id,
+                addr: match addrs.get(&id) {
+                    Some(a) if !a.is_empty() => a.clone(),
+                    _ => self.shared.advertise.clone(),
+                },
+                live,
+                last_heard_ms: heard.map_or(u64::MAX, |t| now.duration_since(t).as_millis() as u64),
+                liveness_epoch: record.as_ref().map_or(0, |l| l.epoch),
+                liveness_expires_in_ms: record.map_or(0, |l| (l.expiration_nanos - wall) / 1_000_000),
             })
             .collect();
         Ok(Response::new(NodesStatusResponse {

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use kvserver::batch::{self, EvalOptions};
+use kvserver::evaluator::{self, EvalOptions};
 use kvserver::StoreHandle;
 use parking_lot::Mutex;
 use proto::kvserver::internal_client::InternalClient;
@@ -187,7 +187,7 @@ impl Shared {
                     write_timeout: deadline.saturating_duration_since(Instant::now()),
                     ..opts.clone()
                 };
-                batch::evaluate(&store, req, &opts).await
+                evaluator::evaluate(&store, req, &opts).await
             } else {
                 let addr = store
                     .known_stores()

@@ -58,7 +58,7 @@ fn send_status(e: SendError) -> Status {
 
 impl EtcdApi {
     fn header(&self, store: &StoreHandle, revision: i64, raft_term: u64) -> ResponseHeader {
-        kvserver::batch::header(store, revision, raft_term)
+        kvserver::evaluator::header(store, revision, raft_term)
     }
 
     fn observe(&self, method: &str, t0: Instant) {

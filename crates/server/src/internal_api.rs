@@ -41,6 +41,6 @@ impl Internal for InternalApi {
             ));
         }
         let opts = self.shared.eval_options();
-        Ok(Response::new(kvserver::batch::evaluate(&store, req, &opts).await))
+        Ok(Response::new(kvserver::evaluator::evaluate(&store, req, &opts).await))
     }
 }

@@ -27,6 +27,8 @@ use crate::types::*;
 pub const TICK: u64 = 3;
 /// The minimum election timeout in ticks.
 pub const ELECTION_TICKS: u64 = 6;
+/// Under faults, how often (per mille) a node's tick fires late.
+pub const LATE_TICK_PER_MILLE: u64 = 50;
 /// After faults stop, a leader must exist and a proposal must be applied by
 /// every live member within this many ticks.
 pub const CALM_LIVENESS_TICKS: u64 = 20 * ELECTION_TICKS;
@@ -270,6 +272,10 @@ struct SimNode {
     was_leader_in: u64,
     /// The commit index when it last became leader.
     commit_at_election: u64,
+    /// The node's tick timer: when the next tick was scheduled, and when it
+    /// fires (later if the node's loop is busy: a slow fsync, a long apply).
+    tick_scheduled: u64,
+    tick_at: u64,
 }
 
 impl SimNode {
@@ -390,6 +396,8 @@ impl World {
                     restarts: 0,
                     was_leader_in: 0,
                     commit_at_election: 0,
+                    tick_scheduled: TICK,
+                    tick_at: TICK,
                 },
             );
         }
@@ -590,17 +598,15 @@ impl World {
     fn one_step(&mut self) -> Result<(), String> {
         self.step += 1;
         self.now += 1;
-        if self.now.is_multiple_of(TICK) {
-            let ids: Vec<NodeId> = self
-                .nodes
-                .iter()
-                .filter(|(_, n)| n.active())
-                .map(|(&id, _)| id)
-                .collect();
-            for id in ids {
-                if let Some(r) = self.nodes.get_mut(&id).and_then(|n| n.raw.as_mut()) {
-                    r.tick();
-                }
+        let due: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.active() && n.tick_at <= self.now)
+            .map(|(&id, _)| id)
+            .collect();
+        if !due.is_empty() {
+            for id in due {
+                self.tick_node(id);
             }
             self.process_readies()?;
         }
@@ -611,6 +617,35 @@ impl World {
         self.random_action();
         self.process_readies()?;
         self.check_step()
+    }
+
+    /// Ticks a node and sets its timer as a store's scheduler does: the next
+    /// tick at least one tick after this one, however late this one fired
+    /// (the lease rule counts on it). Under faults a tick sometimes fires late.
+    fn tick_node(&mut self, id: NodeId) {
+        let now = self.now;
+        let late = self.faults && self.rng.chance(LATE_TICK_PER_MILLE);
+        let delay = 1 + self.rng.below(2 * TICK);
+        let catch_up = self.cfg.mutations.catch_up_ticks;
+        let Some(n) = self.nodes.get_mut(&id) else { return };
+        let Some(r) = n.raw.as_mut() else { return };
+        r.tick();
+        n.tick_scheduled = if catch_up {
+            // The bug: keep the old cadence, so a late tick is followed by
+            // an on-time one less than a tick later.
+            let next = n.tick_scheduled + TICK;
+            if next < now {
+                now + TICK
+            } else {
+                next
+            }
+        } else {
+            now + TICK
+        };
+        n.tick_at = n.tick_scheduled + if late { delay } else { 0 };
+        if late {
+            self.log(format!("tick of {id} will be {delay} late"));
+        }
     }
 
     /// One operator, client or fault event, or none.
@@ -859,9 +894,12 @@ impl World {
             chain.insert(e.index, (e.term, h));
         }
         let raw = self.make_raw(id, restarts, st);
+        let now = self.now;
         let n = self.nodes.get_mut(&id).expect("node");
         n.chain = chain;
         n.raw = Some(raw);
+        n.tick_scheduled = now + TICK;
+        n.tick_at = now + TICK;
         self.log(format!("restart {id}"));
     }
 
@@ -1224,14 +1262,12 @@ impl World {
                     cmd = Some(c);
                 }
                 EntryPayload::ConfChange(cc) => {
-                    let before = raw.raft.counters.invalid_conf_changes;
-                    let cs = raw.apply_conf_change(cc);
-                    if raw.raft.counters.invalid_conf_changes != before {
-                        return Err(format!(
-                            "node {id}: committed configuration change {cc:?} at {} cannot apply",
+                    let cs = raw.apply_conf_change(cc).map_err(|why| {
+                        format!(
+                            "node {id}: committed configuration change {cc:?} at {} cannot apply: {why}",
                             e.index
-                        ));
-                    }
+                        )
+                    })?;
                     if cs.is_joint() {
                         self.stats.joint_configs += 1;
                     }
@@ -1294,6 +1330,7 @@ impl World {
                 if let Some((_, &t0)) = n.hb_times.range(seq..).next() {
                     if self.now < t0 + lease_len {
                         holders.push(n.id);
+                        self.check_lease_promises(n.id, raw, seq, t0 + lease_len)?;
                     }
                 }
             }
@@ -1321,6 +1358,36 @@ impl World {
         self.checker.lease_holders(&holders, self.now)?;
         for (id, t, c, h) in commits {
             self.checker.committed(id, t, c, h)?;
+        }
+        Ok(())
+    }
+}
+
+impl World {
+    /// The lease's premise, checked directly: every voter whose answer to
+    /// round `seq` (or a later one) counts toward the lease of `leader` still
+    /// refuses votes, as it promised, until the lease ends at `until`.
+    fn check_lease_promises(
+        &self,
+        leader: NodeId,
+        raw: &RawNode<SimStorage>,
+        seq: u64,
+        until: u64,
+    ) -> Result<(), String> {
+        let r = &raw.raft;
+        for (&f, p) in &r.trk.progress {
+            if f == leader || !r.trk.is_voter(f) || p.acked_seq < seq {
+                continue;
+            }
+            let Some(fr) = self.nodes.get(&f).and_then(|n| n.raw.as_ref()) else {
+                continue; // down: a restarted node refuses votes for a while
+            };
+            if !fr.raft.in_lease() {
+                return Err(format!(
+                    "lease promise: node {f} answered round {} of leader {leader} (term {}), whose lease lasts until {until}, but would grant a vote at {}",
+                    p.acked_seq, r.term, self.now
+                ));
+            }
         }
         Ok(())
     }

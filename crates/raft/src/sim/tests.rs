@@ -193,6 +193,17 @@ fn mutation_early_conf_change_is_caught() {
     );
 }
 
+#[test]
+fn mutation_catch_up_ticks_is_caught() {
+    caught(
+        "a late tick is followed by an on-time one less than a tick later",
+        Mutations {
+            catch_up_ticks: true,
+            ..Default::default()
+        },
+    );
+}
+
 /// Debug aid: `RAFT_SEED=S RAFT_MUTATION=name` runs one seed with a mutation.
 #[test]
 fn one_seed_mutated() {
@@ -207,6 +218,7 @@ fn one_seed_mutated() {
         "vote_before_durable" => m.vote_before_durable = true,
         "ignore_lease_on_vote" => m.ignore_lease_on_vote = true,
         "early_conf_change" => m.early_conf_change = true,
+        "catch_up_ticks" => m.catch_up_ticks = true,
         other => panic!("unknown mutation {other}"),
     }
     let cfg = SimConfig {

@@ -16,7 +16,7 @@ use proto::kvserver::{
     EtcdError as PbEtcdError, NotLeaseholder,
 };
 
-use crate::etcd::{self, grpc_code, EtcdError, EtcdWriteResponse};
+use crate::etcd::{self, grpc_code, EtcdError, EtcdFailure, EtcdWriteResponse};
 use crate::keyspace::{ETCD_RANGE_ID, SYSTEM_RANGE_ID};
 use crate::replica::{ApplyOutcome, ProposeError};
 use crate::store::StoreHandle;
@@ -202,6 +202,7 @@ fn read(
                 response: Some(batch_response::Response::EtcdRange(resp)),
             }
         }
-        Err(e) => etcd_error(&e),
+        Err(EtcdFailure::Refused(e)) => etcd_error(&e),
+        Err(e) => internal(e.to_string()),
     }
 }

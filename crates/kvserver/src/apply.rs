@@ -1,0 +1,154 @@
+//! Applying committed entries to a replica, in log order, one batch each:
+//! the entry's effect, the range's applied state (index, term, lease-applied
+//! index, MVCC stats) and the etcd revision state are written together, so a
+//! restart never applies an entry twice or skips one.
+//!
+//! A command is dispatched to the state machine it belongs to: node ids
+//! (`node_ids`), liveness (`liveness`) or etcd's KV (`etcd`). Only a refusal by
+//! etcd's rules is applied as a no-op (every replica refuses alike). Any
+//! engine failure (a write, a read, bytes it cannot decode) returns an error
+//! *before* the applied index moves: the scheduler then stops the store
+//! rather than let this replica diverge from its peers or answer a client a
+//! definite failure for a write the others applied.
+
+use prost::Message as _;
+use proto::kvserver::{raft_command, RaftCommand};
+use raft::{Entry, EntryPayload};
+use storage::mvcc::MvccStats;
+use storage::rangestate;
+use storage::Timestamp;
+
+use crate::etcd::{self, EtcdFailure, EtcdWrite};
+use crate::hlc::Clock;
+use crate::metrics::Metrics;
+use crate::raft_storage::{self, CONF_STATE_SUFFIX};
+use crate::replica::{ApplyOutcome, ProposeError, Replica, REV_STATE_SUFFIX};
+use crate::{liveness, node_ids, StoreError};
+
+impl Replica {
+    /// Applies committed entries, in order, one batch each.
+    pub fn apply(&mut self, entries: Vec<Entry>, clock: &Clock, metrics: &Metrics) -> Result<(), StoreError> {
+        let Some(last) = entries.last().map(|e| e.index) else {
+            return Ok(());
+        };
+        for e in entries {
+            let index = e.index;
+            self.apply_one(e, clock, metrics).map_err(|err| {
+                StoreError::Apply(format!(
+                    "range {} entry {index}: {err} (the replica stays applied up to {})",
+                    self.range_id, self.applied.index
+                ))
+            })?;
+        }
+        self.raw.on_applied(last);
+        Ok(())
+    }
+
+    fn apply_one(&mut self, e: Entry, clock: &Clock, metrics: &Metrics) -> Result<(), StoreError> {
+        let mut applied = self.applied;
+        applied.index = e.index;
+        applied.term = e.term;
+        let mut batch = self.engine.batch();
+        let mut outcome: Option<ApplyOutcome> = None;
+        let mut new_rev = self.rev;
+        match &e.payload {
+            EntryPayload::Empty => {}
+            EntryPayload::ConfChange(cc) => match self.raw.apply_conf_change(cc) {
+                Ok(cs) => {
+                    let desc = self.descriptor_after(cc, &cs);
+                    rangestate::set_descriptor(&mut batch, &desc)?;
+                    rangestate::set_local_record(
+                        &mut batch,
+                        self.range_id,
+                        CONF_STATE_SUFFIX,
+                        &raft_storage::conf_to_record(&cs),
+                    )?;
+                    self.set_descriptor(desc);
+                    self.raw.storage_mut().set_conf(cs);
+                }
+                Err(refused) => {
+                    tracing::warn!(range = self.range_id, index = e.index, %refused, "membership change applied as a no-op");
+                }
+            },
+            EntryPayload::Normal(data) => match RaftCommand::decode(&data[..]) {
+                Err(err) => {
+                    tracing::error!(range = self.range_id, index = e.index, %err, "undecodable command applied as a no-op");
+                }
+                Ok(cmd) if cmd.max_lease_index <= applied.lease_applied_index => {
+                    // Already applied once, or overtaken: never apply twice.
+                    metrics.rejected_commands.inc();
+                }
+                Ok(cmd) => {
+                    applied.lease_applied_index = cmd.max_lease_index;
+                    let hlc = cmd.proposer_ts.map(Timestamp::from).unwrap_or_default();
+                    if let Err(err) = clock.update(hlc) {
+                        tracing::error!(%err, "clock cannot follow an applied timestamp");
+                    }
+                    let write = match cmd.op {
+                        None => None,
+                        Some(raft_command::Op::AllocateNode(a)) => {
+                            outcome = Some(ApplyOutcome::NodeId(node_ids::apply_allocate(&mut batch, &a)?));
+                            None
+                        }
+                        Some(raft_command::Op::Heartbeat(h)) => {
+                            let l = liveness::apply_heartbeat(&mut batch, &h, hlc.wall as i64)?;
+                            outcome = Some(ApplyOutcome::Liveness(l));
+                            None
+                        }
+                        Some(raft_command::Op::EtcdPut(p)) => Some(EtcdWrite::Put(p)),
+                        Some(raft_command::Op::EtcdDeleteRange(d)) => Some(EtcdWrite::DeleteRange(d)),
+                        Some(raft_command::Op::EtcdTxn(t)) => Some(EtcdWrite::Txn(t)),
+                        Some(raft_command::Op::EtcdCompact(c)) => Some(EtcdWrite::Compact(c)),
+                    };
+                    if let (Some(w), Some(mut state)) = (write, self.rev) {
+                        let mut delta = MvccStats::default();
+                        let result = match etcd::apply(&mut batch, &mut delta, &mut state, hlc.wall, &w) {
+                            Ok((resp, rev_after)) => {
+                                applied.stats += delta;
+                                new_rev = Some(state);
+                                if let Some(r) = rev_after {
+                                    let _ = clock.update(Timestamp::new(r as u64, 0));
+                                }
+                                Ok(resp)
+                            }
+                            Err(EtcdFailure::Refused(err)) => {
+                                // Nothing of a refused write is kept.
+                                batch = self.engine.batch();
+                                Err(err)
+                            }
+                            Err(EtcdFailure::Engine(err)) => return Err(err.into()),
+                            Err(EtcdFailure::Corrupt(why)) => return Err(StoreError::Corrupt(why)),
+                        };
+                        let rev = new_rev.map_or(0, |r| r.rev);
+                        outcome = Some(ApplyOutcome::Etcd {
+                            result,
+                            rev,
+                            term: e.term,
+                        });
+                    }
+                    metrics.applied_commands.inc();
+                }
+            },
+        }
+        if let Some(r) = new_rev {
+            if Some(r) != self.rev {
+                rangestate::set_local_record(&mut batch, self.range_id, REV_STATE_SUFFIX, &r.encode())?;
+            }
+        }
+        rangestate::set_applied_state(&mut batch, self.range_id, applied)?;
+        // Unsynced: the entry is durable in the raft log, so a crash replays it.
+        self.engine.write(batch, false)?;
+        self.applied = applied;
+        self.rev = new_rev;
+        metrics.raft_entries_committed.inc();
+        // Answer the proposer if this entry is the one it proposed here.
+        if let Some((term, reply)) = self.pending.remove(&e.index) {
+            let r = match outcome {
+                Some(o) if term == e.term => Ok(o),
+                _ => Err(ProposeError::Dropped),
+            };
+            let _ = reply.send(r);
+        }
+        Ok(())
+    }
+}
