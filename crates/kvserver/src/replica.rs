@@ -16,6 +16,7 @@ use parking_lot::RwLock;
 use prost::Message as _;
 use proto::kvserver::{Liveness, RaftCommand};
 use proto::storage::{replica_descriptor, RangeDescriptor};
+use proto::transport::SnapshotHandle;
 use raft::{ConfChange, ConfState, RawNode, Role};
 use storage::rangestate::{self, AppliedState};
 use storage::Engine;
@@ -166,8 +167,32 @@ impl Replica {
         self.peers.get(&id).copied()
     }
 
+    /// Applies a snapshot a `Ready` carries, at once (its own synced writes,
+    /// by the storage crate's marker protocol: data, range-local state and
+    /// log replaced together), before the entries that follow it are
+    /// appended to the cycle's batch.
+    pub fn apply_snapshot(&mut self, snap: &raft::Snapshot, hs: raft::HardState) -> Result<(), crate::StoreError> {
+        let handle = SnapshotHandle::decode(&snap.data[..])
+            .map_err(|e| crate::StoreError::Corrupt(format!("snapshot handle: {e}")))?;
+        let meta = handle.meta.unwrap_or_default();
+        storage::snapshot::apply_snapshot(
+            &self.engine,
+            std::path::Path::new(&handle.dir),
+            &meta,
+            Some(storage::raftlog::HardState {
+                term: hs.term,
+                vote: hs.vote,
+                commit: hs.commit.max(snap.meta.index),
+            }),
+        )?;
+        self.reload_after_snapshot()?;
+        self.synced_term_vote = (hs.term, hs.vote);
+        tracing::info!(range = self.range_id, index = snap.meta.index, "applied a snapshot");
+        Ok(())
+    }
+
     /// Re-reads everything a snapshot replaced.
-    pub fn reload_after_snapshot(&mut self) -> Result<(), crate::StoreError> {
+    fn reload_after_snapshot(&mut self) -> Result<(), crate::StoreError> {
         self.applied = rangestate::applied_state(&self.engine, self.range_id)?;
         self.rev = match rangestate::local_record(&self.engine, self.range_id, REV_STATE_SUFFIX)? {
             Some(b) => Some(RevState::decode(&b).map_err(|e| crate::StoreError::Corrupt(e.to_string()))?),

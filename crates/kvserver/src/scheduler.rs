@@ -15,15 +15,13 @@
 //! entry applies and where a message goes live in their own modules.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use parking_lot::{Mutex, RwLock};
-use prost::Message as _;
 use proto::storage::RangeDescriptor;
-use proto::transport::{RaftMsg, SnapshotHandle};
+use proto::transport::RaftMsg;
 use storage::raftlog::{self, HardState};
 use storage::Engine;
 
@@ -63,6 +61,8 @@ pub(crate) struct Scheduler {
     pub next_ping: Instant,
     /// To send events to itself (snapshot outcomes).
     pub events: crossbeam_channel::Sender<Event>,
+    /// Set when the loop stops on an error: why.
+    pub stopped: Arc<Mutex<Option<String>>>,
 }
 
 impl Scheduler {
@@ -113,6 +113,7 @@ impl Scheduler {
                     error = %e,
                     "the store stops: its raft loop can no longer persist or apply; nothing more is acknowledged or served from it"
                 );
+                *self.stopped.lock() = Some(format!("the store stopped: {e}"));
                 break;
             }
         }
@@ -272,7 +273,7 @@ impl Scheduler {
                 r.publish_lease_loss();
                 if let Some(snap) = &rd.snapshot {
                     let hs = rd.hard_state.unwrap_or_else(|| r.raw.hard_state());
-                    apply_snapshot(&self.engine, r, snap, hs)?;
+                    r.apply_snapshot(snap, hs)?;
                     self.metrics.snapshots_applied.inc();
                 }
                 out.add(r, std::mem::take(&mut rd.messages), &*self.transport, &self.events);
@@ -331,34 +332,6 @@ impl Scheduler {
             out.flush(&*self.transport, &self.metrics);
         }
     }
-}
-
-/// Applies a snapshot a `Ready` carries, at once (its own synced writes, by
-/// the storage crate's marker protocol), before the entries that follow it
-/// are appended to the cycle's batch.
-fn apply_snapshot(
-    engine: &Engine,
-    r: &mut Replica,
-    snap: &raft::Snapshot,
-    hs: raft::HardState,
-) -> Result<(), StoreError> {
-    let handle =
-        SnapshotHandle::decode(&snap.data[..]).map_err(|e| StoreError::Corrupt(format!("snapshot handle: {e}")))?;
-    let meta = handle.meta.unwrap_or_default();
-    storage::snapshot::apply_snapshot(
-        engine,
-        Path::new(&handle.dir),
-        &meta,
-        Some(HardState {
-            term: hs.term,
-            vote: hs.vote,
-            commit: hs.commit.max(snap.meta.index),
-        }),
-    )?;
-    r.reload_after_snapshot()?;
-    r.synced_term_vote = (hs.term, hs.vote);
-    tracing::info!(range = r.range_id, index = snap.meta.index, "applied a snapshot");
-    Ok(())
 }
 
 /// The raft settings of replica `replica_id` of `range_id` on this store.

@@ -137,9 +137,16 @@ pub struct StoreHandle {
     ident: StoreIdent,
     last_heard: Arc<Mutex<HashMap<u64, Instant>>>,
     known_stores: Arc<RwLock<BTreeMap<u64, String>>>,
+    stopped: Arc<Mutex<Option<String>>>,
 }
 
 impl StoreHandle {
+    /// Why the store's raft loop stopped on its own (an engine failure), if
+    /// it did: the store then serves and acknowledges nothing.
+    pub fn stopped(&self) -> Option<String> {
+        self.stopped.lock().clone()
+    }
+
     /// Hands raft messages from another store to the raft loop.
     pub fn deliver(&self, from_store: u64, msgs: Vec<RaftMsg>) {
         self.last_heard.lock().insert(from_store, Instant::now());
@@ -342,6 +349,7 @@ impl Store {
             next_queues: Instant::now(),
             next_ping: Instant::now(),
             events: tx.clone(),
+            stopped: Arc::new(Mutex::new(None)),
         };
         for desc in rangestate::all_descriptors(&engine)? {
             let Some(me) = desc.replicas.iter().find(|r| r.store_id == ident.store_id) else {
@@ -375,6 +383,7 @@ impl Store {
             ident,
             last_heard: sched.last_heard.clone(),
             known_stores,
+            stopped: sched.stopped.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("raft-scheduler".into())

@@ -362,4 +362,6 @@ fn an_engine_error_while_applying_stops_the_store_and_never_advances_the_applied
     });
     let again = put(&h, "other", "x").expect_err("a stopped store acknowledges nothing");
     assert!(again.contains("Stopped"), "{again}");
+    let why = h.stopped().expect("the store says why it stopped");
+    assert!(why.contains("entry") && why.contains("range 2"), "{why}");
 }

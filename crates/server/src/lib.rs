@@ -130,6 +130,9 @@ impl Shared {
         let Some(l) = self.local.get() else {
             return Some("the cluster is not initialized yet".into());
         };
+        if let Some(why) = l.store.stopped() {
+            return Some(why);
+        }
         let peers = l.store.known_stores().read().len().saturating_sub(1);
         self.clock_check.problem(peers)
     }
