@@ -325,14 +325,15 @@ impl Replica {
         if ready && self.raw.lease_round().is_some() {
             return;
         }
+        // Only ever lowers what readers see; gains wait for `publish_status`.
         let stale = {
             let s = self.status.read();
-            s.lease_until.is_some() || s.leader_ready != ready
+            s.lease_until.is_some() || (s.leader_ready && !ready)
         };
         if stale {
             let mut s = self.status.write();
             s.lease_until = None;
-            s.leader_ready = ready;
+            s.leader_ready &= ready;
         }
     }
 
