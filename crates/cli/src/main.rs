@@ -180,6 +180,19 @@ enum DebugCmd {
         #[arg(long, default_value = "127.0.0.1:2379")]
         host: String,
     },
+    /// Moves a range's lease (its raft leadership) to another node's replica,
+    /// giving it up before the new leader can take over. Asks any node, then
+    /// the leaseholder it names.
+    TransferLease {
+        /// The range, as `debug ranges` numbers it.
+        #[arg(long)]
+        range: u64,
+        /// The node that should hold the lease.
+        #[arg(long)]
+        to_node: u64,
+        #[arg(long, default_value = "127.0.0.1:2379")]
+        host: String,
+    },
 }
 
 fn main() {
@@ -249,6 +262,9 @@ fn real_main() -> Result<()> {
             Cmd::Debug {
                 cmd: DebugCmd::Ranges { host },
             } => kv::debug_ranges(&host).await,
+            Cmd::Debug {
+                cmd: DebugCmd::TransferLease { range, to_node, host },
+            } => kv::transfer_lease(&host, range, to_node).await,
             Cmd::Workload {
                 cmd:
                     WorkloadCmd::Register {

@@ -338,6 +338,71 @@ async fn three_nodes_form_a_cluster_and_serve_through_any_node() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_moves_on_request_and_the_cluster_serves_on() {
+    let c = Cluster::start(3, &[]);
+    c.wait_replicated().await;
+    put(&c.nodes[0].grpc, "k", "0").await.unwrap();
+    for round in 1..=3 {
+        let from = c.etcd_leaseholder().await.expect("a leaseholder");
+        let to = (from + 1) % 3;
+        let to_node = {
+            let mut a = AdminClient::connect(format!("http://{}", c.nodes[to].grpc))
+                .await
+                .unwrap();
+            a.ranges(RangesRequest {}).await.unwrap().into_inner().node_id
+        };
+        // Asked through the third node, which is neither end.
+        let via = &c.nodes[(from + 2) % 3].grpc;
+        let (code, out, err) = tardigrade(&[
+            "debug",
+            "transfer-lease",
+            "--range",
+            "2",
+            "--to-node",
+            &to_node.to_string(),
+            "--host",
+            via,
+        ]);
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.contains(&format!("to node {to_node}")), "{out}");
+        wait("the new leaseholder to serve", 10 * ELECTION * 2, || async {
+            c.etcd_leaseholder().await == Some(to)
+        })
+        .await;
+        put(&c.nodes[from].grpc, "k", &round.to_string()).await.unwrap();
+        for n in &c.nodes {
+            assert_eq!(get(&n.grpc, "k").await.unwrap(), Some(round.to_string()));
+        }
+    }
+    // Clear refusals.
+    let host = &c.nodes[0].grpc;
+    let (code, _, err) = tardigrade(&[
+        "debug",
+        "transfer-lease",
+        "--range",
+        "2",
+        "--to-node",
+        "9",
+        "--host",
+        host,
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("node 9 has no voting replica of range 2"), "{err}");
+    let (code, _, err) = tardigrade(&[
+        "debug",
+        "transfer-lease",
+        "--range",
+        "77",
+        "--to-node",
+        "1",
+        "--host",
+        host,
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no replica of range 77"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_after_sigkill_loses_no_acknowledged_write() {
     let mut c = Cluster::start(3, &[]);
     c.wait_replicated().await;

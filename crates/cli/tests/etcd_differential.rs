@@ -54,9 +54,15 @@ fn status(s: tonic::Status) -> String {
     format!("ERR {:?} {}", s.code(), s.message())
 }
 
+/// A header's revision and whether it names a member (ids differ between
+/// the two servers, their presence must not).
 fn header_rev(revs: &mut Revs, h: Option<&etcd_client::ResponseHeader>) -> String {
     match h {
-        Some(h) => format!("@{}", revs.r(h.revision())),
+        Some(h) => format!(
+            "@{}{}",
+            revs.r(h.revision()),
+            if h.member_id() != 0 { "+member" } else { "" }
+        ),
         None => "@none".into(),
     }
 }
@@ -247,6 +253,36 @@ async fn script(addr: &str) -> Vec<String> {
                 TxnOp::put("n1", "1", None),
                 TxnOp::txn(Txn::new().and_then([TxnOp::get("a", None), TxnOp::put("n2", "2", None)])),
             ]),
+        ),
+        (
+            "txn put and nested put of one key",
+            Txn::new().and_then([
+                TxnOp::put("dup", "1", None),
+                TxnOp::txn(Txn::new().and_then([TxnOp::put("dup", "2", None)])),
+            ]),
+        ),
+        (
+            "txn delete and nested put of one key",
+            Txn::new().and_then([
+                TxnOp::delete("dup", None),
+                TxnOp::txn(Txn::new().or_else([TxnOp::put("dup", "2", None)])),
+            ]),
+        ),
+        (
+            "txn two nested puts of one key",
+            Txn::new().and_then([
+                TxnOp::txn(Txn::new().and_then([TxnOp::put("dup", "1", None)])),
+                TxnOp::txn(Txn::new().and_then([TxnOp::put("dup", "2", None)])),
+            ]),
+        ),
+        (
+            "txn nested puts of one key on both branches",
+            Txn::new().and_then([TxnOp::txn(
+                Txn::new()
+                    .when([Compare::version("dup", CompareOp::Equal, 0)])
+                    .and_then([TxnOp::put("dup", "then", None)])
+                    .or_else([TxnOp::put("dup", "else", None)]),
+            )]),
         ),
     ];
     for (what, t) in txns {

@@ -20,6 +20,7 @@ use storage::Timestamp;
 
 use crate::etcd::{self, EtcdFailure, EtcdWrite};
 use crate::hlc::Clock;
+use crate::keyspace::SYSTEM_RANGE_ID;
 use crate::metrics::Metrics;
 use crate::raft_storage::{self, CONF_STATE_SUFFIX};
 use crate::replica::{ApplyOutcome, ProposeError, Replica, REV_STATE_SUFFIX};
@@ -84,8 +85,19 @@ impl Replica {
                     if let Err(err) = clock.update(hlc) {
                         tracing::error!(%err, "clock cannot follow an applied timestamp");
                     }
+                    let system = self.range_id == SYSTEM_RANGE_ID;
                     let write = match cmd.op {
                         None => None,
+                        Some(raft_command::Op::AllocateNode(_) | raft_command::Op::Heartbeat(_)) if !system => {
+                            // The evaluator refuses these for other ranges;
+                            // should one get here, it changes nothing.
+                            tracing::warn!(
+                                range = self.range_id,
+                                index = e.index,
+                                "a system-range command applied elsewhere as a no-op"
+                            );
+                            None
+                        }
                         Some(raft_command::Op::AllocateNode(a)) => {
                             outcome = Some(ApplyOutcome::NodeId(node_ids::apply_allocate(&mut batch, &a)?));
                             None

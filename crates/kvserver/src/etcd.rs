@@ -9,6 +9,8 @@
 //! timestamp of every version it writes is that revision. Reads are MVCC reads
 //! at a revision. This module never talks to the network or to raft.
 
+use std::collections::BTreeSet;
+
 use prost::Message as _;
 use proto::etcdserverpb::{
     compare, range_request, request_op, response_op, CompactionRequest, Compare, DeleteRangeRequest,
@@ -51,6 +53,10 @@ pub enum EtcdError {
     KeyNotFound,
     #[error("etcdserver: request timed out")]
     Timeout,
+    /// The MVCC layer refused the write (a case etcd's checks do not
+    /// foresee): applied as a no-op on every replica.
+    #[error("etcdserver: {0}")]
+    Refused(String),
 }
 
 /// Why an etcd operation did not produce an answer: etcd's rules refused it
@@ -63,9 +69,30 @@ pub enum EtcdFailure {
     #[error(transparent)]
     Refused(#[from] EtcdError),
     #[error("storage: {0}")]
-    Engine(#[from] storage::Error),
+    Engine(storage::Error),
     #[error("corrupt etcd record: {0}")]
     Corrupt(String),
+}
+
+impl From<storage::Error> for EtcdFailure {
+    /// The engine failing, or bytes it cannot read, stop the store; an MVCC
+    /// answer (a version at or above the write, an intent, an argument it
+    /// refuses) is a function of the replicated state alone, so every
+    /// replica meets it alike and the write is refused, never fatal: no
+    /// request may stop a store.
+    fn from(e: storage::Error) -> Self {
+        use storage::Error as E;
+        match e {
+            E::Engine(_) | E::Io(_) | E::Corruption { .. } => EtcdFailure::Engine(e),
+            E::WriteTooOld { .. }
+            | E::WriteIntent { .. }
+            | E::ReadWithinUncertainty { .. }
+            | E::TxnState(_)
+            | E::LogCompacted { .. }
+            | E::LogUnavailable { .. }
+            | E::InvalidArgument(_) => EtcdFailure::Refused(EtcdError::Refused(e.to_string())),
+        }
+    }
 }
 
 /// gRPC status codes (as numbers: this crate does not speak gRPC).
@@ -91,6 +118,7 @@ impl EtcdError {
             EtcdError::FutureRev | EtcdError::Compacted => grpc_code::OUT_OF_RANGE,
             EtcdError::LeaseNotFound(_) => grpc_code::NOT_FOUND,
             EtcdError::Timeout => grpc_code::UNAVAILABLE,
+            EtcdError::Refused(_) => grpc_code::INTERNAL,
         }
     }
 }
@@ -162,47 +190,82 @@ pub fn validate_delete(r: &DeleteRangeRequest) -> Result<(), EtcdError> {
     Ok(())
 }
 
-/// etcd's checks of a transaction: sizes, keys, and no key written twice.
+/// etcd's checks of a transaction: sizes (nested txns share the budget of
+/// operations), keys, and no key written twice on any path through it,
+/// nested txns included (etcd's `checkTxnRequest` then `checkIntervals`).
 pub fn validate_txn(t: &TxnRequest) -> Result<(), EtcdError> {
-    if t.compare.len().max(t.success.len()).max(t.failure.len()) > MAX_TXN_OPS {
+    check_txn_request(t, MAX_TXN_OPS)?;
+    check_intervals(&t.success)?;
+    check_intervals(&t.failure)?;
+    Ok(())
+}
+
+fn check_txn_request(t: &TxnRequest, max_ops: usize) -> Result<(), EtcdError> {
+    let opc = t.compare.len().max(t.success.len()).max(t.failure.len());
+    if opc > max_ops {
         return Err(EtcdError::TooManyOps);
     }
-    for c in &t.compare {
-        if c.key.is_empty() {
-            return Err(EtcdError::EmptyKey);
-        }
+    if t.compare.iter().any(|c| c.key.is_empty()) {
+        return Err(EtcdError::EmptyKey);
     }
-    for ops in [&t.success, &t.failure] {
-        let mut puts: Vec<&[u8]> = Vec::new();
-        let mut dels: Vec<(&[u8], &[u8])> = Vec::new();
-        for op in ops.iter() {
-            match &op.request {
-                Some(request_op::Request::RequestRange(r)) => validate_range(r)?,
-                Some(request_op::Request::RequestPut(p)) => {
-                    validate_put(p)?;
-                    if puts.contains(&&p.key[..]) {
-                        return Err(EtcdError::DuplicateKey);
-                    }
-                    puts.push(&p.key);
-                }
-                Some(request_op::Request::RequestDeleteRange(d)) => {
-                    validate_delete(d)?;
-                    dels.push((&d.key, &d.range_end));
-                }
-                Some(request_op::Request::RequestTxn(inner)) => validate_txn(inner)?,
-                None => return Err(EtcdError::KeyNotFound),
-            }
-        }
-        // A key both put and deleted in one branch is a duplicate too.
-        for p in &puts {
-            for (k, end) in &dels {
-                if in_range(p, k, end) {
-                    return Err(EtcdError::DuplicateKey);
-                }
-            }
+    for op in t.success.iter().chain(&t.failure) {
+        match &op.request {
+            Some(request_op::Request::RequestRange(r)) => validate_range(r)?,
+            Some(request_op::Request::RequestPut(p)) => validate_put(p)?,
+            Some(request_op::Request::RequestDeleteRange(d)) => validate_delete(d)?,
+            Some(request_op::Request::RequestTxn(inner)) => check_txn_request(inner, max_ops - opc)?,
+            None => return Err(EtcdError::KeyNotFound),
         }
     }
     Ok(())
+}
+
+/// A span deleted by a txn: `[key, range_end)` as etcd reads it.
+type DelSpan = (Vec<u8>, Vec<u8>);
+
+/// The keys `ops` put and the spans they delete, nested txns included; a
+/// key put twice, or put and deleted, on one path is a duplicate. The two
+/// branches of a nested txn exclude each other, so both may put one key.
+fn check_intervals(ops: &[RequestOp]) -> Result<(BTreeSet<Vec<u8>>, Vec<DelSpan>), EtcdError> {
+    let deleted = |dels: &[DelSpan], k: &[u8]| dels.iter().any(|(s, e)| in_range(k, s, e));
+    let mut dels: Vec<DelSpan> = ops
+        .iter()
+        .filter_map(|op| match &op.request {
+            Some(request_op::Request::RequestDeleteRange(d)) => Some((d.key.clone(), d.range_end.clone())),
+            _ => None,
+        })
+        .collect();
+    let mut puts = BTreeSet::new();
+    for op in ops {
+        let Some(request_op::Request::RequestTxn(t)) = &op.request else {
+            continue;
+        };
+        let (then_puts, then_dels) = check_intervals(&t.success)?;
+        let (else_puts, else_dels) = check_intervals(&t.failure)?;
+        for k in &then_puts {
+            if puts.contains(k) || deleted(&dels, k) {
+                return Err(EtcdError::DuplicateKey);
+            }
+            puts.insert(k.clone());
+        }
+        for k in &else_puts {
+            if (puts.contains(k) && !then_puts.contains(k)) || deleted(&dels, k) {
+                return Err(EtcdError::DuplicateKey);
+            }
+            puts.insert(k.clone());
+        }
+        dels.extend(then_dels);
+        dels.extend(else_dels);
+    }
+    for op in ops {
+        if let Some(request_op::Request::RequestPut(p)) = &op.request {
+            if puts.contains(&p.key) || deleted(&dels, &p.key) {
+                return Err(EtcdError::DuplicateKey);
+            }
+            puts.insert(p.key.clone());
+        }
+    }
+    Ok((puts, dels))
 }
 
 fn in_range(key: &[u8], start: &[u8], end: &[u8]) -> bool {
@@ -603,10 +666,10 @@ fn rev_header(revision: i64) -> ResponseHeader {
     }
 }
 
-/// Sets the header of a write response. The operations inside a txn keep the
-/// revision each one saw (a Range before the txn's writes answers the
-/// revision before them, as etcd does) and take the rest of `header`; a
-/// nested txn's own response has an empty header (revision 0), as in etcd.
+/// Sets the header of a write response. The operations inside a txn carry
+/// only the revision each one saw (a Range before the txn's writes answers
+/// the revision before them), and a nested txn's own response an empty
+/// header (revision 0), as in etcd.
 pub fn with_header(resp: EtcdWriteResponse, header: ResponseHeader) -> EtcdWriteResponse {
     match resp {
         EtcdWriteResponse::Put(mut p) => {
@@ -631,9 +694,10 @@ fn set_txn_headers(t: &mut TxnResponse, header: &ResponseHeader) {
 }
 
 fn set_op_headers(t: &mut TxnResponse, header: &ResponseHeader) {
+    // Inside a txn etcd sets only the revision of each operation's header.
     let fill = |h: &mut Option<ResponseHeader>| {
         let revision = h.map_or(header.revision, |h| h.revision);
-        *h = Some(ResponseHeader { revision, ..*header });
+        *h = Some(rev_header(revision));
     };
     for r in &mut t.responses {
         match &mut r.response {
@@ -647,5 +711,71 @@ fn set_op_headers(t: &mut TxnResponse, header: &ResponseHeader) {
             }
             None => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_engine_failures_and_corruption_are_fatal() {
+        let fatal = |e: storage::Error| !matches!(EtcdFailure::from(e), EtcdFailure::Refused(_));
+        assert!(fatal(storage::Error::Io(std::io::Error::other("disk"))));
+        assert!(fatal(storage::Error::Corruption {
+            what: "value",
+            detail: "bad version byte".into()
+        }));
+        let ts = Timestamp::new(5, 0);
+        assert!(!fatal(storage::Error::WriteTooOld {
+            key: b"k".to_vec(),
+            write_ts: ts,
+            existing_ts: ts,
+            retry_ts: Timestamp::new(5, 1),
+        }));
+        assert!(!fatal(storage::Error::InvalidArgument("empty key".into())));
+    }
+
+    #[test]
+    fn duplicate_writes_are_found_through_nested_txns() {
+        let put = |k: &str| RequestOp {
+            request: Some(request_op::Request::RequestPut(PutRequest {
+                key: k.into(),
+                ..Default::default()
+            })),
+        };
+        let del = |k: &str, end: &str| RequestOp {
+            request: Some(request_op::Request::RequestDeleteRange(DeleteRangeRequest {
+                key: k.into(),
+                range_end: end.into(),
+                ..Default::default()
+            })),
+        };
+        let nested = |success: Vec<RequestOp>, failure: Vec<RequestOp>| RequestOp {
+            request: Some(request_op::Request::RequestTxn(TxnRequest {
+                compare: vec![],
+                success,
+                failure,
+            })),
+        };
+        let txn = |ops: Vec<RequestOp>| TxnRequest {
+            compare: vec![],
+            success: ops,
+            failure: vec![],
+        };
+        let dup = |ops| matches!(validate_txn(&txn(ops)), Err(EtcdError::DuplicateKey));
+        assert!(dup(vec![put("a"), put("a")]));
+        assert!(dup(vec![put("a"), nested(vec![put("a")], vec![])]));
+        assert!(dup(vec![del("a", "c"), nested(vec![], vec![put("b")])]));
+        assert!(dup(vec![
+            nested(vec![put("a")], vec![]),
+            nested(vec![put("a")], vec![])
+        ]));
+        assert!(dup(vec![nested(vec![del("a", "")], vec![]), put("a")]));
+        // Branches of one nested txn exclude each other; deletes may overlap.
+        assert!(!dup(vec![nested(vec![put("a")], vec![put("a")])]));
+        assert!(!dup(vec![del("a", "c"), nested(vec![del("b", "")], vec![])]));
+        assert!(!dup(vec![put("a"), nested(vec![put("b")], vec![put("c")])]));
+        assert!(validate_txn(&txn(vec![put("a"), nested(vec![put("b")], vec![])])).is_ok());
     }
 }

@@ -365,3 +365,54 @@ fn an_engine_error_while_applying_stops_the_store_and_never_advances_the_applied
     let why = h.stopped().expect("the store says why it stopped");
     assert!(why.contains("entry") && why.contains("range 2"), "{why}");
 }
+
+#[test]
+fn a_txn_writing_one_key_twice_through_a_nested_txn_is_refused_and_the_store_serves_on() {
+    use proto::etcdserverpb::{request_op, RequestOp, TxnRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::start(cfg(dir.path())).unwrap();
+    let h = store.handle();
+    wait_for("the etcd range to serve", Duration::from_secs(10), || {
+        h.status(ETCD_RANGE_ID).is_some_and(|s| s.leader_ready)
+    });
+    let put_op = |v: &str| RequestOp {
+        request: Some(request_op::Request::RequestPut(PutRequest {
+            key: b"dup".to_vec(),
+            value: v.into(),
+            ..Default::default()
+        })),
+    };
+    // Proposed as is (no gRPC-side validation): apply must refuse it as etcd
+    // does, never take the MVCC layer's answer for an engine failure.
+    let txn = TxnRequest {
+        compare: vec![],
+        success: vec![
+            put_op("1"),
+            RequestOp {
+                request: Some(request_op::Request::RequestTxn(TxnRequest {
+                    compare: vec![],
+                    success: vec![put_op("2")],
+                    failure: vec![],
+                })),
+            },
+        ],
+        failure: vec![],
+    };
+    let cmd = RaftCommand {
+        max_lease_index: 0,
+        proposer_ts: None,
+        op: Some(raft_command::Op::EtcdTxn(txn)),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    match rt.block_on(h.propose(ETCD_RANGE_ID, cmd, Duration::from_secs(5))) {
+        Ok(ApplyOutcome::Etcd { result: Err(e), .. }) => {
+            assert_eq!(e.to_string(), "etcdserver: duplicate key given in txn request")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(h.stopped(), None);
+    put(&h, "after", "1").unwrap();
+}

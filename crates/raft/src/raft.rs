@@ -170,8 +170,8 @@ pub struct Raft<S: Storage> {
     pub(crate) randomized_timeout: u64,
     /// Ticks since this member started (saturating at the election timeout).
     pub(crate) ticks_since_start: u64,
-    /// Ticks since this member last heard from a leader (saturating at the
-    /// election timeout). Unlike `election_elapsed`, a change of term does not
+    /// Ticks since this member last heard from a leader (saturating at
+    /// `u64::MAX`). Unlike `election_elapsed`, a change of term does not
     /// reset it: it is the promise a leader's lease rests on, and a follower
     /// moved to a new term (by a stale answer to its own pre-vote, say) must
     /// keep it.
@@ -418,6 +418,15 @@ impl<S: Storage> Raft<S> {
             if self.lead_transferee != NONE {
                 // The transfer did not finish within an election timeout.
                 self.lead_transferee = NONE;
+            }
+            if self.lease_disabled_term == self.term {
+                // A TimeoutNow left in this term and nobody took over (it
+                // was lost, or its target died): this leader may never
+                // claim a lease again in this term, so it steps down and
+                // lets an election start a term that can have one.
+                let t = self.term;
+                self.become_follower(t, NONE);
+                return;
             }
         }
         if self.heartbeat_elapsed >= self.cfg.heartbeat_ticks {

@@ -515,6 +515,22 @@ fn no_lease_after_sending_timeout_now() {
     n.settle();
     assert_eq!(n.node(1).role(), Role::Leader);
     assert_eq!(n.node(1).lease_round(), None);
+    // Without a lease for the rest of its term, it steps down after an
+    // election timeout, and a later term has a leader with a lease again.
+    n.cut.clear();
+    n.tick(1, 10);
+    assert_ne!(
+        n.node(1).role(),
+        Role::Leader,
+        "a leader without a lease for good steps down"
+    );
+    n.tick_all(60);
+    let leader = (1..=3)
+        .find(|&id| n.node(id).role() == Role::Leader)
+        .expect("a new leader");
+    assert!(n.node(leader).term() > 2);
+    n.tick(leader, 1);
+    assert!(n.node(leader).lease_round().is_some(), "the new term has a lease");
 }
 
 // ---- replication -----------------------------------------------------------------

@@ -1,10 +1,15 @@
-//! Tardigrade's administrative gRPC API: what `tardigrade debug ranges` shows.
+//! Tardigrade's administrative gRPC API: what `tardigrade debug ranges` and
+//! `node status` show, and `debug transfer-lease`.
 
 use std::sync::Arc;
 
+use std::time::{Duration, Instant};
+
 use proto::admin::{
     admin_server::Admin, NodeStatus, NodesStatusRequest, NodesStatusResponse, RangeInfo, RangesRequest, RangesResponse,
+    TransferLeaseRequest, TransferLeaseResponse,
 };
+use proto::storage::replica_descriptor;
 use tonic::{Request, Response, Status};
 
 use crate::Shared;
@@ -14,8 +19,74 @@ pub struct AdminApi {
     pub shared: Arc<Shared>,
 }
 
+/// How long a lease transfer may take before the caller is told it did not.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(5);
+
 #[tonic::async_trait]
 impl Admin for AdminApi {
+    async fn transfer_lease(
+        &self,
+        req: Request<TransferLeaseRequest>,
+    ) -> Result<Response<TransferLeaseResponse>, Status> {
+        let store = self.shared.store()?;
+        let TransferLeaseRequest { range_id, to_node } = req.into_inner();
+        let me = store.ident().node_id;
+        let st = store
+            .status(range_id)
+            .ok_or_else(|| Status::not_found(format!("node {me} has no replica of range {range_id}")))?;
+        let leader_node = |st: &kvserver::ReplicaStatus| {
+            st.desc
+                .replicas
+                .iter()
+                .find(|r| st.leader != 0 && r.replica_id == st.leader)
+                .map(|r| r.node_id)
+        };
+        match leader_node(&st) {
+            Some(n) if n == me && st.leader_ready => {}
+            Some(n) => {
+                return Err(Status::failed_precondition(format!(
+                    "node {me} does not hold the lease of range {range_id}: node {n} does; ask it"
+                )))
+            }
+            None => {
+                return Err(Status::unavailable(format!(
+                    "range {range_id} has no leader now; try again"
+                )))
+            }
+        }
+        if to_node == me {
+            return Ok(Response::new(TransferLeaseResponse { leaseholder: me }));
+        }
+        let voter = st
+            .desc
+            .replicas
+            .iter()
+            .any(|r| r.node_id == to_node && r.r#type == replica_descriptor::Type::Voter as i32);
+        if !voter {
+            return Err(Status::invalid_argument(format!(
+                "node {to_node} has no voting replica of range {range_id}"
+            )));
+        }
+        store
+            .transfer_leader(range_id, to_node)
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let deadline = Instant::now() + TRANSFER_TIMEOUT;
+        loop {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            if let Some(n) = store.status(range_id).as_ref().and_then(leader_node) {
+                if n == to_node {
+                    return Ok(Response::new(TransferLeaseResponse { leaseholder: n }));
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(Status::deadline_exceeded(format!(
+                    "the lease of range {range_id} did not move to node {to_node} within {}s (is it behind or unreachable?)",
+                    TRANSFER_TIMEOUT.as_secs()
+                )));
+            }
+        }
+    }
+
     async fn ranges(&self, _req: Request<RangesRequest>) -> Result<Response<RangesResponse>, Status> {
         let store = self.shared.store()?;
         let now = std::time::Instant::now();
