@@ -373,23 +373,28 @@ fn a_leader_that_loses_its_quorum_steps_down() {
     assert_eq!(n.node(1).lease_round(), None);
 }
 
+/// A (non-pre) vote request from 3 to 2 for `term`, with a log that wins.
+fn vote_3_to_2(term: u64, transfer: bool) -> Message {
+    Message {
+        from: 3,
+        to: 2,
+        term,
+        body: MessageBody::Vote {
+            pre: false,
+            last_index: 100,
+            last_term: term - 1,
+            transfer,
+        },
+    }
+}
+
 #[test]
 fn a_follower_in_lease_ignores_votes_but_not_a_transfer_campaign() {
     let mut n = Net::new(&[1, 2, 3]);
     n.elect(1);
     n.tick_all(1);
     let term = n.node(1).term();
-    let vote = |transfer| Message {
-        from: 3,
-        to: 2,
-        term: term + 1,
-        body: MessageBody::Vote {
-            pre: false,
-            last_index: 100,
-            last_term: term,
-            transfer,
-        },
-    };
+    let vote = |transfer| vote_3_to_2(term + 1, transfer);
     n.node(2).step(vote(false));
     assert_eq!(n.node(2).term(), term, "a vote in lease is ignored");
     assert!(n.node(2).ready().persisted_messages.is_empty());
@@ -425,17 +430,7 @@ fn a_follower_moved_to_a_new_term_without_a_leader_keeps_its_lease_promise() {
     });
     assert_eq!(n.node(2).term(), term + 1, "a rejection of a higher term moves it on");
     assert_eq!(n.node(2).leader(), NONE);
-    let vote = Message {
-        from: 3,
-        to: 2,
-        term: term + 1,
-        body: MessageBody::Vote {
-            pre: false,
-            last_index: 100,
-            last_term: term,
-            transfer: false,
-        },
-    };
+    let vote = vote_3_to_2(term + 1, false);
     n.node(2).step(vote.clone());
     assert_eq!(n.node(2).raft.vote, NONE, "no vote while the leader's lease may hold");
     // Once an election timeout has passed since it heard the leader, it votes.
