@@ -112,6 +112,11 @@ pub fn header(store: &StoreHandle, revision: i64, raft_term: u64) -> ResponseHea
 /// Evaluates `req` here.
 pub async fn evaluate(store: &StoreHandle, req: BatchRequest, opts: &EvalOptions) -> BatchResponse {
     let range_id = req.range_id;
+    // A store whose raft loop stopped serves nothing, testing knobs or not:
+    // the sender looks elsewhere.
+    if let Some(why) = store.stopped() {
+        return error(batch_error::Kind::Unavailable(why));
+    }
     // A range this store lacks is answered RangeNotFound (the sender looks
     // elsewhere); one it has refuses what it does not hold.
     if store.has_range(range_id) {

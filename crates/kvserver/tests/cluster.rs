@@ -364,6 +364,38 @@ fn an_engine_error_while_applying_stops_the_store_and_never_advances_the_applied
     assert!(again.contains("Stopped"), "{again}");
     let why = h.stopped().expect("the store says why it stopped");
     assert!(why.contains("entry") && why.contains("range 2"), "{why}");
+    // Asked anyway (even with the stale-read testing knob on), it answers
+    // unavailable, so a sender looks elsewhere.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let req = proto::kvserver::BatchRequest {
+        range_id: ETCD_RANGE_ID,
+        request: Some(proto::kvserver::batch_request::Request::EtcdRange(
+            proto::etcdserverpb::RangeRequest {
+                key: b"k".to_vec(),
+                ..Default::default()
+            },
+        )),
+        ..Default::default()
+    };
+    let opts = kvserver::evaluator::EvalOptions {
+        write_timeout: Duration::from_secs(1),
+        unsafe_follower_reads: true,
+    };
+    let answer = rt.block_on(kvserver::evaluator::evaluate(&h, req, &opts));
+    assert!(
+        matches!(
+            answer.response,
+            Some(proto::kvserver::batch_response::Response::Error(
+                proto::kvserver::BatchError {
+                    kind: Some(proto::kvserver::batch_error::Kind::Unavailable(_))
+                }
+            ))
+        ),
+        "{answer:?}"
+    );
 }
 
 #[test]
