@@ -22,9 +22,11 @@ pub mod replica;
 pub mod replicate_queue;
 mod router;
 mod scheduler;
+pub mod spanlatch;
 pub mod store;
 pub mod ticker;
 pub mod transport;
+pub mod tscache;
 
 pub use replica::{ApplyOutcome, ProposeError, ReplicaStatus};
 pub use store::{Bootstrap, Store, StoreConfig, StoreHandle, StoreOptions};
