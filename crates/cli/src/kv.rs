@@ -308,56 +308,14 @@ fn show_key(k: &[u8]) -> String {
         .collect()
 }
 
-/// `debug transfer-lease`: finds the range's leaseholder through `host` (its
-/// view of the range and the node addresses), asks it to move the lease to
-/// `to_node`, and says where the lease is now.
+/// `debug transfer-lease`: finds the range's leaseholder through `host`,
+/// asks it to move the lease to `to_node`, and says where the lease is now.
 pub async fn transfer_lease(host: &str, range: u64, to_node: u64) -> Result<()> {
-    let mut admin = AdminClient::new(connect(host).await?);
-    let ranges = admin
-        .ranges(RangesRequest {})
-        .await
-        .map_err(|s| anyhow::anyhow!("cannot list ranges on {host}: {}", s.message()))?
-        .into_inner();
-    let Some(info) = ranges
-        .ranges
-        .iter()
-        .find(|r| r.descriptor.as_ref().is_some_and(|d| d.range_id == range))
-    else {
-        bail!(
-            "node {} has no replica of range {range}; ask a node that does (see `debug ranges`)",
-            ranges.node_id
-        );
-    };
-    let desc = info.descriptor.clone().unwrap_or_default();
-    let Some(leader) = desc.replicas.iter().find(|r| r.replica_id == info.raft_leader) else {
-        bail!("range {range} has no leader now; try again");
-    };
-    let nodes = admin
-        .nodes(proto::admin::NodesStatusRequest {})
-        .await
-        .map_err(|s| anyhow::anyhow!("cannot list nodes on {host}: {}", s.message()))?
-        .into_inner();
-    let addr = nodes
-        .nodes
-        .iter()
-        .find(|n| n.node_id == leader.node_id)
-        .map_or_else(|| host.to_string(), |n| n.addr.clone());
-    if leader.node_id == to_node {
-        println!("range {range}: node {to_node} holds the lease already");
-        return Ok(());
+    let (from, to) = kv::admin::transfer_lease(host, range, to_node).await?;
+    if from == to {
+        println!("range {range}: node {to} holds the lease already");
+    } else {
+        println!("range {range}: lease moved from node {from} to node {to}");
     }
-    let mut at_leader = AdminClient::new(connect(&addr).await?);
-    let r = at_leader
-        .transfer_lease(proto::admin::TransferLeaseRequest {
-            range_id: range,
-            to_node,
-        })
-        .await
-        .map_err(|s| anyhow::anyhow!("transfer of range {range}'s lease failed: {}", s.message()))?
-        .into_inner();
-    println!(
-        "range {range}: lease moved from node {} to node {}",
-        leader.node_id, r.leaseholder
-    );
     Ok(())
 }

@@ -150,6 +150,10 @@ enum WorkloadCmd {
         /// Seconds a fault lasts.
         #[arg(long, default_value_t = 2.0)]
         fault_duration: f64,
+        /// Also move the etcd range's lease to another node about every this
+        /// many seconds (admin TransferLease); 0 never.
+        #[arg(long, default_value_t = 0.0)]
+        lease_transfers: f64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
         /// Seconds the checker may take.
@@ -277,6 +281,7 @@ fn real_main() -> Result<()> {
                         pids,
                         fault_interval,
                         fault_duration,
+                        lease_transfers,
                         seed,
                         check_seconds,
                     },
@@ -296,11 +301,18 @@ fn real_main() -> Result<()> {
                         interval: Duration::from_secs_f64(fault_interval.max(0.1)),
                         fault_duration: Duration::from_secs_f64(fault_duration.max(0.1)),
                     }),
+                    lease_transfers: (lease_transfers > 0.0)
+                        .then(|| Duration::from_secs_f64(lease_transfers.max(0.05))),
                     check_budget: Duration::from_secs(check_seconds.max(1)),
                 };
                 eprintln!(
                     "register workload: {clients} clients on {keys} keys for {duration}s against {hosts:?}{}",
-                    if nemesis { " with the nemesis" } else { "" }
+                    match (nemesis, lease_transfers > 0.0) {
+                        (true, true) => " with the nemesis and lease transfers",
+                        (true, false) => " with the nemesis",
+                        (false, true) => " with lease transfers",
+                        (false, false) => "",
+                    }
                 );
                 let r = workload::register::run(cfg).await;
                 for f in &r.faults {

@@ -581,6 +581,8 @@ async fn the_register_workload_under_the_nemesis_is_linearizable() {
             "11",
             "--check-seconds",
             "30",
+            "--lease-transfers",
+            "1.5",
         ])
         .output()
         .expect("run the workload");
@@ -598,6 +600,10 @@ async fn the_register_workload_under_the_nemesis_is_linearizable() {
     assert!(stdout.contains("LINEARIZABLE over"), "{stdout}");
     assert!(stdout.contains(", 0 lost"), "{stdout}");
     assert!(stdout.contains("nemesis: "), "the nemesis did something: {stdout}");
+    assert!(
+        stdout.contains("lease of the etcd range moved"),
+        "leases moved during the run: {stdout}"
+    );
     assert!(
         again.contains("LINEARIZABLE over") && !again.contains("NOT"),
         "second run: {again}"

@@ -32,6 +32,8 @@ pub struct RegisterConfig {
     pub op_timeout: Duration,
     pub seed: u64,
     pub nemesis: Option<NemesisConfig>,
+    /// Move the etcd range's lease to a random voter about this often.
+    pub lease_transfers: Option<Duration>,
     /// Time the checker may spend.
     pub check_budget: Duration,
 }
@@ -314,6 +316,49 @@ fn respawn(v: &Victim) -> Option<u32> {
     Some(child.id())
 }
 
+/// Moves the etcd range's lease to a random other voter every `interval`
+/// on average (through a random node), until `deadline`; records each move.
+async fn lease_mover(
+    endpoints: Vec<String>,
+    interval: Duration,
+    seed: u64,
+    deadline: Instant,
+    faults: Arc<Mutex<Vec<String>>>,
+) {
+    const ETCD_RANGE: u64 = 2;
+    let mut rng = Rng(seed.rotate_left(17) | 1);
+    let start = Instant::now();
+    loop {
+        let wait = interval / 2 + Duration::from_millis(rng.below(interval.as_millis() as u64));
+        if Instant::now() + wait >= deadline {
+            return;
+        }
+        tokio::time::sleep(wait).await;
+        let host = &endpoints[rng.below(endpoints.len() as u64) as usize];
+        let at = start.elapsed().as_secs_f64();
+        let what = match kv::admin::find_lease(host, ETCD_RANGE).await {
+            Ok(lease) => {
+                let others: Vec<u64> = lease
+                    .voter_nodes
+                    .iter()
+                    .copied()
+                    .filter(|&n| n != lease.leaseholder_node)
+                    .collect();
+                if others.is_empty() {
+                    continue;
+                }
+                let to = others[rng.below(others.len() as u64) as usize];
+                match kv::admin::transfer_lease(host, ETCD_RANGE, to).await {
+                    Ok((from, to)) => format!("{at:.1}s: lease of the etcd range moved from node {from} to node {to}"),
+                    Err(e) => format!("{at:.1}s: lease transfer not done: {e}"),
+                }
+            }
+            Err(e) => format!("{at:.1}s: lease transfer not done: {e}"),
+        };
+        faults.lock().unwrap_or_else(|e| e.into_inner()).push(what);
+    }
+}
+
 async fn nemesis(cfg: NemesisConfig, seed: u64, deadline: Instant, faults: Arc<Mutex<Vec<String>>>) -> Vec<u32> {
     let mut victims: Vec<Victim> = cfg.pids.iter().filter_map(|&p| read_victim(p)).collect();
     let mut rng = Rng(seed | 1);
@@ -379,11 +424,23 @@ pub async fn run(cfg: RegisterConfig) -> RegisterReport {
         .nemesis
         .clone()
         .map(|n| tokio::spawn(nemesis(n, cfg.seed, deadline, faults.clone())));
+    let mover = cfg.lease_transfers.map(|every| {
+        tokio::spawn(lease_mover(
+            cfg.endpoints.clone(),
+            every,
+            cfg.seed,
+            deadline,
+            faults.clone(),
+        ))
+    });
     let clients: Vec<_> = (0..cfg.clients as u64)
         .map(|id| tokio::spawn(client(cfg.clone(), id, shared.clone(), deadline)))
         .collect();
     for c in clients {
         let _ = c.await;
+    }
+    if let Some(m) = mover {
+        let _ = m.await;
     }
     let restarted_pids = match nem {
         Some(n) => n.await.unwrap_or_default(),
