@@ -1,11 +1,14 @@
 //! A Tardigrade store: one engine, the replicas of ranges on it, the MultiRaft
 //! scheduler that drives all their raft groups from one thread with one synced
-//! write per cycle, the node's hybrid logical clock, and the evaluation of
-//! requests (etcd's KV API, applied in log order).
+//! write per cycle, the node's hybrid logical clock, node liveness, and the
+//! evaluation of requests (etcd's KV API, applied in log order). One
+//! mechanism per module: see the module map in `docs/architecture.md`.
 //!
 //! This crate joins `raft` and `storage`; it must never speak gRPC or HTTP
-//! (that is `server`), and it reaches time only through `hlc::WallClock` and
-//! `std::time::Instant` in the scheduler, so a simulation can replace them.
+//! (that is `server`). It reaches time only through `hlc::WallClock`,
+//! `std::time::Instant` (the scheduler's tick timer and leases) and tokio's
+//! timers (waiting for proposals, the liveness heartbeat loop), so a
+//! simulation can replace them.
 
 mod apply;
 pub mod command;
