@@ -248,19 +248,68 @@ pub async fn node_status(host: &str) -> Result<()> {
     Ok(())
 }
 
-pub async fn debug_ranges(host: &str) -> Result<()> {
+/// Which ranges `debug ranges` shows and how.
+pub struct RangesView {
+    /// Only ranges overlapping `[start, end)` (keys as `debug ranges` prints
+    /// them, `\xNN` for other bytes; an empty end is the end of the keyspace).
+    pub start: String,
+    pub end: String,
+    /// Only the closing summary line.
+    pub summary: bool,
+}
+
+/// A key as `show_key` prints it: printable bytes as they are, others `\xNN`.
+pub fn parse_key(s: &str) -> Result<Vec<u8>> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && b.get(i + 1) == Some(&b'x') {
+            let hex = s.get(i + 2..i + 4).context("a \\x escape needs two hex digits")?;
+            out.push(u8::from_str_radix(hex, 16).with_context(|| format!("bad escape \\x{hex}"))?);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    Ok(out)
+}
+
+pub async fn debug_ranges(host: &str, view: &RangesView) -> Result<()> {
+    let (start, end) = (parse_key(&view.start)?, parse_key(&view.end)?);
     let mut admin = AdminClient::new(connect(host).await?);
     let r = admin
         .ranges(RangesRequest {})
         .await
         .context("ranges failed")?
         .into_inner();
+    let total = r.ranges.len();
+    let shown: Vec<_> = r
+        .ranges
+        .into_iter()
+        .filter(|info| {
+            let d = info.descriptor.clone().unwrap_or_default();
+            (d.end_key.is_empty() || start < d.end_key) && (end.is_empty() || d.start_key < end)
+        })
+        .collect();
+    let leases = shown.iter().filter(|i| i.lease_valid).count();
+    let bytes: i64 = shown.iter().map(|i| i.stats.map_or(0, |s| s.live_bytes)).sum();
+    let summary = format!(
+        "{} of {total} ranges on node {} shown; {leases} leases held here; {bytes} live bytes",
+        shown.len(),
+        r.node_id
+    );
+    if view.summary {
+        println!("{summary}");
+        return Ok(());
+    }
     println!("node {}", r.node_id);
     println!(
         "{:<6} {:<8} {:<22} {:<10} {:<7} {:<6} {:<9} {:<9} {:>8} {:>10} {:>7}",
         "range", "name", "span", "replicas", "leader", "term", "commit", "applied", "keys", "live bytes", "lease"
     );
-    for info in r.ranges {
+    for info in shown {
         let d = info.descriptor.unwrap_or_default();
         let st = info.stats.unwrap_or_default();
         let replicas: Vec<String> = d
@@ -293,6 +342,7 @@ pub async fn debug_ranges(host: &str) -> Result<()> {
             if info.lease_valid { "valid" } else { "-" }
         );
     }
+    println!("{summary}");
     Ok(())
 }
 

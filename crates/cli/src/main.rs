@@ -183,6 +183,16 @@ enum DebugCmd {
     Ranges {
         #[arg(long, default_value = "127.0.0.1:2379")]
         host: String,
+        /// Only ranges overlapping [--start, --end) (bytes other than
+        /// printable ASCII as \xNN, as the span column shows them).
+        #[arg(long, default_value = "")]
+        start: String,
+        /// Empty: to the end of the keyspace.
+        #[arg(long, default_value = "")]
+        end: String,
+        /// Only the summary line (how many ranges, leases, bytes).
+        #[arg(long)]
+        summary: bool,
     },
     /// Moves a range's lease (its raft leadership) to another node's replica,
     /// giving it up before the new leader can take over. Asks any node, then
@@ -264,8 +274,14 @@ fn real_main() -> Result<()> {
             } => kv::node_status(&host).await,
             Cmd::Kv { cmd, host } => kv::run(cmd, &host).await,
             Cmd::Debug {
-                cmd: DebugCmd::Ranges { host },
-            } => kv::debug_ranges(&host).await,
+                cmd:
+                    DebugCmd::Ranges {
+                        host,
+                        start,
+                        end,
+                        summary,
+                    },
+            } => kv::debug_ranges(&host, &kv::RangesView { start, end, summary }).await,
             Cmd::Debug {
                 cmd: DebugCmd::TransferLease { range, to_node, host },
             } => kv::transfer_lease(&host, range, to_node).await,

@@ -56,6 +56,24 @@ fn kv_commands_debug_ranges_health_and_metrics() {
         assert!(out.contains(name), "{out}");
     }
     assert!(out.contains("valid"), "leases are held: {out}");
+    assert!(out.contains("3 of 3 ranges on node 1 shown"), "{out}");
+    // Filtered by key span (escapes as the span column prints them).
+    let (code, out, err) = tardigrade(&["debug", "ranges", "--host", &h, "--start", "\\x10", "--end", "\\x10a"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("etcd") && !out.contains("system") && !out.contains("user"),
+        "{out}"
+    );
+    assert!(out.contains("1 of 3 ranges"), "{out}");
+    let (_, out, _) = tardigrade(&["debug", "ranges", "--host", &h, "--start", "\\x11", "--summary"]);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(
+        out.starts_with("1 of 3 ranges on node 1 shown; 1 leases held here"),
+        "{out}"
+    );
+    let (code, _, err) = tardigrade(&["debug", "ranges", "--host", &h, "--start", "\\xZZ"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("bad escape"), "{err}");
     let (code, body) = http_get(&node.health, "/health").unwrap();
     assert_eq!((code, body.trim()), (200, "{\"health\":\"true\"}"));
     let (code, metrics) = http_get(&node.health, "/metrics").unwrap();
