@@ -354,6 +354,11 @@ fn real_main() -> Result<()> {
                     r.longest_unavailability_from.as_secs_f64(),
                     r.longest_operation.as_secs_f64()
                 );
+                if !r.read_back {
+                    anyhow::bail!(
+                        "the cluster could not be read back after the run (every insert counts as lost): no node answered the final reads within 20 s"
+                    );
+                }
                 if !r.ok() {
                     anyhow::bail!("the history is not what a linearizable store with no lost writes produces");
                 }

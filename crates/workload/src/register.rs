@@ -58,6 +58,9 @@ pub struct RegisterReport {
     pub check_time: Duration,
     pub inserts_acked: usize,
     pub inserts_lost: Vec<String>,
+    /// The final read-back reached the cluster (if not, every insert counts
+    /// as lost and the run fails, saying so).
+    pub read_back: bool,
     /// The longest stretch with no operation completing successfully.
     pub longest_unavailability: Duration,
     /// When that stretch began, from the start of the run.
@@ -86,6 +89,41 @@ impl Rng {
     }
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
+    }
+}
+
+/// Every key in `[start, end)`, read in pages (one answer with tens of
+/// thousands of keys is larger than a gRPC message may be); `None` if any
+/// page fails.
+async fn read_all_keys(c: &mut KvClient<Channel>, start: Vec<u8>, end: Vec<u8>) -> Option<BTreeSet<String>> {
+    const PAGE: i64 = 5000;
+    let mut keys = BTreeSet::new();
+    let mut from = start;
+    loop {
+        let r = c
+            .range(RangeRequest {
+                key: from.clone(),
+                range_end: end.clone(),
+                keys_only: true,
+                limit: PAGE,
+                ..Default::default()
+            })
+            .await
+            .ok()?
+            .into_inner();
+        let last = r.kvs.last().map(|kv| kv.key.clone());
+        keys.extend(
+            r.kvs
+                .into_iter()
+                .map(|kv| String::from_utf8_lossy(&kv.key).into_owned()),
+        );
+        match last {
+            Some(mut k) if r.more => {
+                k.push(0);
+                from = k;
+            }
+            _ => return Some(keys),
+        }
     }
 }
 
@@ -481,22 +519,14 @@ pub async fn run(cfg: RegisterConfig) -> RegisterReport {
                     Err(_) => continue 'outer,
                 }
             }
-            let all = c
-                .range(RangeRequest {
-                    key: format!("{}inserts/", shared.prefix).into_bytes(),
-                    range_end: format!("{}inserts0", shared.prefix).into_bytes(),
-                    keys_only: true,
-                    ..Default::default()
-                })
-                .await;
-            if let Ok(r) = all {
-                present = Some(
-                    r.into_inner()
-                        .kvs
-                        .into_iter()
-                        .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
-                        .collect(),
-                );
+            if let Some(all) = read_all_keys(
+                &mut c,
+                format!("{}inserts/", shared.prefix).into_bytes(),
+                format!("{}inserts0", shared.prefix).into_bytes(),
+            )
+            .await
+            {
+                present = Some(all);
                 finals = got;
                 break 'outer;
             }
@@ -504,6 +534,7 @@ pub async fn run(cfg: RegisterConfig) -> RegisterReport {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     history.extend(finals);
+    let read_back = present.is_some();
     let inserts_lost: Vec<String> = match &present {
         Some(p) => inserts.iter().filter(|k| !p.contains(*k)).cloned().collect(),
         None => inserts.clone(), // nothing could be read back at all
@@ -542,10 +573,94 @@ pub async fn run(cfg: RegisterConfig) -> RegisterReport {
         check_time,
         inserts_acked: inserts.len(),
         inserts_lost,
+        read_back,
         longest_unavailability: Duration::from_nanos(longest),
         longest_unavailability_from: Duration::from_nanos(longest_from),
         longest_operation: Duration::from_nanos(longest_operation),
         faults,
         restarted_pids,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::etcdserverpb::kv_server::{Kv, KvServer};
+    use proto::etcdserverpb::{
+        CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse,
+        RangeResponse, TxnRequest, TxnResponse,
+    };
+    use proto::mvccpb::KeyValue;
+    use tonic::{Request, Response, Status};
+
+    /// A KV server holding `n` keys that, like a real transport, refuses an
+    /// answer larger than `max_keys` keys (a gRPC message has a size limit).
+    struct Big {
+        n: usize,
+        max_keys: usize,
+    }
+
+    #[tonic::async_trait]
+    impl Kv for Big {
+        async fn range(&self, r: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+            let r = r.into_inner();
+            let all: Vec<Vec<u8>> = (0..self.n)
+                .map(|i| format!("p/inserts/{i:06}").into_bytes())
+                .filter(|k| *k >= r.key && *k < r.range_end)
+                .collect();
+            let limit = if r.limit > 0 { r.limit as usize } else { usize::MAX };
+            let take = all.len().min(limit);
+            if take > self.max_keys {
+                return Err(Status::resource_exhausted("message too large"));
+            }
+            Ok(Response::new(RangeResponse {
+                kvs: all[..take]
+                    .iter()
+                    .map(|k| KeyValue {
+                        key: k.clone(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                more: all.len() > take,
+                count: all.len() as i64,
+                header: None,
+            }))
+        }
+        async fn put(&self, _: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+            Err(Status::unimplemented("put"))
+        }
+        async fn delete_range(&self, _: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
+            Err(Status::unimplemented("delete_range"))
+        }
+        async fn txn(&self, _: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+            Err(Status::unimplemented("txn"))
+        }
+        async fn compact(&self, _: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
+            Err(Status::unimplemented("compact"))
+        }
+    }
+
+    /// A 180 s nemesis run acknowledged 56,171 inserts and reported all of
+    /// them lost: its read-back asked for every key in one answer, larger
+    /// than a gRPC message may be. It reads in pages now.
+    #[tokio::test]
+    async fn the_read_back_reads_in_pages_however_many_keys() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(KvServer::new(Big {
+                    n: 12_345,
+                    max_keys: 6_000,
+                }))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let mut c = connect(&addr.to_string(), Duration::from_secs(5)).await.unwrap();
+        let keys = read_all_keys(&mut c, b"p/inserts/".to_vec(), b"p/inserts0".to_vec())
+            .await
+            .expect("read back");
+        assert_eq!(keys.len(), 12_345);
+        assert!(keys.contains("p/inserts/012344") && keys.contains("p/inserts/000000"));
+        server.abort();
     }
 }
