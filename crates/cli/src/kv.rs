@@ -265,7 +265,10 @@ pub fn parse_key(s: &str) -> Result<Vec<u8>> {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'\\' && b.get(i + 1) == Some(&b'x') {
-            let hex = s.get(i + 2..i + 4).context("a \\x escape needs two hex digits")?;
+            let hex = s
+                .get(i + 2..i + 4)
+                .filter(|h| h.bytes().all(|c| c.is_ascii_hexdigit()))
+                .with_context(|| format!("bad escape at byte {i}: \\x needs two hex digits"))?;
             out.push(u8::from_str_radix(hex, 16).with_context(|| format!("bad escape \\x{hex}"))?);
             i += 4;
         } else {

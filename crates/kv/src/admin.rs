@@ -64,7 +64,11 @@ pub async fn find_lease(host: &str, range: u64) -> Result<RangeLease, AdminError
         )));
     };
     let desc = info.descriptor.clone().unwrap_or_default();
-    let Some(leader) = desc.replicas.iter().find(|r| r.replica_id == info.raft_leader) else {
+    let Some(leader) = desc
+        .replicas
+        .iter()
+        .find(|r| info.raft_leader != 0 && r.replica_id == info.raft_leader)
+    else {
         return Err(AdminError::Refused(format!(
             "range {range} has no leader now; try again"
         )));

@@ -94,6 +94,9 @@ impl TsCache {
     pub fn get_max(&self, span: &Span) -> Timestamp {
         let (start, end) = bounds(span);
         let mut max = self.low_water;
+        if start >= end {
+            return max; // an empty (or inverted) span holds no key
+        }
         // The span starting at or before `start` may reach into it.
         if let Some((_, (e, t))) = self.spans.range(..=start.clone()).next_back() {
             if *e > start {
@@ -206,6 +209,11 @@ mod tests {
         c.add(&Span::range(b"l", b"n"), ts(40));
         assert_eq!(c.get_max(&Span::key(b"m")), ts(40));
         assert_eq!(c.get_max(&Span::key(b"o")), ts(30));
+        assert_eq!(
+            c.get_max(&Span::range(b"z", b"a")),
+            ts(10),
+            "an inverted span holds nothing"
+        );
         c.add(&Span::key(b"x"), ts(5)); // below the low-water mark: nothing to keep
         assert_eq!(c.get_max(&Span::key(b"x")), ts(10));
         c.raise_low_water(ts(35));

@@ -401,6 +401,9 @@ impl<S: Storage> Raft<S> {
         // From here on this leader must not serve lease reads in this term: the
         // transferee may win without waiting for anyone's lease.
         self.lease_disabled_term = self.term;
+        // A full election timeout from now for the transferee to win before
+        // this leader gives up (see `tick_heartbeat`).
+        self.election_elapsed = 0;
         let t = self.term;
         self.send(to, t, MessageBody::TimeoutNow);
     }

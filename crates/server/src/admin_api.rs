@@ -43,6 +43,11 @@ impl Admin for AdminApi {
         };
         match leader_node(&st) {
             Some(n) if n == me && st.leader_ready => {}
+            Some(n) if n == me => {
+                return Err(Status::unavailable(format!(
+                    "node {me} was just elected leader of range {range_id} and does not serve yet; try again"
+                )))
+            }
             Some(n) => {
                 return Err(Status::failed_precondition(format!(
                     "node {me} does not hold the lease of range {range_id}: node {n} does; ask it"
@@ -57,18 +62,18 @@ impl Admin for AdminApi {
         if to_node == me {
             return Ok(Response::new(TransferLeaseResponse { leaseholder: me }));
         }
-        let voter = st
+        let Some(target) = st
             .desc
             .replicas
             .iter()
-            .any(|r| r.node_id == to_node && r.r#type == replica_descriptor::Type::Voter as i32);
-        if !voter {
+            .find(|r| r.node_id == to_node && r.r#type == replica_descriptor::Type::Voter as i32)
+        else {
             return Err(Status::invalid_argument(format!(
                 "node {to_node} has no voting replica of range {range_id}"
             )));
-        }
+        };
         store
-            .transfer_leader(range_id, to_node)
+            .transfer_leader(range_id, target.store_id)
             .map_err(|e| Status::unavailable(e.to_string()))?;
         let deadline = Instant::now() + TRANSFER_TIMEOUT;
         loop {

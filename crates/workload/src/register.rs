@@ -111,6 +111,9 @@ async fn read_all_keys(c: &mut KvClient<Channel>, start: Vec<u8>, end: Vec<u8>) 
             .await
             .ok()?
             .into_inner();
+        if r.more && r.kvs.is_empty() {
+            return None; // "more" with nothing: not a read to conclude from
+        }
         let last = r.kvs.last().map(|kv| kv.key.clone());
         keys.extend(
             r.kvs
