@@ -48,18 +48,7 @@ pub enum KvCmd {
 }
 
 async fn connect(host: &str) -> Result<Channel> {
-    let url = if host.starts_with("http") {
-        host.to_string()
-    } else {
-        format!("http://{host}")
-    };
-    Channel::from_shared(url.clone())
-        .with_context(|| format!("bad address {host}"))?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .timeout(std::time::Duration::from_secs(15))
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to {host}"))
+    Ok(kv::admin::connect(host).await?)
 }
 
 fn prefix_end(key: &[u8]) -> Vec<u8> {

@@ -25,7 +25,9 @@ pub struct RangeLease {
     pub voter_nodes: Vec<u64>,
 }
 
-async fn admin(addr: &str) -> Result<AdminClient<Channel>, AdminError> {
+/// A channel to a node's gRPC port (`host:port` or a URL), with the
+/// timeouts every client call of ours uses.
+pub async fn connect(addr: &str) -> Result<Channel, AdminError> {
     let url = if addr.starts_with("http") {
         addr.to_string()
     } else {
@@ -42,7 +44,11 @@ async fn admin(addr: &str) -> Result<AdminClient<Channel>, AdminError> {
         .connect()
         .await
         .map_err(|e| err(e.to_string()))?;
-    Ok(AdminClient::new(ch))
+    Ok(ch)
+}
+
+async fn admin(addr: &str) -> Result<AdminClient<Channel>, AdminError> {
+    Ok(AdminClient::new(connect(addr).await?))
 }
 
 /// Where `range`'s lease is, asking the node at `host`.

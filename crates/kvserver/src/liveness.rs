@@ -130,6 +130,54 @@ impl View<'_> {
     }
 }
 
+/// One known store as liveness judges it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NodeLiveness {
+    pub store: u64,
+    pub live: bool,
+    pub record: Option<Liveness>,
+    /// When this store last heard from it (now for itself).
+    pub last_heard: Option<Instant>,
+}
+
+/// Judges every store in `known` from what a store knows: the records in
+/// `engine` when it holds a replica of the system range, else what it heard.
+pub fn judge(
+    engine: &dyn Reader,
+    has_system_range: bool,
+    heard: &HashMap<u64, Instant>,
+    known: impl IntoIterator<Item = u64>,
+    wall: i64,
+    me: u64,
+) -> Vec<NodeLiveness> {
+    let records = if has_system_range {
+        records(engine).ok().flatten()
+    } else {
+        None
+    };
+    let now = Instant::now();
+    let view = View {
+        records: records.as_deref(),
+        heard,
+        now,
+        wall,
+        me,
+    };
+    known
+        .into_iter()
+        .map(|store| NodeLiveness {
+            store,
+            live: view.is_live(store),
+            record: view.record(store),
+            last_heard: if store == me {
+                Some(now)
+            } else {
+                heard.get(&store).copied()
+            },
+        })
+        .collect()
+}
+
 /// Sends one heartbeat command to the system range's leaseholder and returns
 /// the node's liveness after it (the server implements it with its router).
 pub trait HeartbeatSender: Send + Sync {

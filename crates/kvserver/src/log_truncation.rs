@@ -7,16 +7,15 @@
 use raft::{Role, Status};
 
 use crate::replica::Replica;
-use crate::StoreError;
 
-/// Truncates the log of every replica that needs it.
-pub fn run<'a>(replicas: impl Iterator<Item = &'a mut Replica>, threshold: u64) {
-    for r in replicas {
-        match maybe_truncate(r, threshold) {
-            Ok(Some(i)) => tracing::debug!(range = r.range_id, index = i, "raft log truncated"),
-            Ok(None) => {}
-            Err(e) => tracing::warn!(range = r.range_id, error = %e, "raft log truncation failed"),
-        }
+/// Truncates `r`'s log (whose raft status is `st`) if it needs it.
+pub fn consider(r: &mut Replica, st: &Status, threshold: u64) {
+    let Some(to) = target(st, r.durable_applied, threshold) else {
+        return;
+    };
+    match r.truncate_log(to) {
+        Ok(()) => tracing::debug!(range = r.range_id, index = to, "raft log truncated"),
+        Err(e) => tracing::warn!(range = r.range_id, error = %e, "raft log truncation failed"),
     }
 }
 
@@ -38,16 +37,6 @@ pub fn target(st: &Status, durable_applied: u64, threshold: u64) -> Option<u64> 
         return None;
     }
     Some(target)
-}
-
-fn maybe_truncate(r: &mut Replica, threshold: u64) -> Result<Option<u64>, StoreError> {
-    let st = r.raw.status();
-    // What the state machine applied, not what raft was told: the same here.
-    let Some(to) = target(&st, r.durable_applied.min(r.applied_index()), threshold) else {
-        return Ok(None);
-    };
-    r.truncate_log(to)?;
-    Ok(Some(to))
 }
 
 #[cfg(test)]

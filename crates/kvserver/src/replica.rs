@@ -101,6 +101,9 @@ pub struct Replica {
     proposed_lai: u64,
     /// Heartbeat round -> when its messages were sent (monotonic clock).
     hb_times: BTreeMap<u64, Instant>,
+    /// Whether the status readers see may let them serve (a lease or a
+    /// ready leader): `publish_lease_loss` needs no lock when it is not.
+    serving_published: bool,
     lease_duration: Duration,
     pub status: Arc<RwLock<ReplicaStatus>>,
     /// Term and vote of the last hard state written with a sync.
@@ -154,6 +157,7 @@ impl Replica {
             pending: BTreeMap::new(),
             proposed_lai: applied.lease_applied_index,
             hb_times: BTreeMap::new(),
+            serving_published: false,
             lease_duration,
             status,
             synced_term_vote,
@@ -313,6 +317,7 @@ impl Replica {
         s.applied = self.applied;
         s.leader_ready = self.raw.leader_ready();
         s.lease_until = lease_until;
+        self.serving_published = s.leader_ready || s.lease_until.is_some();
         let _ = now;
     }
 
@@ -321,20 +326,18 @@ impl Replica {
     /// up (a leader transfer's TimeoutNow, a step-down) before any other
     /// replica can act on it, without waiting for the cycle's fsync.
     pub fn publish_lease_loss(&mut self) {
+        if !self.serving_published {
+            return; // nothing readers could serve under (every follower)
+        }
         let ready = self.raw.leader_ready();
         if ready && self.raw.lease_round().is_some() {
             return;
         }
         // Only ever lowers what readers see; gains wait for `publish_status`.
-        let stale = {
-            let s = self.status.read();
-            s.lease_until.is_some() || (s.leader_ready && !ready)
-        };
-        if stale {
-            let mut s = self.status.write();
-            s.lease_until = None;
-            s.leader_ready &= ready;
-        }
+        let mut s = self.status.write();
+        s.lease_until = None;
+        s.leader_ready &= ready;
+        self.serving_published = s.leader_ready;
     }
 
     /// Starts moving leadership (and so the lease) to replica `to`.

@@ -17,19 +17,17 @@ use crate::replica::Replica;
 /// last index is caught up.
 const CAUGHT_UP_SLACK: u64 = 2;
 
-/// Proposes at most one change on each range this store leads and may change.
-pub fn run<'a>(replicas: impl Iterator<Item = &'a mut Replica>, live: &[u64]) {
+/// Proposes at most one change on `r` (whose raft status is `st`), if this
+/// store leads it and it may change; `live` are the stores worth a replica.
+pub fn consider(r: &mut Replica, st: &Status, live: &[u64]) {
     let target = live.len().min(3);
-    for r in replicas {
-        let st = r.raw.status();
-        let Some(cc) = next_change(&st, &r.desc, live, target) else {
-            continue;
-        };
-        let what = format!("{:?}", cc.changes);
-        match r.propose_conf_change(cc) {
-            Ok(()) => tracing::info!(range = r.range_id, change = %what, "replicate queue"),
-            Err(e) => tracing::debug!(range = r.range_id, error = %e, "replicate queue: change refused"),
-        }
+    let Some(cc) = next_change(st, &r.desc, live, target) else {
+        return;
+    };
+    let what = format!("{:?}", cc.changes);
+    match r.propose_conf_change(cc) {
+        Ok(()) => tracing::info!(range = r.range_id, change = %what, "replicate queue"),
+        Err(e) => tracing::debug!(range = r.range_id, error = %e, "replicate queue: change refused"),
     }
 }
 

@@ -105,8 +105,12 @@ impl Scheduler {
             if now >= self.next_queues {
                 self.next_queues = now + QUEUES_EVERY;
                 let live = self.live_stores();
-                replicate_queue::run(self.replicas.values_mut(), &live);
-                log_truncation::run(self.replicas.values_mut(), self.cfg.log_truncation_threshold);
+                for r in self.replicas.values_mut() {
+                    // One status per replica for both queues.
+                    let st = r.raw.status();
+                    replicate_queue::consider(r, &st, &live);
+                    log_truncation::consider(r, &st, self.cfg.log_truncation_threshold);
+                }
             }
             if let Err(e) = self.process_readies() {
                 tracing::error!(
@@ -225,26 +229,19 @@ impl Scheduler {
 
     /// The stores worth placing replicas on (see `liveness`).
     fn live_stores(&self) -> Vec<u64> {
-        let records = if self.replicas.contains_key(&crate::keyspace::SYSTEM_RANGE_ID) {
-            liveness::records(&self.engine).ok().flatten()
-        } else {
-            None
-        };
-        let heard = self.last_heard.lock();
-        let view = liveness::View {
-            records: records.as_deref(),
-            heard: &heard,
-            now: Instant::now(),
-            wall: self.clock.physical() as i64,
-            me: self.store_id,
-        };
-        let mut live: Vec<u64> = self
-            .known_stores
-            .read()
-            .keys()
-            .copied()
-            .filter(|&s| view.is_live(s))
-            .collect();
+        let known: Vec<u64> = self.known_stores.read().keys().copied().collect();
+        let mut live: Vec<u64> = liveness::judge(
+            &self.engine,
+            self.replicas.contains_key(&crate::keyspace::SYSTEM_RANGE_ID),
+            &self.last_heard.lock(),
+            known,
+            self.clock.physical() as i64,
+            self.store_id,
+        )
+        .into_iter()
+        .filter(|n| n.live)
+        .map(|n| n.store)
+        .collect();
         if !live.contains(&self.store_id) {
             live.push(self.store_id);
         }

@@ -32,7 +32,6 @@ use crate::scheduler::Scheduler;
 use crate::transport::{NoTransport, Transport};
 use crate::StoreError;
 use crate::{liveness, node_ids};
-use proto::kvserver::Liveness;
 
 /// Settings of a store.
 #[derive(Clone, Debug)]
@@ -161,33 +160,16 @@ impl StoreHandle {
     /// Every known store with whether it is live and its liveness record,
     /// judged as `liveness` says; and for each when this store last heard
     /// from it.
-    pub fn node_liveness(&self) -> Vec<(u64, bool, Option<Liveness>, Option<Instant>)> {
-        let records = if self.has_range(SYSTEM_RANGE_ID) {
-            liveness::records(&self.engine).ok().flatten()
-        } else {
-            None
-        };
-        let heard = self.last_heard.lock();
-        let now = Instant::now();
-        let view = liveness::View {
-            records: records.as_deref(),
-            heard: &heard,
-            now,
-            wall: self.clock.physical() as i64,
-            me: self.ident.store_id,
-        };
-        self.known_stores
-            .read()
-            .keys()
-            .map(|&id| {
-                let last = if id == self.ident.store_id {
-                    Some(now)
-                } else {
-                    heard.get(&id).copied()
-                };
-                (id, view.is_live(id), view.record(id), last)
-            })
-            .collect()
+    pub fn node_liveness(&self) -> Vec<liveness::NodeLiveness> {
+        let known: Vec<u64> = self.known_stores.read().keys().copied().collect();
+        liveness::judge(
+            &self.engine,
+            self.has_range(SYSTEM_RANGE_ID),
+            &self.last_heard.lock(),
+            known,
+            self.clock.physical() as i64,
+            self.ident.store_id,
+        )
     }
 
     /// Moves `range_id`'s leadership, and so its lease, to its replica on

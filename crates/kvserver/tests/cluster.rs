@@ -154,11 +154,16 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn put(h: &StoreHandle, k: &str, v: &str) -> Result<i64, String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
+/// Runs `f` to completion on a runtime of its own (the tests are sync).
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .unwrap();
+        .unwrap()
+        .block_on(f)
+}
+
+fn put(h: &StoreHandle, k: &str, v: &str) -> Result<i64, String> {
     let cmd = RaftCommand {
         max_lease_index: 0,
         proposer_ts: None,
@@ -168,7 +173,7 @@ fn put(h: &StoreHandle, k: &str, v: &str) -> Result<i64, String> {
             ..Default::default()
         })),
     };
-    match rt.block_on(h.propose(ETCD_RANGE_ID, cmd, Duration::from_secs(5))) {
+    match block_on(h.propose(ETCD_RANGE_ID, cmd, Duration::from_secs(5))) {
         Ok(ApplyOutcome::Etcd { result: Ok(_), rev, .. }) => Ok(rev),
         other => Err(format!("{other:?}")),
     }
@@ -366,10 +371,6 @@ fn an_engine_error_while_applying_stops_the_store_and_never_advances_the_applied
     assert!(why.contains("entry") && why.contains("range 2"), "{why}");
     // Asked anyway (even with the stale-read testing knob on), it answers
     // unavailable, so a sender looks elsewhere.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     let req = proto::kvserver::BatchRequest {
         range_id: ETCD_RANGE_ID,
         request: Some(proto::kvserver::batch_request::Request::EtcdRange(
@@ -384,7 +385,7 @@ fn an_engine_error_while_applying_stops_the_store_and_never_advances_the_applied
         write_timeout: Duration::from_secs(1),
         unsafe_follower_reads: true,
     };
-    let answer = rt.block_on(kvserver::evaluator::evaluate(&h, req, &opts));
+    let answer = block_on(kvserver::evaluator::evaluate(&h, req, &opts));
     assert!(
         matches!(
             answer.response,
@@ -435,11 +436,7 @@ fn a_txn_writing_one_key_twice_through_a_nested_txn_is_refused_and_the_store_ser
         proposer_ts: None,
         op: Some(raft_command::Op::EtcdTxn(txn)),
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    match rt.block_on(h.propose(ETCD_RANGE_ID, cmd, Duration::from_secs(5))) {
+    match block_on(h.propose(ETCD_RANGE_ID, cmd, Duration::from_secs(5))) {
         Ok(ApplyOutcome::Etcd { result: Err(e), .. }) => {
             assert_eq!(e.to_string(), "etcdserver: duplicate key given in txn request")
         }

@@ -123,17 +123,19 @@ impl Admin for AdminApi {
         let nodes = store
             .node_liveness()
             .into_iter()
-            .map(|(id, live, record, heard)| NodeStatus {
-                node_id: id,
-                store_id: id,
-                addr: match addrs.get(&id) {
+            .map(|n| NodeStatus {
+                node_id: n.store,
+                store_id: n.store,
+                addr: match addrs.get(&n.store) {
                     Some(a) if !a.is_empty() => a.clone(),
                     _ => self.shared.advertise.clone(),
                 },
-                live,
-                last_heard_ms: heard.map_or(u64::MAX, |t| now.duration_since(t).as_millis() as u64),
-                liveness_epoch: record.as_ref().map_or(0, |l| l.epoch),
-                liveness_expires_in_ms: record.map_or(0, |l| (l.expiration_nanos - wall) / 1_000_000),
+                live: n.live,
+                last_heard_ms: n
+                    .last_heard
+                    .map_or(u64::MAX, |t| now.saturating_duration_since(t).as_millis() as u64),
+                liveness_epoch: n.record.as_ref().map_or(0, |l| l.epoch),
+                liveness_expires_in_ms: n.record.map_or(0, |l| (l.expiration_nanos - wall) / 1_000_000),
             })
             .collect();
         Ok(Response::new(NodesStatusResponse {
