@@ -45,13 +45,19 @@ pub enum KvCmd {
     },
     /// Compare-and-swap: set KEY to NEW only if its value is EXPECTED.
     Cas { key: String, expected: String, new: String },
+    /// Add BY to the integer at KEY (absent counts as 0); with --raw only.
+    Incr {
+        key: String,
+        #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+        by: i64,
+    },
 }
 
 async fn connect(host: &str) -> Result<Channel> {
     Ok(kv::admin::connect(host).await?)
 }
 
-fn prefix_end(key: &[u8]) -> Vec<u8> {
+pub fn prefix_end(key: &[u8]) -> Vec<u8> {
     let mut end = key.to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {
@@ -62,13 +68,17 @@ fn prefix_end(key: &[u8]) -> Vec<u8> {
     vec![0] // every key
 }
 
-fn show(s: &[u8]) -> String {
+pub fn show(s: &[u8]) -> String {
     String::from_utf8_lossy(s).into_owned()
 }
 
-pub async fn run(cmd: KvCmd, host: &str) -> Result<()> {
+pub async fn run(cmd: KvCmd, host: &str, raw: bool) -> Result<()> {
+    if raw {
+        return crate::raw_kv::run(cmd, host).await;
+    }
     let mut kv = KvClient::new(connect(host).await?);
     match cmd {
+        KvCmd::Incr { .. } => bail!("incr is a native KV request: use tardigrade kv --raw incr"),
         KvCmd::Put { key, value, prev_kv } => {
             let r = kv
                 .put(PutRequest {
@@ -266,6 +276,29 @@ pub fn parse_key(s: &str) -> Result<Vec<u8>> {
         }
     }
     Ok(out)
+}
+
+pub async fn split(host: &str, key: &str) -> Result<()> {
+    let key = parse_key(key)?;
+    let mut admin = AdminClient::new(connect(host).await?);
+    let r = admin
+        .split(proto::admin::SplitRequest { split_key: key })
+        .await
+        .map_err(|s| anyhow::anyhow!("split failed: {}", s.message()))?
+        .into_inner();
+    let (Some(l), Some(r)) = (r.left, r.right) else {
+        bail!("the node answered without the two ranges");
+    };
+    println!(
+        "split: range {} [{}, {}) and range {} [{}, {})",
+        l.range_id,
+        show_key(&l.start_key),
+        show_key(&l.end_key),
+        r.range_id,
+        show_key(&r.start_key),
+        show_key(&r.end_key)
+    );
+    Ok(())
 }
 
 pub async fn debug_ranges(host: &str, view: &RangesView) -> Result<()> {

@@ -8,6 +8,7 @@
 //! Errors end the program with a message and a non-zero exit status.
 
 mod kv;
+mod raw_kv;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -46,6 +47,8 @@ enum Cmd {
         /// The minimum election timeout, in ticks.
         #[arg(long, default_value_t = 10)]
         election_ticks: u64,
+        #[command(flatten)]
+        ranges: RangeArgs,
     },
     /// Run a node of a multi-node cluster in the foreground (Ctrl-C stops it).
     /// A new node joins through --join (run `tardigrade init` once to create the
@@ -78,6 +81,8 @@ enum Cmd {
         /// A replica truncates its raft log once it holds this many applied entries.
         #[arg(long, default_value_t = 10_000)]
         raft_log_truncation_threshold: u64,
+        #[command(flatten)]
+        ranges: RangeArgs,
     },
     /// Create a new cluster on a node started with `tardigrade start` (once).
     Init {
@@ -90,13 +95,17 @@ enum Cmd {
         #[command(subcommand)]
         cmd: NodeCmd,
     },
-    /// Read and write keys through a node's KV API.
+    /// Read and write keys through a node's etcd KV API, or with --raw its
+    /// native KV API (raw keys of the user keyspace, split across ranges).
     Kv {
         #[command(subcommand)]
         cmd: kv::KvCmd,
         /// The node to talk to (its --listen-addr).
         #[arg(long, global = true, default_value = "127.0.0.1:2379")]
         host: String,
+        /// Use the native KV API (tardigrade.kvpb.KV) instead of etcd's.
+        #[arg(long, global = true)]
+        raw: bool,
     },
     /// Generate load against a node (or any etcd v3 endpoint) and report latencies.
     Workload {
@@ -108,6 +117,25 @@ enum Cmd {
         #[command(subcommand)]
         cmd: DebugCmd,
     },
+}
+
+/// When user ranges split by themselves.
+#[derive(clap::Args, Clone, Copy)]
+struct RangeArgs {
+    /// Split a user range once its MVCC bytes (keys and values, every version) pass this.
+    #[arg(long, default_value_t = 512 << 20)]
+    range_max_bytes: u64,
+    /// Split a user range serving more native-API requests per second than
+    /// this for 5 s, at a key that halves its load (0: never by load).
+    #[arg(long, default_value_t = 2500)]
+    load_split_qps: u64,
+}
+
+impl RangeArgs {
+    fn apply(self, cfg: &mut server::NodeConfig) {
+        cfg.range_max_bytes = self.range_max_bytes.max(1);
+        cfg.load_split_qps = self.load_split_qps;
+    }
 }
 
 #[derive(Subcommand)]
@@ -207,6 +235,15 @@ enum DebugCmd {
         #[arg(long, default_value = "127.0.0.1:2379")]
         host: String,
     },
+    /// Splits the user range holding KEY at KEY (any node finds the range and
+    /// asks its leaseholder). Only ranges of the user keyspace split.
+    Split {
+        /// The first key of the new right-hand range (\xNN for other bytes).
+        #[arg(long)]
+        key: String,
+        #[arg(long, default_value = "127.0.0.1:2379")]
+        host: String,
+    },
 }
 
 fn main() {
@@ -242,7 +279,8 @@ fn real_main() -> Result<()> {
                 http_addr,
                 tick_ms,
                 election_ticks,
-            } => start_single_node(store, listen_addr, http_addr, tick_ms, election_ticks).await,
+                ranges,
+            } => start_single_node(store, listen_addr, http_addr, tick_ms, election_ticks, ranges).await,
             Cmd::Start {
                 store,
                 listen_addr,
@@ -253,6 +291,7 @@ fn real_main() -> Result<()> {
                 election_ticks,
                 max_offset_ms,
                 raft_log_truncation_threshold,
+                ranges,
             } => {
                 if tick_ms == 0 || election_ticks < 2 {
                     anyhow::bail!("--tick-ms must be positive and --election-ticks at least 2");
@@ -266,13 +305,14 @@ fn real_main() -> Result<()> {
                 cfg.max_clock_offset = Duration::from_millis(max_offset_ms);
                 cfg.log_truncation_threshold = raft_log_truncation_threshold.max(1);
                 cfg.mode = server::Mode::Cluster { join };
+                ranges.apply(&mut cfg);
                 run_node(cfg, &store).await
             }
             Cmd::Init { host } => kv::init(&host).await,
             Cmd::Node {
                 cmd: NodeCmd::Status { host },
             } => kv::node_status(&host).await,
-            Cmd::Kv { cmd, host } => kv::run(cmd, &host).await,
+            Cmd::Kv { cmd, host, raw } => kv::run(cmd, &host, raw).await,
             Cmd::Debug {
                 cmd:
                     DebugCmd::Ranges {
@@ -285,6 +325,9 @@ fn real_main() -> Result<()> {
             Cmd::Debug {
                 cmd: DebugCmd::TransferLease { range, to_node, host },
             } => kv::transfer_lease(&host, range, to_node).await,
+            Cmd::Debug {
+                cmd: DebugCmd::Split { key, host },
+            } => kv::split(&host, &key).await,
             Cmd::Workload {
                 cmd:
                     WorkloadCmd::Register {
@@ -405,6 +448,7 @@ async fn start_single_node(
     http: SocketAddr,
     tick_ms: u64,
     election_ticks: u64,
+    ranges: RangeArgs,
 ) -> Result<()> {
     if tick_ms == 0 || election_ticks < 2 {
         anyhow::bail!("--tick-ms must be positive and --election-ticks at least 2");
@@ -414,6 +458,7 @@ async fn start_single_node(
     cfg.http_addr = http;
     cfg.tick = Duration::from_millis(tick_ms);
     cfg.election_ticks = election_ticks;
+    ranges.apply(&mut cfg);
     run_node(cfg, &store).await
 }
 

@@ -149,6 +149,16 @@ impl RangeCache {
         }
     }
 
+    /// The smallest start key of a cached range above `key`.
+    pub fn next_start_after(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.by_end
+            .values()
+            .map(|r| &r.desc.start_key)
+            .filter(|s| s.as_slice() > key)
+            .min()
+            .cloned()
+    }
+
     pub fn len(&self) -> usize {
         self.by_end.len()
     }

@@ -24,7 +24,7 @@ use crate::keyspace::SYSTEM_RANGE_ID;
 use crate::metrics::Metrics;
 use crate::raft_storage::{self, CONF_STATE_SUFFIX};
 use crate::replica::{ApplyOutcome, ProposeError, Replica, REV_STATE_SUFFIX};
-use crate::{liveness, node_ids, StoreError};
+use crate::{liveness, node_ids, split, StoreError};
 
 impl Replica {
     /// Applies committed entries, in order, one batch each.
@@ -52,6 +52,8 @@ impl Replica {
         let mut batch = self.engine.batch();
         let mut outcome: Option<ApplyOutcome> = None;
         let mut new_rev = self.rev;
+        // A split's halves, once its batch is written.
+        let mut new_desc: Option<(proto::storage::RangeDescriptor, proto::storage::RangeDescriptor)> = None;
         match &e.payload {
             EntryPayload::Empty => {}
             EntryPayload::ConfChange(cc) => match self.raw.apply_conf_change(cc) {
@@ -107,6 +109,55 @@ impl Replica {
                             outcome = Some(ApplyOutcome::Liveness(l));
                             None
                         }
+                        Some(raft_command::Op::MetaUpdate(_)) if !system => {
+                            tracing::warn!(
+                                range = self.range_id,
+                                index = e.index,
+                                "a meta update applied elsewhere as a no-op"
+                            );
+                            None
+                        }
+                        Some(raft_command::Op::MetaUpdate(u)) => {
+                            let mut delta = MvccStats::default();
+                            let changed = crate::meta::apply_update(&mut batch, &mut delta, &u, hlc)?;
+                            applied.stats += delta;
+                            outcome = Some(ApplyOutcome::MetaUpdated(changed));
+                            None
+                        }
+                        Some(raft_command::Op::AllocateRangeId(_)) if system => {
+                            outcome = Some(ApplyOutcome::RangeId(node_ids::apply_allocate_range_id(&mut batch)?));
+                            None
+                        }
+                        Some(raft_command::Op::AllocateRangeId(_)) => None,
+                        Some(raft_command::Op::Split(t)) => {
+                            let r = match split::trigger_matches(&self.desc, &t) {
+                                Ok((left, right)) => {
+                                    let stats = |s: Option<proto::storage::MvccStats>| {
+                                        s.map(MvccStats::from).unwrap_or_default()
+                                    };
+                                    rangestate::set_descriptor(&mut batch, &left)?;
+                                    split::write_right_hand(&mut batch, &right, stats(t.right_stats))?;
+                                    applied.stats = stats(t.left_stats);
+                                    new_desc = Some((left, right));
+                                    Ok(())
+                                }
+                                Err(why) => {
+                                    tracing::warn!(range = self.range_id, index = e.index, %why, "a split applied as a no-op");
+                                    Err(why)
+                                }
+                            };
+                            outcome = Some(ApplyOutcome::Split(r));
+                            None
+                        }
+                        Some(raft_command::Op::WriteBatch(wb)) => {
+                            outcome = Some(ApplyOutcome::Kv(self.apply_write_batch(
+                                &mut batch,
+                                &mut applied,
+                                &wb,
+                                clock,
+                            )?));
+                            None
+                        }
                         Some(raft_command::Op::EtcdPut(p)) => Some(EtcdWrite::Put(p)),
                         Some(raft_command::Op::EtcdDeleteRange(d)) => Some(EtcdWrite::DeleteRange(d)),
                         Some(raft_command::Op::EtcdTxn(t)) => Some(EtcdWrite::Txn(t)),
@@ -152,6 +203,11 @@ impl Replica {
         self.engine.write(batch, false)?;
         self.applied = applied;
         self.rev = new_rev;
+        if let Some((left, right)) = new_desc {
+            tracing::info!(range = self.range_id, right = right.range_id, split_key = ?right.start_key, "split applied");
+            self.set_descriptor(left);
+            self.split_out.push(right);
+        }
         metrics.raft_entries_committed.inc();
         // Answer the proposer if this entry is the one it proposed here.
         if let Some((term, reply)) = self.pending.remove(&e.index) {
@@ -162,5 +218,36 @@ impl Replica {
             let _ = reply.send(r);
         }
         Ok(())
+    }
+
+    /// Applies a leaseholder's evaluated writes as they are, if this range
+    /// still holds their span (a split or merge cannot come between their
+    /// evaluation and apply, since those take every latch of the range, but
+    /// the check costs nothing and keeps a bug from writing into the wrong
+    /// range).
+    fn apply_write_batch(
+        &self,
+        batch: &mut storage::Batch,
+        applied: &mut storage::rangestate::AppliedState,
+        wb: &proto::kvserver::WriteBatch,
+        clock: &Clock,
+    ) -> Result<Result<(), String>, StoreError> {
+        let d = &self.desc;
+        let inside = wb.start_key >= d.start_key && (d.end_key.is_empty() || wb.end_key <= d.end_key);
+        if !inside {
+            tracing::warn!(
+                range = self.range_id,
+                "a write batch outside the range's span applied as a no-op"
+            );
+            return Ok(Err(format!(
+                "range {} no longer holds [{:?}, {:?})",
+                self.range_id, wb.start_key, wb.end_key
+            )));
+        }
+        applied.stats += crate::batcheval::apply_write_batch(batch, wb)?;
+        if let Some(ts) = wb.ts {
+            let _ = clock.update(Timestamp::from(ts));
+        }
+        Ok(Ok(()))
     }
 }

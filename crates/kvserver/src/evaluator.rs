@@ -29,6 +29,10 @@ pub struct EvalOptions {
     /// Testing knob, never on in production: answer reads from this replica's
     /// state without a lease (stale reads; the register workload must catch it).
     pub unsafe_follower_reads: bool,
+    /// The maximum clock offset between nodes (`--max-offset-ms`): a new
+    /// lease's timestamp cache starts this far above its clock, and no request
+    /// may name a timestamp further ahead of it.
+    pub max_offset: Duration,
 }
 
 fn error(kind: batch_error::Kind) -> BatchResponse {
@@ -55,6 +59,9 @@ fn misdirected(req: &BatchRequest) -> Option<String> {
     let wants = match &req.request {
         None => return None, // answered as an empty request
         Some(batch_request::Request::EtcdRange(_)) => ETCD_RANGE_ID,
+        Some(batch_request::Request::RangeLookup(_)) => SYSTEM_RANGE_ID,
+        // Checked against the range's span by `kv_batch` and `split`.
+        Some(batch_request::Request::Kv(_) | batch_request::Request::AdminSplit(_)) => return None,
         Some(batch_request::Request::Write(cmd)) => {
             if cmd.encoded_len() > etcd::MAX_REQUEST_BYTES + 1024 {
                 return Some(EtcdError::TooLarge.to_string());
@@ -62,7 +69,13 @@ fn misdirected(req: &BatchRequest) -> Option<String> {
             match &cmd.op {
                 None => return Some("a write without an operation".into()),
                 Some(Op::EtcdPut(_) | Op::EtcdDeleteRange(_) | Op::EtcdTxn(_) | Op::EtcdCompact(_)) => ETCD_RANGE_ID,
-                Some(Op::AllocateNode(_) | Op::Heartbeat(_)) => SYSTEM_RANGE_ID,
+                Some(Op::AllocateNode(_) | Op::Heartbeat(_) | Op::MetaUpdate(_) | Op::AllocateRangeId(_)) => {
+                    SYSTEM_RANGE_ID
+                }
+                // Only a leaseholder's own evaluation makes these.
+                Some(Op::WriteBatch(_) | Op::Split(_)) => {
+                    return Some("evaluated commands are not accepted from outside".into())
+                }
             }
         }
     };
@@ -127,6 +140,9 @@ pub async fn evaluate(store: &StoreHandle, req: BatchRequest, opts: &EvalOptions
     match req.request {
         None => internal("empty batch request".into()),
         Some(batch_request::Request::EtcdRange(r)) => read(store, range_id, &r, opts),
+        Some(batch_request::Request::Kv(b)) => crate::kv_batch::evaluate(store, range_id, b, opts).await,
+        Some(batch_request::Request::RangeLookup(l)) => crate::kv_batch::range_lookup(store, range_id, &l),
+        Some(batch_request::Request::AdminSplit(s)) => crate::split::admin_split(store, range_id, s, opts).await,
         Some(batch_request::Request::Write(cmd)) => {
             let Some(st) = store.status(range_id) else {
                 return error(batch_error::Kind::RangeNotFound(range_id));
@@ -142,7 +158,9 @@ pub async fn evaluate(store: &StoreHandle, req: BatchRequest, opts: &EvalOptions
             }
             match store.propose(range_id, cmd, opts.write_timeout).await {
                 Ok(outcome) => answer(store, outcome),
-                Err(ProposeError::NotLeader { .. } | ProposeError::Dropped) => not_leaseholder(store, range_id),
+                Err(ProposeError::NotLeader { .. } | ProposeError::Dropped | ProposeError::LeaseChanged) => {
+                    not_leaseholder(store, range_id)
+                }
                 Err(ProposeError::NoSuchRange(r)) => error(batch_error::Kind::RangeNotFound(r)),
                 Err(ProposeError::Clock(c)) => error(batch_error::Kind::Unavailable(format!("clock: {c}"))),
                 // Stopped while it waited: it may have applied.
@@ -159,6 +177,11 @@ fn answer(store: &StoreHandle, outcome: ApplyOutcome) -> BatchResponse {
     let response = match outcome {
         ApplyOutcome::NodeId(id) => R::NodeId(id),
         ApplyOutcome::Liveness(l) => R::Liveness(l),
+        ApplyOutcome::MetaUpdated(changed) => R::MetaUpdated(proto::kvserver::MetaUpdated { changed }),
+        ApplyOutcome::RangeId(id) => R::RangeId(id),
+        ApplyOutcome::Kv(_) | ApplyOutcome::Split(_) => {
+            return internal("an evaluated command proposed outside its path".into())
+        }
         ApplyOutcome::Etcd { result: Err(e), .. } => return etcd_error(&e),
         ApplyOutcome::Etcd {
             result: Ok(resp),

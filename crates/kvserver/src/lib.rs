@@ -11,13 +11,17 @@
 //! simulation can replace them.
 
 mod apply;
+pub mod batcheval;
 pub mod command;
+pub mod concurrency;
 pub mod etcd;
 pub mod evaluator;
 pub mod hlc;
 pub mod keyspace;
+pub mod kv_batch;
 pub mod liveness;
 pub mod log_truncation;
+pub mod meta;
 pub mod metrics;
 pub mod node_ids;
 pub mod raft_storage;
@@ -26,6 +30,8 @@ pub mod replicate_queue;
 mod router;
 mod scheduler;
 pub mod spanlatch;
+pub mod split;
+pub mod split_queue;
 pub mod store;
 pub mod ticker;
 pub mod transport;

@@ -42,12 +42,11 @@ pub const LIVENESS_SUFFIX: u8 = b'L';
 /// The command that heartbeats `node_id` until `expiration_nanos`.
 pub fn heartbeat_command(node_id: u64, expiration_nanos: u64) -> RaftCommand {
     RaftCommand {
-        max_lease_index: 0,
-        proposer_ts: None,
         op: Some(raft_command::Op::Heartbeat(Heartbeat {
             node_id,
             expiration_nanos: expiration_nanos.min(i64::MAX as u64) as i64,
         })),
+        ..Default::default()
     }
 }
 

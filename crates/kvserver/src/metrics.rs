@@ -102,7 +102,7 @@ impl Histogram {
 }
 
 /// The requests whose latency is measured.
-pub const METHODS: &[&str] = &["range", "put", "delete_range", "txn", "compact"];
+pub const METHODS: &[&str] = &["range", "put", "delete_range", "txn", "compact", "kv_batch"];
 
 /// Every metric of a node.
 pub struct Metrics {
@@ -122,6 +122,9 @@ pub struct Metrics {
     /// more only when peers restart or the network breaks).
     pub raft_streams_opened: Counter,
     pub rejected_commands: Counter,
+    /// Splits and merges this store's leaseholders carried out.
+    pub splits: Counter,
+    pub merges: Counter,
     request_latency: Vec<Histogram>,
 }
 
@@ -142,6 +145,8 @@ impl Default for Metrics {
             snapshots_applied: Counter::default(),
             raft_streams_opened: Counter::default(),
             rejected_commands: Counter::default(),
+            splits: Counter::default(),
+            merges: Counter::default(),
             request_latency: METHODS.iter().map(|_| Histogram::new(LATENCY_BUCKETS)).collect(),
         }
     }
@@ -159,7 +164,17 @@ impl Metrics {
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &Counter); 13] = [
+        let counters: [(&str, &str, &Counter); 15] = [
+            (
+                "tardigrade_range_splits_total",
+                "Splits carried out by this node's leaseholders.",
+                &self.splits,
+            ),
+            (
+                "tardigrade_range_merges_total",
+                "Merges carried out by this node's leaseholders.",
+                &self.merges,
+            ),
             (
                 "tardigrade_raft_streams_opened_total",
                 "Raft message streams opened to other stores.",

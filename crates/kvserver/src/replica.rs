@@ -36,6 +36,15 @@ pub enum ApplyOutcome {
     NodeId(u64),
     /// A node's liveness after its heartbeat.
     Liveness(Liveness),
+    /// A native KV write batch: applied, or refused at apply (the range no
+    /// longer holds its span) with why.
+    Kv(Result<(), String>),
+    /// Meta records published: how many changed.
+    MetaUpdated(u32),
+    /// A range id was allocated.
+    RangeId(u64),
+    /// A split: applied, or refused at apply (the range changed) with why.
+    Split(Result<(), String>),
     /// An etcd write, applied at raft `term`; `rev` is the store's revision after it.
     Etcd {
         result: Result<EtcdWriteResponse, EtcdError>,
@@ -61,6 +70,10 @@ pub enum ProposeError {
     Stopped,
     #[error("clock: {0}")]
     Clock(String),
+    /// Not proposed: evaluated under a lease (raft term) this replica no
+    /// longer holds.
+    #[error("the lease it was evaluated under ended")]
+    LeaseChanged,
 }
 
 pub type Reply = oneshot::Sender<Result<ApplyOutcome, ProposeError>>;
@@ -78,6 +91,8 @@ pub struct ReplicaStatus {
     pub leader_ready: bool,
     /// Reads may be served locally until then (leader lease).
     pub lease_until: Option<Instant>,
+    /// Latches and timestamp cache of requests evaluated before proposal.
+    pub conc: Arc<crate::concurrency::Concurrency>,
 }
 
 impl ReplicaStatus {
@@ -114,6 +129,8 @@ pub struct Replica {
     /// The store of every peer replica known: from the descriptor, and from
     /// messages received (an uninitialized replica knows only its senders).
     pub peers: BTreeMap<u64, u64>,
+    /// Right-hand ranges of splits applied here, for the raft loop to start.
+    pub(crate) split_out: Vec<RangeDescriptor>,
 }
 
 impl Replica {
@@ -163,6 +180,7 @@ impl Replica {
             synced_term_vote,
             durable_applied: applied.index,
             peers,
+            split_out: Vec::new(),
         })
     }
 
@@ -237,6 +255,11 @@ impl Replica {
 
     /// Proposes `cmd`; the reply comes when its entry applies.
     pub fn propose(&mut self, mut cmd: RaftCommand, reply: Reply, metrics: &Metrics) {
+        if cmd.proposer_term != 0 && cmd.proposer_term != self.raw.term() {
+            metrics.raft_proposals_dropped.inc();
+            let _ = reply.send(Err(ProposeError::LeaseChanged));
+            return;
+        }
         if self.raw.role() != Role::Leader {
             metrics.raft_proposals_dropped.inc();
             let _ = reply.send(Err(ProposeError::NotLeader {

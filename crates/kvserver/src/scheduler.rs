@@ -133,7 +133,7 @@ impl Scheduler {
     fn handle(&mut self, ev: Event) -> bool {
         match ev {
             Event::Propose { range_id, cmd, reply } => match self.replicas.get_mut(&range_id) {
-                Some(r) => r.propose(cmd, reply, &self.metrics),
+                Some(r) => r.propose(*cmd, reply, &self.metrics),
                 None => {
                     let _ = reply.send(Err(ProposeError::NoSuchRange(range_id)));
                 }
@@ -196,6 +196,14 @@ impl Scheduler {
                 return;
             }
         }
+        if let raft::MessageBody::Snapshot { snapshot } = &msg.body {
+            if let Some(other) = self.overlapping_replica(range_id, snapshot) {
+                // Most often the right-hand half of a split this store has
+                // not applied yet: its left-hand range still holds the span.
+                tracing::debug!(range_id, other, "dropping a snapshot overlapping another replica here");
+                return;
+            }
+        }
         let Some(r) = self.replicas.get_mut(&range_id) else {
             return;
         };
@@ -204,6 +212,53 @@ impl Scheduler {
         }
         r.peers.insert(msg.from, from_store);
         r.raw.step(msg);
+    }
+
+    /// Another initialized replica here whose span overlaps the span a
+    /// snapshot for `range_id` carries, if there is one: that snapshot must
+    /// wait (two replicas of this store never hold one key).
+    fn overlapping_replica(&self, range_id: u64, snap: &raft::Snapshot) -> Option<u64> {
+        use prost::Message as _;
+        let meta = proto::transport::SnapshotHandle::decode(&snap.data[..]).ok()?.meta?;
+        self.replicas
+            .values()
+            .filter(|r| r.range_id != range_id && !r.desc.end_key.is_empty())
+            .find(|r| meta.start_key < r.desc.end_key && r.desc.start_key < meta.end_key)
+            .map(|r| r.range_id)
+    }
+
+    /// Starts the right-hand replica of a split applied here (replacing an
+    /// uninitialized one a message created first; the split kept its term
+    /// and vote). The old leaseholder's store campaigns for it at once.
+    fn start_right_hand(&mut self, right: RangeDescriptor, campaign: bool) -> Result<(), StoreError> {
+        let Some(me) = right.replicas.iter().find(|r| r.store_id == self.store_id) else {
+            return Ok(());
+        };
+        if let Some(old) = self.replicas.get(&right.range_id) {
+            if !old.desc.end_key.is_empty() {
+                return Err(StoreError::Corrupt(format!(
+                    "range {} exists already, a split cannot create it",
+                    right.range_id
+                )));
+            }
+        }
+        let rc = raft_config(&self.cfg, self.clock.physical(), me.replica_id, right.range_id);
+        let mut rep = Replica::new(
+            self.engine.clone(),
+            right.clone(),
+            crate::keyspace::range_name(right.range_id),
+            me.replica_id,
+            rc,
+            self.cfg.lease_duration(),
+        )?;
+        if campaign || rep.is_sole_voter() {
+            rep.raw.campaign();
+        }
+        rep.publish_status(Instant::now());
+        self.statuses.write().insert(right.range_id, rep.status.clone());
+        self.replicas.insert(right.range_id, rep);
+        self.metrics.ranges.set(self.replicas.len() as u64);
+        Ok(())
     }
 
     fn create_replica(&mut self, range_id: u64, replica_id: u64) -> Result<(), StoreError> {
@@ -315,6 +370,7 @@ impl Scheduler {
             } else if !batch.is_empty() {
                 self.engine.write(batch, false)?;
             }
+            let mut splits = Vec::new();
             for (id, mut rd) in readies {
                 let Some(r) = self.replicas.get_mut(&id) else { continue };
                 if let Some(e) = rd.entries.last() {
@@ -325,6 +381,13 @@ impl Scheduler {
                 r.apply(rd.committed_entries, &self.clock, &self.metrics)?;
                 r.publish_status(Instant::now());
                 out.add(r, msgs, &*self.transport, &self.events);
+                let leader = r.raw.role() == raft::Role::Leader;
+                splits.extend(std::mem::take(&mut r.split_out).into_iter().map(|d| (d, leader)));
+            }
+            // Only now: a right-hand replica may replace an uninitialized
+            // one whose `Ready` this cycle handled above.
+            for (right, leader) in splits {
+                self.start_right_hand(right, leader)?;
             }
             out.flush(&*self.transport, &self.metrics);
         }

@@ -73,7 +73,7 @@ impl StoreConfig {
 pub(crate) enum Event {
     Propose {
         range_id: u64,
-        cmd: RaftCommand,
+        cmd: Box<RaftCommand>,
         reply: oneshot::Sender<Result<ApplyOutcome, ProposeError>>,
     },
     RaftMessages {
@@ -229,7 +229,7 @@ impl StoreHandle {
             self.tx
                 .send(Event::Propose {
                     range_id,
-                    cmd: cmd.clone(),
+                    cmd: Box::new(cmd.clone()),
                     reply,
                 })
                 .map_err(|_| ProposeError::Stopped)?;
@@ -439,8 +439,9 @@ fn bootstrap_if_needed(engine: &Engine, plan: &Bootstrap) -> Result<StoreIdent, 
         },
     };
     let mut b = engine.batch();
-    for &(range_id, start, end, _) in BOOTSTRAP_RANGES {
-        let desc = RangeDescriptor {
+    let descs: Vec<RangeDescriptor> = BOOTSTRAP_RANGES
+        .iter()
+        .map(|&(range_id, start, end, _)| RangeDescriptor {
             range_id,
             start_key: start.to_vec(),
             end_key: end.to_vec(),
@@ -452,14 +453,25 @@ fn bootstrap_if_needed(engine: &Engine, plan: &Bootstrap) -> Result<StoreIdent, 
             }],
             next_replica_id: 2,
             generation: 0,
-        };
-        rangestate::set_descriptor(&mut b, &desc)?;
+        })
+        .collect();
+    // The meta records of every range, in the system range's data.
+    let mut meta_stats = storage::mvcc::MvccStats::default();
+    crate::meta::bootstrap_records(&mut b, &mut meta_stats, &descs, storage::Timestamp::new(1, 0))?;
+    for desc in &descs {
+        let range_id = desc.range_id;
+        rangestate::set_descriptor(&mut b, desc)?;
         rangestate::set_applied_state(
             &mut b,
             range_id,
             AppliedState {
                 index: raft::BOOTSTRAP_INDEX,
                 term: raft::BOOTSTRAP_TERM,
+                stats: if range_id == SYSTEM_RANGE_ID {
+                    meta_stats
+                } else {
+                    Default::default()
+                },
                 ..Default::default()
             },
         )?;

@@ -165,6 +165,7 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 
 fn put(h: &StoreHandle, k: &str, v: &str) -> Result<i64, String> {
     let cmd = RaftCommand {
+        proposer_term: 0,
         max_lease_index: 0,
         proposer_ts: None,
         op: Some(raft_command::Op::EtcdPut(PutRequest {
@@ -384,6 +385,7 @@ fn an_engine_error_while_applying_stops_the_store_and_never_advances_the_applied
     let opts = kvserver::evaluator::EvalOptions {
         write_timeout: Duration::from_secs(1),
         unsafe_follower_reads: true,
+        max_offset: Duration::from_millis(500),
     };
     let answer = block_on(kvserver::evaluator::evaluate(&h, req, &opts));
     assert!(
@@ -432,6 +434,7 @@ fn a_txn_writing_one_key_twice_through_a_nested_txn_is_refused_and_the_store_ser
         failure: vec![],
     };
     let cmd = RaftCommand {
+        proposer_term: 0,
         max_lease_index: 0,
         proposer_ts: None,
         op: Some(raft_command::Op::EtcdTxn(txn)),

@@ -5,6 +5,9 @@
 //! packages by relative paths). This crate holds generated code only: no
 //! logic, and it depends on nothing of ours.
 
+// prost's oneofs hold messages by value; their sizes are the wire format's.
+#![allow(clippy::large_enum_variant)]
+
 /// Tardigrade's own packages.
 pub mod tardigrade {
     /// On-disk records of the storage crate (`proto/storage.proto`).
@@ -27,13 +30,18 @@ pub mod tardigrade {
         include!(concat!(env!("OUT_DIR"), "/tardigrade.cluster.rs"));
     }
 
+    /// The native KV API (`proto/kvpb.proto`).
+    pub mod kvpb {
+        include!(concat!(env!("OUT_DIR"), "/tardigrade.kvpb.rs"));
+    }
+
     /// Tardigrade's administrative API (`proto/admin.proto`).
     pub mod admin {
         include!(concat!(env!("OUT_DIR"), "/tardigrade.admin.rs"));
     }
 }
 
-pub use tardigrade::{admin, cluster, kvserver, storage, transport};
+pub use tardigrade::{admin, cluster, kvpb, kvserver, storage, transport};
 
 /// etcd's v3 API messages and services (`proto/etcdserverpb.proto`).
 pub mod etcdserverpb {

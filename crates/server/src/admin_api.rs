@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use proto::admin::{
     admin_server::Admin, NodeStatus, NodesStatusRequest, NodesStatusResponse, RangeInfo, RangesRequest, RangesResponse,
-    TransferLeaseRequest, TransferLeaseResponse,
+    SplitRequest, SplitResponse, TransferLeaseRequest, TransferLeaseResponse,
 };
 use proto::storage::replica_descriptor;
 use tonic::{Request, Response, Status};
@@ -24,6 +24,15 @@ const TRANSFER_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[tonic::async_trait]
 impl Admin for AdminApi {
+    async fn split(&self, req: Request<SplitRequest>) -> Result<Response<SplitResponse>, Status> {
+        let key = req.into_inner().split_key;
+        let (left, right) = crate::kv_api::split(&self.shared, key).await?;
+        Ok(Response::new(SplitResponse {
+            left: Some(left),
+            right: Some(right),
+        }))
+    }
+
     async fn transfer_lease(
         &self,
         req: Request<TransferLeaseRequest>,

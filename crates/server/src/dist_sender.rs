@@ -30,7 +30,7 @@ const READ_ATTEMPT: Duration = Duration::from_millis(300);
 const BACKOFF: Duration = Duration::from_millis(10);
 
 /// Why a request got no answer.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SendError {
     /// The request may or may not have taken effect.
     #[error("outcome unknown")]
@@ -44,6 +44,14 @@ pub enum SendError {
     /// This node cannot send at all (not initialized, unhealthy).
     #[error("{0}")]
     NotReady(String),
+    /// Not evaluated: the range does not hold the request's keys (native KV
+    /// requests only); the descriptors the answering store knows.
+    #[error("range key mismatch")]
+    KeyMismatch(Vec<RangeDescriptor>),
+    /// Not evaluated: the store sent to has no such range (native KV
+    /// requests only: their sender looks the range up again).
+    #[error("range not found")]
+    RangeNotFound,
 }
 
 /// What the DistSender remembers between requests.
@@ -73,6 +81,17 @@ impl RangeCache {
     }
     fn forget(&self, range_id: u64) {
         self.leaseholders.lock().remove(&range_id);
+    }
+    /// A descriptor from the meta range (or a client's cache): where to look
+    /// for the range when this node has no replica of it.
+    pub fn learn(&self, desc: RangeDescriptor) {
+        let mut d = self.descriptors.lock();
+        let newer = d
+            .get(&desc.range_id)
+            .is_none_or(|old| old.generation <= desc.generation);
+        if newer {
+            d.insert(desc.range_id, desc);
+        }
     }
 }
 
@@ -108,6 +127,7 @@ impl Shared {
         EvalOptions {
             write_timeout: self.cfg.request_timeout,
             unsafe_follower_reads: crate::etcd_api::unsafe_follower_reads(),
+            max_offset: self.cfg.max_clock_offset,
         }
     }
 
@@ -129,7 +149,15 @@ impl Shared {
         request: batch_request::Request,
         timeout: Duration,
     ) -> Result<batch_response::Response, SendError> {
-        let read = matches!(request, batch_request::Request::EtcdRange(_));
+        let kv = matches!(request, batch_request::Request::Kv(_));
+        let read = match &request {
+            batch_request::Request::EtcdRange(_) | batch_request::Request::RangeLookup(_) => true,
+            batch_request::Request::Kv(b) => b
+                .requests
+                .iter()
+                .all(|r| r.value.as_ref().is_some_and(|v| !kvserver::batcheval::is_write(v))),
+            _ => false,
+        };
         let deadline = Instant::now() + timeout;
         let opts = self.eval_options();
         let mut probe = 0usize;
@@ -265,6 +293,11 @@ impl Shared {
                             }
                         }
                         last = format!("store {target} does not hold the lease");
+                    }
+                    Some(Kind::RangeKeyMismatch(m)) => return Err(SendError::KeyMismatch(m.descriptors)),
+                    Some(Kind::RangeNotFound(_)) if kv && store.status(range_id).is_none() => {
+                        self.ranges.forget(range_id);
+                        return Err(SendError::RangeNotFound);
                     }
                     Some(Kind::RangeNotFound(_)) => {
                         self.ranges.forget(range_id);

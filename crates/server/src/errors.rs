@@ -15,7 +15,7 @@ pub fn propose_status(e: &ProposeError) -> Status {
     match e {
         ProposeError::NotLeader { leader: 0 } => Status::unavailable("etcdserver: no leader"),
         ProposeError::NotLeader { .. } => Status::unavailable("etcdserver: leader changed"),
-        ProposeError::Dropped => Status::unavailable("etcdserver: leader changed"),
+        ProposeError::Dropped | ProposeError::LeaseChanged => Status::unavailable("etcdserver: leader changed"),
         ProposeError::Ambiguous => Status::unavailable("etcdserver: request timed out"),
         ProposeError::Stopped => Status::unavailable("etcdserver: server stopped"),
         ProposeError::NoSuchRange(r) => Status::internal(format!("etcdserver: range {r} is not on this node")),

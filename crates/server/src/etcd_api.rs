@@ -53,6 +53,8 @@ fn send_status(e: SendError) -> Status {
         }
         SendError::Etcd(e) => Status::new(Code::from(e.code), e.message),
         SendError::NotReady(m) => Status::unavailable(m),
+        // Native KV answers only; the etcd range never splits.
+        SendError::KeyMismatch(_) | SendError::RangeNotFound => Status::unavailable("etcdserver: no leader"),
     }
 }
 
@@ -86,6 +88,7 @@ impl EtcdApi {
 
     async fn write(&self, method: &str, op: raft_command::Op) -> Result<batch_response::Response, Status> {
         let cmd = RaftCommand {
+            proposer_term: 0,
             max_lease_index: 0,
             proposer_ts: None,
             op: Some(op),

@@ -50,10 +50,20 @@ async fn health(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    let text = shared
+    let mut text = shared
         .local
         .get()
         .map(|l| l.store.metrics().render())
         .unwrap_or_default();
+    let m = &shared.kv_metrics;
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    text.push_str(&format!(
+        "# HELP tardigrade_range_cache_misses_total Meta lookups by this node's DistSender (its range cache lacked a key).\n\
+         # TYPE tardigrade_range_cache_misses_total counter\ntardigrade_range_cache_misses_total {}\n\
+         # HELP tardigrade_range_cache_corrections_total Batch parts re-sent after a range key mismatch or a range not found.\n\
+         # TYPE tardigrade_range_cache_corrections_total counter\ntardigrade_range_cache_corrections_total {}\n",
+        load(&m.cache_misses),
+        load(&m.stale_corrections)
+    ));
     ([("content-type", "text/plain; version=0.0.4")], text)
 }

@@ -13,6 +13,7 @@ pub mod errors;
 pub mod etcd_api;
 pub mod http;
 pub mod internal_api;
+pub mod kv_api;
 pub mod liveness;
 pub mod membership;
 pub mod transport;
@@ -28,6 +29,7 @@ use parking_lot::Mutex;
 use proto::admin::admin_server::AdminServer;
 use proto::cluster::membership_server::MembershipServer;
 use proto::etcdserverpb::{cluster_server::ClusterServer, kv_server::KvServer, maintenance_server::MaintenanceServer};
+use proto::kvpb::kv_server::KvServer as NativeKvServer;
 use proto::kvserver::internal_server::InternalServer;
 use proto::transport::raft_transport_server::RaftTransportServer;
 use tokio::sync::oneshot;
@@ -61,6 +63,10 @@ pub struct NodeConfig {
     pub request_timeout: Duration,
     pub max_clock_offset: Duration,
     pub log_truncation_threshold: u64,
+    /// User ranges split once their MVCC bytes pass this.
+    pub range_max_bytes: u64,
+    /// ... or once they serve more requests per second than this (0: never).
+    pub load_split_qps: u64,
     pub mode: Mode,
 }
 
@@ -76,6 +82,8 @@ impl NodeConfig {
             request_timeout: Duration::from_secs(5),
             max_clock_offset: Duration::from_millis(500),
             log_truncation_threshold: 10_000,
+            range_max_bytes: 512 << 20,
+            load_split_qps: 2500,
             mode: Mode::SingleNode,
         }
     }
@@ -104,6 +112,8 @@ pub struct Shared {
     channels: Mutex<HashMap<String, Channel>>,
     /// The DistSender's leaseholder and descriptor cache.
     pub ranges: dist_sender::RangeCache,
+    /// What the native API's DistSender counts (range cache misses).
+    pub kv_metrics: Arc<kv::dist_sender::DistMetrics>,
 }
 
 impl Shared {
@@ -249,6 +259,7 @@ impl Node {
             fatal: Mutex::new(None),
             channels: Mutex::new(HashMap::new()),
             ranges: Default::default(),
+            kv_metrics: Default::default(),
             cfg: cfg.clone(),
         });
         let mut tasks = Vec::new();
@@ -286,11 +297,14 @@ impl Node {
             }
         }
         tasks.push(tokio::spawn(liveness::heartbeat_loop(shared.clone())));
+        tasks.push(tokio::spawn(kv_api::publish_loop(shared.clone())));
+        tasks.push(tokio::spawn(kv_api::split_loop(shared.clone())));
         let etcd = etcd_api::EtcdApi { shared: shared.clone() };
         let limit = 4 << 20;
         let grpc = tonic::transport::Server::builder()
             .add_service(KvServer::new(etcd.clone()).max_decoding_message_size(limit))
             .add_service(MaintenanceServer::new(etcd.clone()))
+            .add_service(NativeKvServer::new(kv_api::KvApi::new(shared.clone())).max_decoding_message_size(limit))
             .add_service(ClusterServer::new(etcd.clone()))
             .add_service(
                 InternalServer::new(internal_api::InternalApi { shared: shared.clone() })

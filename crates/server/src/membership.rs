@@ -96,6 +96,7 @@ impl Membership for MembershipApi {
         }
         let store = self.shared.store()?;
         let cmd = RaftCommand {
+            proposer_term: 0,
             max_lease_index: 0,
             proposer_ts: None,
             op: Some(raft_command::Op::AllocateNode(AllocateNode { addr: r.addr.clone() })),

@@ -19,6 +19,9 @@ use crate::error::Result;
 
 type Overlay = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 
+/// A key and its new value (`None`: deleted).
+pub type Write = (Vec<u8>, Option<Vec<u8>>);
+
 /// An atomic group of writes, readable before it is written.
 pub struct Batch {
     engine: Engine,
@@ -89,6 +92,22 @@ impl Batch {
     /// Size of the serialized batch in bytes.
     pub fn size_in_bytes(&self) -> usize {
         self.wb.size_in_bytes()
+    }
+
+    /// The puts (`Some`) and deletes (`None`) this batch holds for `cf`, in
+    /// key order, each key once with its last write; `None` if the batch also
+    /// deletes a span of `cf` (a range delete cannot be listed as keys).
+    /// Lets a leaseholder ship what its evaluation wrote to every replica.
+    pub fn writes(&self, cf: Cf) -> Option<Vec<Write>> {
+        if !self.range_dels[cf.idx()].is_empty() {
+            return None;
+        }
+        Some(
+            self.overlay[cf.idx()]
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        )
     }
 
     pub(crate) fn into_write_batch(self) -> WriteBatch {

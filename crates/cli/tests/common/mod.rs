@@ -3,6 +3,8 @@
 //! free at run time, and every process is stopped by PID when its guard drops.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;

@@ -1,0 +1,902 @@
+//! The DistSender: sends one native KV batch over as many ranges as its keys
+//! fall in. It cuts the batch per range with the range cache (looking up
+//! what the cache lacks in the meta range), sends the parts in parallel,
+//! and merges the answers: scan rows in key order, counts summed. A batch
+//! with a key limit is sent range after range in key order (backwards for
+//! reverse scans) until the limit is spent, and each request the limit
+//! stopped carries the span still to do.
+//!
+//! A part answered `RangeKeyMismatch` (the range split or merged, or the
+//! cache was stale) corrects the cache with the descriptors the answer
+//! carries and is cut and sent again; `RangeNotFound` evicts and looks up
+//! again. Neither reaches the caller. A batch that spans ranges is atomic
+//! per range only: if one part is refused (a failed condition), the others
+//! may have applied, and the error says so.
+//!
+//! Finding a range's leaseholder among its replicas (and following
+//! not-leaseholder hints) is the `RangeSender`'s job: the node implements
+//! it (locally, or over the internal RPC). This module never does I/O
+//! itself.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use proto::kvpb::{self, request_union::Value as Req, response_union::Value as Resp};
+use proto::storage::RangeDescriptor;
+
+use crate::range_cache::RangeCache;
+
+/// How many times one part is cut and sent again after its range moved.
+const MAX_ATTEMPTS: usize = 32;
+/// How many descriptors after the one looked up a lookup brings back.
+const PREFETCH: u32 = 8;
+
+/// Why one range's part of a batch got no answer.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum RangeError {
+    /// Not evaluated: the range does not hold these keys; what the store
+    /// that answered knows of the ranges there.
+    #[error("range key mismatch")]
+    KeyMismatch(Vec<RangeDescriptor>),
+    /// Not evaluated: the range is not where it was sent (merged away).
+    #[error("range not found")]
+    RangeNotFound,
+    /// It may or may not have applied.
+    #[error("outcome unknown")]
+    Ambiguous,
+    /// Not evaluated: no leaseholder answered in time.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Why a batch got no answer.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum DistError {
+    /// Some part may have applied, and no answer says whether.
+    #[error("outcome unknown")]
+    Ambiguous,
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}
+
+/// Sends one range's part of a batch to its leaseholder; finds ranges in
+/// the meta range.
+pub trait RangeSender: Send + Sync + 'static {
+    fn send(
+        &self,
+        desc: RangeDescriptor,
+        req: kvpb::BatchRequest,
+    ) -> impl Future<Output = Result<kvpb::BatchResponse, RangeError>> + Send;
+    /// The descriptor of the range holding `key`, then up to `prefetch`
+    /// ranges after it, as the meta records say.
+    fn lookup(
+        &self,
+        key: Vec<u8>,
+        prefetch: u32,
+    ) -> impl Future<Output = Result<Vec<RangeDescriptor>, RangeError>> + Send;
+}
+
+/// What a DistSender counts.
+#[derive(Debug, Default)]
+pub struct DistMetrics {
+    /// Lookups in the meta range (the cache did not hold a key).
+    pub cache_misses: AtomicU64,
+    /// Parts answered `RangeKeyMismatch` or `RangeNotFound` and re-sent.
+    pub stale_corrections: AtomicU64,
+}
+
+pub struct DistSender<S> {
+    sender: Arc<S>,
+    cache: Arc<Mutex<RangeCache>>,
+    pub metrics: Arc<DistMetrics>,
+}
+
+impl<S> Clone for DistSender<S> {
+    fn clone(&self) -> Self {
+        DistSender {
+            sender: self.sender.clone(),
+            cache: self.cache.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// A request's span: `(start, end)`, `end` empty for one key.
+fn span(r: &Req) -> (&[u8], &[u8]) {
+    match r {
+        Req::Get(x) => (&x.key, &[]),
+        Req::Put(x) => (&x.key, &[]),
+        Req::ConditionalPut(x) => (&x.key, &[]),
+        Req::Delete(x) => (&x.key, &[]),
+        Req::Increment(x) => (&x.key, &[]),
+        Req::DeleteRange(x) => (&x.start_key, &x.end_key),
+        Req::Scan(x) => (&x.start_key, &x.end_key),
+        Req::ReverseScan(x) => (&x.start_key, &x.end_key),
+    }
+}
+
+fn is_span(r: &Req) -> bool {
+    matches!(r, Req::DeleteRange(_) | Req::Scan(_) | Req::ReverseScan(_))
+}
+
+/// `r` with its span cut to `[start, end)`.
+fn clipped(r: &Req, start: &[u8], end: &[u8]) -> Req {
+    let mut r = r.clone();
+    let (s, e) = match &mut r {
+        Req::DeleteRange(x) => (&mut x.start_key, &mut x.end_key),
+        Req::Scan(x) => (&mut x.start_key, &mut x.end_key),
+        Req::ReverseScan(x) => (&mut x.start_key, &mut x.end_key),
+        _ => return r,
+    };
+    *s = start.to_vec();
+    *e = end.to_vec();
+    r
+}
+
+fn key_after(k: &[u8]) -> Vec<u8> {
+    let mut v = k.to_vec();
+    v.push(0);
+    v
+}
+
+/// One range's part: the range and (original index, clipped request).
+struct Part {
+    desc: RangeDescriptor,
+    reqs: Vec<(usize, Req)>,
+}
+
+/// The answers gathered for each original request, with the start key of
+/// the range each came from (to merge scans in key order).
+type Gathered = BTreeMap<usize, Vec<(Vec<u8>, Resp)>>;
+
+impl<S: RangeSender> DistSender<S> {
+    pub fn new(sender: S) -> DistSender<S> {
+        Self::with_metrics(sender, Arc::default())
+    }
+
+    /// A DistSender counting into `metrics` (the node's, for `/metrics`).
+    pub fn with_metrics(sender: S, metrics: Arc<DistMetrics>) -> DistSender<S> {
+        DistSender {
+            sender: Arc::new(sender),
+            cache: Arc::new(Mutex::new(RangeCache::new())),
+            metrics,
+        }
+    }
+
+    /// How many ranges the cache holds.
+    pub fn cached_ranges(&self) -> usize {
+        self.cache.lock().len()
+    }
+
+    /// Cuts `[start, end)` into the ranges holding it, looking up what the
+    /// cache lacks. A range the meta records name for a key but the cache
+    /// refuses (it knows a newer range overlapping it: the records lag a
+    /// split) is still sent its part: it answers with what it knows now.
+    async fn cover(&self, start: &[u8], end: &[u8]) -> Result<Vec<(RangeDescriptor, Vec<u8>, Vec<u8>)>, DistError> {
+        let mut out = Vec::new();
+        let mut at = start.to_vec();
+        for _ in 0..MAX_ATTEMPTS * 4 {
+            let missing = {
+                let c = self.cache.lock();
+                match c.cover(&at, end) {
+                    Ok(pieces) => {
+                        out.extend(pieces.into_iter().map(|p| (p.range.desc, p.start, p.end)));
+                        return Ok(out);
+                    }
+                    Err(missing) => {
+                        if missing > at {
+                            let before = c.cover(&at, &missing).unwrap_or_default();
+                            out.extend(before.into_iter().map(|p| (p.range.desc, p.start, p.end)));
+                        }
+                        missing
+                    }
+                }
+            };
+            at = missing;
+            self.metrics.cache_misses.fetch_add(1, Ordering::Relaxed);
+            let found = self.sender.lookup(at.clone(), PREFETCH).await.map_err(|e| match e {
+                RangeError::Ambiguous => DistError::Unavailable("meta lookup: no answer".into()),
+                e => DistError::Unavailable(format!("meta lookup: {e}")),
+            })?;
+            let holder = found
+                .first()
+                .filter(|d| {
+                    d.start_key.as_slice() <= at.as_slice()
+                        && (d.end_key.is_empty() || at.as_slice() < d.end_key.as_slice())
+                })
+                .cloned();
+            // What to do next, decided under the cache's lock.
+            let (piece, wait) = {
+                let mut c = self.cache.lock();
+                let mut taken = true;
+                for (i, d) in found.into_iter().enumerate() {
+                    let t = c.insert(d, 0);
+                    if i == 0 {
+                        taken = t;
+                    }
+                }
+                match holder {
+                    Some(d) if !taken => {
+                        // Stale in the records but it holds the key: send
+                        // it the part up to the next range the cache knows.
+                        let mut piece_end = d.end_key.clone();
+                        if let Some(n) = c.next_start_after(&at) {
+                            if piece_end.is_empty() || n < piece_end {
+                                piece_end = n;
+                            }
+                        }
+                        if !end.is_empty() && (piece_end.is_empty() || end < piece_end.as_slice()) {
+                            piece_end = end.to_vec();
+                        }
+                        (Some((d, piece_end)), false)
+                    }
+                    Some(_) => (None, false),
+                    // The meta records are being fixed up (a split or
+                    // merge just happened): look again shortly.
+                    None => (None, true),
+                }
+            };
+            if let Some((d, piece_end)) = piece {
+                let last = piece_end.as_slice() == end || piece_end.is_empty();
+                out.push((d, at.clone(), piece_end.clone()));
+                if last {
+                    return Ok(out);
+                }
+                at = piece_end;
+            }
+            if wait {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        Err(DistError::Unavailable(format!(
+            "no range found holding [{start:?}, {end:?}) in the meta records"
+        )))
+    }
+
+    /// Cuts `reqs` into parts, one per range, in key order.
+    async fn plan(&self, reqs: &[(usize, Req)]) -> Result<Vec<Part>, DistError> {
+        let mut parts: BTreeMap<Vec<u8>, Part> = BTreeMap::new();
+        for (i, r) in reqs {
+            let (s, e) = span(r);
+            let e = if e.is_empty() { key_after(s) } else { e.to_vec() };
+            for (desc, ps, pe) in self.cover(s, &e).await? {
+                let piece = if is_span(r) { clipped(r, &ps, &pe) } else { r.clone() };
+                parts
+                    .entry(desc.start_key.clone())
+                    .or_insert_with(|| Part {
+                        desc: desc.clone(),
+                        reqs: Vec::new(),
+                    })
+                    .reqs
+                    .push((*i, piece));
+            }
+        }
+        Ok(parts.into_values().collect())
+    }
+
+    /// Sends a batch: answers in request order, or why not.
+    pub async fn send(&self, req: kvpb::BatchRequest) -> Result<kvpb::BatchResponse, DistError> {
+        let header = req.header.unwrap_or_default();
+        let mut reqs = Vec::with_capacity(req.requests.len());
+        for (i, r) in req.requests.into_iter().enumerate() {
+            let v = r
+                .value
+                .ok_or_else(|| DistError::InvalidArgument(format!("request {i} is empty")))?;
+            let (s, e) = span(&v);
+            if is_span(&v) && (e.is_empty() || s >= e) {
+                return Err(DistError::InvalidArgument(format!(
+                    "request {i}: the span [{s:?}, {e:?}) is empty or inverted"
+                )));
+            }
+            reqs.push((i, v));
+        }
+        let n = reqs.len();
+        if header.max_span_request_keys > 0 {
+            return self.send_limited(header, reqs).await;
+        }
+        let mut gathered = Gathered::new();
+        let mut ts = None;
+        let mut failure: Option<kvpb::Error> = None;
+        let mut parts_sent = 0usize;
+        let mut todo = vec![reqs];
+        let mut attempts = 0;
+        while let Some(batch) = todo.pop() {
+            attempts += 1;
+            if attempts > MAX_ATTEMPTS * 8 {
+                return Err(DistError::Unavailable("ranges kept moving under the batch".into()));
+            }
+            let parts = self.plan(&batch).await?;
+            let mut tasks = tokio::task::JoinSet::new();
+            for part in parts {
+                let sender = self.sender.clone();
+                let hdr = header;
+                tasks.spawn(async move {
+                    let req = kvpb::BatchRequest {
+                        header: Some(hdr),
+                        requests: part
+                            .reqs
+                            .iter()
+                            .map(|(_, r)| kvpb::RequestUnion { value: Some(r.clone()) })
+                            .collect(),
+                    };
+                    let answer = sender.send(part.desc.clone(), req).await;
+                    (part, answer)
+                });
+            }
+            let mut ambiguous = false;
+            let mut unavailable = None;
+            while let Some(done) = tasks.join_next().await {
+                let Ok((part, answer)) = done else {
+                    ambiguous = true;
+                    continue;
+                };
+                match answer {
+                    Ok(resp) => {
+                        parts_sent += 1;
+                        if let Some(mut e) = resp.error {
+                            e.index = part.reqs.get(e.index as usize).map_or(0, |(i, _)| *i as u32);
+                            failure.get_or_insert(e);
+                            continue;
+                        }
+                        ts = ts.max(resp.timestamp.map(|t| (t.wall_nanos, t.logical)));
+                        for ((i, _), r) in part.reqs.iter().zip(resp.responses) {
+                            if let Some(v) = r.value {
+                                gathered.entry(*i).or_default().push((part.desc.start_key.clone(), v));
+                            }
+                        }
+                    }
+                    Err(RangeError::KeyMismatch(descs)) => {
+                        self.metrics.stale_corrections.fetch_add(1, Ordering::Relaxed);
+                        let first = part.reqs.first().map(|(_, r)| span(r).0.to_vec()).unwrap_or_default();
+                        let mut c = self.cache.lock();
+                        c.evict(&first);
+                        for d in descs {
+                            c.insert(d, 0);
+                        }
+                        drop(c);
+                        todo.push(part.reqs);
+                    }
+                    Err(RangeError::RangeNotFound) => {
+                        self.metrics.stale_corrections.fetch_add(1, Ordering::Relaxed);
+                        let first = part.reqs.first().map(|(_, r)| span(r).0.to_vec()).unwrap_or_default();
+                        self.cache.lock().evict(&first);
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        todo.push(part.reqs);
+                    }
+                    Err(RangeError::Ambiguous) => ambiguous = true,
+                    Err(RangeError::Unavailable(m)) => unavailable = Some(m),
+                }
+            }
+            if ambiguous {
+                return Err(DistError::Ambiguous);
+            }
+            if let Some(m) = unavailable {
+                // Other parts may have applied: only a batch of one part
+                // certainly did not.
+                return Err(if parts_sent > 0 && has_writes(&gathered) {
+                    DistError::Ambiguous
+                } else {
+                    DistError::Unavailable(m)
+                });
+            }
+        }
+        if let Some(mut e) = failure {
+            if parts_sent > 1 {
+                e.message = format!(
+                    "{} (the batch spans ranges: its parts on other ranges may have applied)",
+                    e.message
+                );
+            }
+            return Ok(kvpb::BatchResponse {
+                error: Some(e),
+                ..Default::default()
+            });
+        }
+        Ok(kvpb::BatchResponse {
+            timestamp: ts.map(|(w, l)| proto::storage::Timestamp {
+                wall_nanos: w,
+                logical: l,
+            }),
+            responses: (0..n).map(|i| merge(gathered.remove(&i).unwrap_or_default())).collect(),
+            error: None,
+        })
+    }
+
+    /// A batch with a key limit: span requests only, all in one direction,
+    /// sent range by range until the limit is spent.
+    async fn send_limited(
+        &self,
+        header: kvpb::Header,
+        reqs: Vec<(usize, Req)>,
+    ) -> Result<kvpb::BatchResponse, DistError> {
+        let reverse = reqs.iter().any(|(_, r)| matches!(r, Req::ReverseScan(_)));
+        let mixed = reqs
+            .iter()
+            .any(|(_, r)| !is_span(r) || (reverse != matches!(r, Req::ReverseScan(_))));
+        if mixed {
+            return Err(DistError::InvalidArgument(
+                "a batch with a key limit may hold only scans and range deletes, all forward or all reverse".into(),
+            ));
+        }
+        let start = reqs.iter().map(|(_, r)| span(r).0.to_vec()).min().unwrap_or_default();
+        let end = reqs.iter().map(|(_, r)| span(r).1.to_vec()).max().unwrap_or_default();
+        let mut budget = header.max_span_request_keys;
+        let mut gathered = Gathered::new();
+        // Per request: where it stopped inside a range (the resume span).
+        let mut stopped: BTreeMap<usize, kvpb::Span> = BTreeMap::new();
+        let mut ts = None;
+        // The part of [start, end) still to visit: [lo, hi).
+        let (mut lo, mut hi) = (start.clone(), end.clone());
+        let mut attempts = 0;
+        while budget > 0 && lo < hi {
+            attempts += 1;
+            if attempts > MAX_ATTEMPTS * 64 {
+                return Err(DistError::Unavailable("ranges kept moving under the batch".into()));
+            }
+            let pieces = self.cover(&lo, &hi).await?;
+            let piece = if reverse { pieces.last() } else { pieces.first() };
+            let Some((desc, ps, pe)) = piece.cloned() else { break };
+            let part: Vec<(usize, Req)> = reqs
+                .iter()
+                .filter(|(i, r)| {
+                    let (s, e) = span(r);
+                    !stopped.contains_key(i) && s < pe.as_slice() && ps.as_slice() < e
+                })
+                .map(|(i, r)| {
+                    let (s, e) = span(r);
+                    (*i, clipped(r, s.max(&ps), e.min(&pe)))
+                })
+                .collect();
+            if !part.is_empty() {
+                let sub = kvpb::BatchRequest {
+                    header: Some(kvpb::Header {
+                        max_span_request_keys: budget,
+                        ..header
+                    }),
+                    requests: part
+                        .iter()
+                        .map(|(_, r)| kvpb::RequestUnion { value: Some(r.clone()) })
+                        .collect(),
+                };
+                match self.sender.send(desc.clone(), sub).await {
+                    Ok(resp) => {
+                        if let Some(mut e) = resp.error {
+                            e.index = part.get(e.index as usize).map_or(0, |(i, _)| *i as u32);
+                            return Ok(kvpb::BatchResponse {
+                                error: Some(e),
+                                ..Default::default()
+                            });
+                        }
+                        ts = ts.max(resp.timestamp.map(|t| (t.wall_nanos, t.logical)));
+                        for ((i, _), r) in part.iter().zip(resp.responses) {
+                            let Some(v) = r.value else { continue };
+                            let (count, resume) = span_result(&v);
+                            budget -= count.min(budget);
+                            if let Some(rs) = resume {
+                                stopped.insert(*i, rs);
+                            }
+                            gathered.entry(*i).or_default().push((desc.start_key.clone(), v));
+                        }
+                    }
+                    Err(RangeError::KeyMismatch(descs)) => {
+                        self.metrics.stale_corrections.fetch_add(1, Ordering::Relaxed);
+                        let mut c = self.cache.lock();
+                        c.evict(&ps);
+                        for d in descs {
+                            c.insert(d, 0);
+                        }
+                        continue;
+                    }
+                    Err(RangeError::RangeNotFound) => {
+                        self.metrics.stale_corrections.fetch_add(1, Ordering::Relaxed);
+                        self.cache.lock().evict(&ps);
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                    Err(RangeError::Ambiguous) => return Err(DistError::Ambiguous),
+                    Err(RangeError::Unavailable(m)) => {
+                        return Err(if gathered.is_empty() {
+                            DistError::Unavailable(m)
+                        } else {
+                            DistError::Ambiguous
+                        })
+                    }
+                }
+            }
+            if reverse {
+                hi = ps;
+            } else {
+                lo = pe;
+            }
+        }
+        // What no range was asked for: the resume spans.
+        let responses = reqs
+            .iter()
+            .map(|(i, r)| {
+                let (s, e) = span(r);
+                let mut out = merge(gathered.remove(i).unwrap_or_default());
+                let resume = stopped.remove(i).or_else(|| {
+                    if reverse {
+                        (s < hi.as_slice()).then(|| kvpb::Span {
+                            start_key: s.to_vec(),
+                            end_key: e.min(&hi).to_vec(),
+                        })
+                    } else {
+                        (lo.as_slice() < e).then(|| kvpb::Span {
+                            start_key: s.max(&lo).to_vec(),
+                            end_key: e.to_vec(),
+                        })
+                    }
+                });
+                set_resume(&mut out, r, resume);
+                out
+            })
+            .collect();
+        Ok(kvpb::BatchResponse {
+            timestamp: ts.map(|(w, l)| proto::storage::Timestamp {
+                wall_nanos: w,
+                logical: l,
+            }),
+            responses,
+            error: None,
+        })
+    }
+}
+
+fn has_writes(g: &Gathered) -> bool {
+    g.values()
+        .flatten()
+        .any(|(_, r)| !matches!(r, Resp::Get(_) | Resp::Scan(_) | Resp::ReverseScan(_)))
+}
+
+/// How many keys a span answer holds, and where it stopped.
+fn span_result(r: &Resp) -> (i64, Option<kvpb::Span>) {
+    match r {
+        Resp::Scan(s) => (s.rows.len() as i64, s.resume_span.clone()),
+        Resp::ReverseScan(s) => (s.rows.len() as i64, s.resume_span.clone()),
+        Resp::DeleteRange(d) => (d.deleted, d.resume_span.clone()),
+        _ => (0, None),
+    }
+}
+
+fn set_resume(out: &mut kvpb::ResponseUnion, r: &Req, resume: Option<kvpb::Span>) {
+    let v = out.value.get_or_insert_with(|| match r {
+        Req::DeleteRange(_) => Resp::DeleteRange(Default::default()),
+        Req::ReverseScan(_) => Resp::ReverseScan(Default::default()),
+        _ => Resp::Scan(Default::default()),
+    });
+    match v {
+        Resp::Scan(s) => s.resume_span = resume,
+        Resp::ReverseScan(s) => s.resume_span = resume,
+        Resp::DeleteRange(d) => d.resume_span = resume,
+        _ => {}
+    }
+}
+
+/// One request's answers from the ranges it spanned, as one answer: rows in
+/// key order (descending for a reverse scan), counts summed.
+fn merge(mut parts: Vec<(Vec<u8>, Resp)>) -> kvpb::ResponseUnion {
+    parts.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut it = parts.into_iter().map(|(_, r)| r);
+    let Some(first) = it.next() else {
+        return kvpb::ResponseUnion { value: None };
+    };
+    let merged = match first {
+        Resp::Scan(mut s) => {
+            for r in it {
+                if let Resp::Scan(x) = r {
+                    s.rows.extend(x.rows);
+                    s.resume_span = s.resume_span.or(x.resume_span);
+                }
+            }
+            Resp::Scan(s)
+        }
+        Resp::ReverseScan(s) => {
+            let mut all = vec![s];
+            all.extend(it.filter_map(|r| match r {
+                Resp::ReverseScan(x) => Some(x),
+                _ => None,
+            }));
+            let mut out = kvpb::ReverseScanResponse::default();
+            for x in all.into_iter().rev() {
+                out.rows.extend(x.rows);
+                out.resume_span = out.resume_span.or(x.resume_span);
+            }
+            Resp::ReverseScan(out)
+        }
+        Resp::DeleteRange(mut d) => {
+            for r in it {
+                if let Resp::DeleteRange(x) = r {
+                    d.deleted += x.deleted;
+                    d.keys.extend(x.keys);
+                    d.resume_span = d.resume_span.or(x.resume_span);
+                }
+            }
+            Resp::DeleteRange(d)
+        }
+        other => other,
+    };
+    kvpb::ResponseUnion { value: Some(merged) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap as Map;
+
+    /// Ranges as they are, a meta range that may lag, and the data.
+    #[derive(Default)]
+    struct Fake {
+        ranges: Mutex<Vec<RangeDescriptor>>,
+        meta: Mutex<Vec<RangeDescriptor>>,
+        data: Mutex<Map<Vec<u8>, Vec<u8>>>,
+    }
+
+    fn d(id: u64, s: &[u8], e: &[u8], generation: u64) -> RangeDescriptor {
+        RangeDescriptor {
+            range_id: id,
+            start_key: s.to_vec(),
+            end_key: e.to_vec(),
+            generation,
+            ..Default::default()
+        }
+    }
+
+    fn rows(
+        data: &Map<Vec<u8>, Vec<u8>>,
+        s: &[u8],
+        e: &[u8],
+        reverse: bool,
+        budget: &mut i64,
+    ) -> (Vec<kvpb::KeyValue>, Option<kvpb::Span>) {
+        let mut keys: Vec<&Vec<u8>> = data.range(s.to_vec()..e.to_vec()).map(|(k, _)| k).collect();
+        if reverse {
+            keys.reverse();
+        }
+        let mut out = Vec::new();
+        for k in keys {
+            if *budget == 0 {
+                let resume = if reverse {
+                    kvpb::Span {
+                        start_key: s.to_vec(),
+                        end_key: key_after(k),
+                    }
+                } else {
+                    kvpb::Span {
+                        start_key: k.clone(),
+                        end_key: e.to_vec(),
+                    }
+                };
+                return (out, Some(resume));
+            }
+            *budget -= 1;
+            out.push(kvpb::KeyValue {
+                key: k.clone(),
+                value: data[k].clone(),
+                timestamp: None,
+            });
+        }
+        (out, None)
+    }
+
+    impl RangeSender for Fake {
+        async fn send(
+            &self,
+            desc: RangeDescriptor,
+            req: kvpb::BatchRequest,
+        ) -> Result<kvpb::BatchResponse, RangeError> {
+            let ranges = self.ranges.lock().clone();
+            let Some(real) = ranges.iter().find(|r| r.range_id == desc.range_id) else {
+                return Err(RangeError::RangeNotFound);
+            };
+            for r in &req.requests {
+                let (s, e) = span(r.value.as_ref().unwrap());
+                let e = if e.is_empty() { key_after(s) } else { e.to_vec() };
+                if s < real.start_key.as_slice() || e > real.end_key {
+                    // As a store answers: what it holds overlapping the
+                    // request, and the range addressed as it is now.
+                    let mut over: Vec<RangeDescriptor> = ranges
+                        .iter()
+                        .filter(|x| x.start_key < e && s < x.end_key.as_slice())
+                        .cloned()
+                        .collect();
+                    if !over.iter().any(|x| x.range_id == real.range_id) {
+                        over.push(real.clone());
+                    }
+                    return Err(RangeError::KeyMismatch(over));
+                }
+            }
+            let limit = req.header.as_ref().map_or(0, |h| h.max_span_request_keys);
+            let mut budget = if limit > 0 { limit } else { -1 };
+            let mut data = self.data.lock();
+            let mut responses = Vec::new();
+            for r in req.requests {
+                let v = match r.value.unwrap() {
+                    Req::Put(p) => {
+                        data.insert(p.key, p.value);
+                        Resp::Put(Default::default())
+                    }
+                    Req::Get(g) => Resp::Get(kvpb::GetResponse {
+                        kv: data.get(&g.key).map(|v| kvpb::KeyValue {
+                            key: g.key.clone(),
+                            value: v.clone(),
+                            timestamp: None,
+                        }),
+                    }),
+                    Req::Scan(x) => {
+                        let (rows, resume_span) = rows(&data, &x.start_key, &x.end_key, false, &mut budget);
+                        Resp::Scan(kvpb::ScanResponse { rows, resume_span })
+                    }
+                    Req::ReverseScan(x) => {
+                        let (rows, resume_span) = rows(&data, &x.start_key, &x.end_key, true, &mut budget);
+                        Resp::ReverseScan(kvpb::ReverseScanResponse { rows, resume_span })
+                    }
+                    Req::DeleteRange(x) => {
+                        let (rows, resume_span) = rows(&data, &x.start_key, &x.end_key, false, &mut budget);
+                        for kv in &rows {
+                            data.remove(&kv.key);
+                        }
+                        Resp::DeleteRange(kvpb::DeleteRangeResponse {
+                            deleted: rows.len() as i64,
+                            keys: Vec::new(),
+                            resume_span,
+                        })
+                    }
+                    other => panic!("not modelled: {other:?}"),
+                };
+                responses.push(kvpb::ResponseUnion { value: Some(v) });
+            }
+            Ok(kvpb::BatchResponse {
+                timestamp: None,
+                responses,
+                error: None,
+            })
+        }
+
+        async fn lookup(&self, key: Vec<u8>, prefetch: u32) -> Result<Vec<RangeDescriptor>, RangeError> {
+            let meta = self.meta.lock();
+            Ok(meta
+                .iter()
+                .filter(|r| r.end_key > key)
+                .take(1 + prefetch as usize)
+                .cloned()
+                .collect())
+        }
+    }
+
+    fn batch(reqs: Vec<Req>, limit: i64) -> kvpb::BatchRequest {
+        kvpb::BatchRequest {
+            header: Some(kvpb::Header {
+                max_span_request_keys: limit,
+                ..Default::default()
+            }),
+            requests: reqs
+                .into_iter()
+                .map(|r| kvpb::RequestUnion { value: Some(r) })
+                .collect(),
+        }
+    }
+
+    fn scan(s: &str, e: &str, reverse: bool) -> Req {
+        if reverse {
+            Req::ReverseScan(kvpb::ReverseScanRequest {
+                start_key: s.into(),
+                end_key: e.into(),
+            })
+        } else {
+            Req::Scan(kvpb::ScanRequest {
+                start_key: s.into(),
+                end_key: e.into(),
+            })
+        }
+    }
+
+    fn keys(r: &kvpb::ResponseUnion) -> (String, Option<kvpb::Span>) {
+        let (rows, resume) = match r.value.as_ref().unwrap() {
+            Resp::Scan(s) => (&s.rows, s.resume_span.clone()),
+            Resp::ReverseScan(s) => (&s.rows, s.resume_span.clone()),
+            other => panic!("{other:?}"),
+        };
+        (
+            rows.iter()
+                .map(|kv| String::from_utf8(kv.key.clone()).unwrap())
+                .collect(),
+            resume,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_cut_per_range_merged_in_key_order_and_a_stale_cache_is_corrected() {
+        let fake = Fake::default();
+        // The meta range still has the range before its two splits.
+        *fake.meta.lock() = vec![d(3, b"\x11", b"\xff\xff", 0)];
+        *fake.ranges.lock() = vec![d(3, b"\x11", b"g", 2), d(7, b"g", b"p", 2), d(8, b"p", b"\xff\xff", 1)];
+        let ds = DistSender::new(fake);
+        let puts = ('a'..='z')
+            .map(|c| {
+                Req::Put(kvpb::PutRequest {
+                    key: vec![c as u8],
+                    value: vec![c as u8],
+                })
+            })
+            .collect();
+        let r = ds.send(batch(puts, 0)).await.unwrap();
+        assert_eq!(r.responses.len(), 26);
+        assert!(
+            ds.metrics.stale_corrections.load(Ordering::Relaxed) >= 1,
+            "the stale range answered a mismatch"
+        );
+        assert!(ds.metrics.cache_misses.load(Ordering::Relaxed) >= 1);
+        assert_eq!(ds.cached_ranges(), 3, "the cache now holds the real ranges");
+        let abc: String = ('a'..='z').collect();
+        let r = ds
+            .send(batch(vec![scan("a", "zz", false), scan("a", "zz", true)], 0))
+            .await
+            .unwrap();
+        assert_eq!(keys(&r.responses[0]), (abc.clone(), None));
+        assert_eq!(keys(&r.responses[1]), (abc.chars().rev().collect(), None));
+        // A limit stops in the second range; the resume span says where.
+        let r = ds.send(batch(vec![scan("a", "zz", false)], 10)).await.unwrap();
+        let (got, resume) = keys(&r.responses[0]);
+        assert_eq!(got, "abcdefghij");
+        assert_eq!(resume.unwrap().start_key, b"k");
+        // A limit that ends exactly at a range boundary: the rest is to resume.
+        let r = ds.send(batch(vec![scan("a", "zz", false)], 6)).await.unwrap();
+        let (got, resume) = keys(&r.responses[0]);
+        assert_eq!(got, "abcdef");
+        assert_eq!(resume.unwrap().start_key, b"g");
+        let r = ds.send(batch(vec![scan("a", "zz", true)], 5)).await.unwrap();
+        let (got, resume) = keys(&r.responses[0]);
+        assert_eq!(got, "zyxwv");
+        assert_eq!(resume.unwrap().end_key, b"u\x00");
+        // Mixed directions with a limit are refused.
+        assert!(ds
+            .send(batch(vec![scan("a", "c", false), scan("a", "c", true)], 5))
+            .await
+            .is_err());
+        // A range delete over all three ranges sums its counts.
+        let r = ds
+            .send(batch(
+                vec![Req::DeleteRange(kvpb::DeleteRangeRequest {
+                    start_key: b"c".to_vec(),
+                    end_key: b"r".to_vec(),
+                    return_keys: false,
+                })],
+                0,
+            ))
+            .await
+            .unwrap();
+        assert!(matches!(&r.responses[0].value, Some(Resp::DeleteRange(x)) if x.deleted == 15));
+        let r = ds.send(batch(vec![scan("a", "zz", false)], 0)).await.unwrap();
+        assert_eq!(keys(&r.responses[0]).0, "abrstuvwxyz");
+    }
+
+    #[tokio::test]
+    async fn a_merged_away_range_is_looked_up_again() {
+        let fake = Fake::default();
+        *fake.meta.lock() = vec![d(3, b"\x11", b"g", 1), d(7, b"g", b"\xff\xff", 1)];
+        *fake.ranges.lock() = fake.meta.lock().clone();
+        let ds = DistSender::new(fake);
+        let put = |k: &str| {
+            Req::Put(kvpb::PutRequest {
+                key: k.into(),
+                value: b"v".to_vec(),
+            })
+        };
+        ds.send(batch(vec![put("a"), put("x")], 0)).await.unwrap();
+        // Range 7 merges into 3; the meta range says so; the cache does not.
+        let merged = d(3, b"\x11", b"\xff\xff", 2);
+        *ds.sender.ranges.lock() = vec![merged.clone()];
+        *ds.sender.meta.lock() = vec![merged];
+        ds.send(batch(vec![put("y")], 0)).await.unwrap();
+        let r = ds.send(batch(vec![scan("a", "zz", false)], 0)).await.unwrap();
+        assert_eq!(keys(&r.responses[0]).0, "axy");
+        assert_eq!(ds.cached_ranges(), 1);
+    }
+}
