@@ -187,6 +187,11 @@ enum WorkloadCmd {
         /// Seconds the checker may take.
         #[arg(long, default_value_t = 30)]
         check_seconds: u64,
+        /// The client API: `etcd` (etcd's KV) or `native` (Tardigrade's KV
+        /// API, keys spread over the prefixes 00..ff so that splits there
+        /// spread them over many ranges).
+        #[arg(long, default_value = "etcd")]
+        api: workload::register::Api,
     },
     /// Concurrent clients writing keys for a fixed time.
     Put {
@@ -343,6 +348,7 @@ fn real_main() -> Result<()> {
                         lease_transfers,
                         seed,
                         check_seconds,
+                        api,
                     },
             } => {
                 if nemesis && pids.is_empty() {
@@ -350,6 +356,7 @@ fn real_main() -> Result<()> {
                 }
                 let cfg = workload::register::RegisterConfig {
                     endpoints: hosts.clone(),
+                    api,
                     clients: clients.max(1),
                     keys: keys.max(1),
                     duration: Duration::from_secs(duration.max(1)),

@@ -185,3 +185,158 @@ async fn native_kv_across_admin_splits_through_any_node() {
     let err = batch(a, vec![put("\x10etcd", "x")], 0).await.unwrap_err();
     assert!(err.contains("outside the user keyspace"), "{err}");
 }
+
+/// Splits at `key` through the node at `host`: Ok, or why not.
+async fn admin_split(host: &str, key: &[u8]) -> Result<(), String> {
+    let ch = tonic::transport::Channel::from_shared(format!("http://{host}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    proto::admin::admin_client::AdminClient::new(ch)
+        .split(proto::admin::SplitRequest {
+            split_key: key.to_vec(),
+        })
+        .await
+        .map(|_| ())
+        .map_err(|s| s.message().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_over_native_kv_under_splits_and_the_nemesis_is_linearizable() {
+    // Small ranges: the workload's writes split them by size as it runs.
+    let c = Cluster::start(3, &["--range-max-bytes", "65536"]);
+    c.wait_replicated().await;
+    let hosts: Vec<String> = c.nodes.iter().map(|n| n.grpc.clone()).collect();
+    // 200 admin splits at two-hex-digit keys (the workload's keys are spread
+    // over them), through every node in turn. From the highest down, so that
+    // each splits the range holding the lease from the start.
+    let started = std::time::Instant::now();
+    for i in (1..=200u32).rev() {
+        let key = format!("{i:02x}");
+        let mut last = String::new();
+        let ok = 'tries: {
+            for attempt in 0..50 {
+                match admin_split(&hosts[(i as usize + attempt) % 3], key.as_bytes()).await {
+                    Ok(()) => break 'tries true,
+                    // A retry of one that landed unanswered.
+                    Err(e) if e.contains("already a range boundary") => break 'tries true,
+                    Err(e) => last = e,
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            false
+        };
+        assert!(ok, "split at {key}: {last}");
+    }
+    let split_time = started.elapsed();
+    wait("201 user ranges on every node", 10 * ELECTION * 4, || async {
+        for i in 0..3 {
+            if user_ranges(&c, i).await.len() < 201 {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    let pids: Vec<String> = c.nodes.iter().map(|n| n.proc.pid().to_string()).collect();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tardigrade"))
+        .args(["workload", "register", "--api", "native", "--hosts", &hosts.join(",")])
+        .args([
+            "--clients",
+            "6",
+            "--keys",
+            "16",
+            "--duration",
+            "30",
+            "--nemesis",
+            "--pids",
+            &pids.join(","),
+        ])
+        .args(["--seed", "7", "--check-seconds", "20"])
+        .output()
+        .expect("run the workload");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    kill_restarted(&stdout);
+    println!("{stdout}\n200 admin splits in {split_time:?}");
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("LINEARIZABLE over"), "{stdout}");
+    assert!(stdout.contains(", 0 lost"), "{stdout}");
+    assert!(stdout.contains("nemesis: "), "the nemesis did something: {stdout}");
+
+    // Every node back up (the nemesis's restarts are gone with it): every
+    // replica of every range applies the same log to the same state.
+    let mut c = c;
+    for i in 0..3 {
+        if c.nodes[i].proc.child.try_wait().ok().flatten().is_some() {
+            c.restart(i);
+        }
+    }
+    let agreed_at = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    wait(
+        "every replica of every user range at one applied index with one state",
+        10 * ELECTION * 6,
+        || async {
+            let mut by_range: std::collections::BTreeMap<u64, Vec<(u64, proto::storage::MvccStats)>> =
+                Default::default();
+            for i in 0..3 {
+                let Some(rs) = c.ranges(i).await else { return false };
+                for r in rs {
+                    let d = r.descriptor.unwrap_or_default();
+                    if d.start_key.as_slice() >= b"\x11".as_slice() {
+                        by_range
+                            .entry(d.range_id)
+                            .or_default()
+                            .push((r.applied_index, r.stats.unwrap_or_default()));
+                    }
+                }
+            }
+            agreed_at.store(by_range.len(), std::sync::atomic::Ordering::Relaxed);
+            by_range.values().all(|v| v.len() == 3 && v.iter().all(|x| *x == v[0]))
+        },
+    )
+    .await;
+    let agreed = agreed_at.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        agreed > 201,
+        "the workload's writes split ranges by size too ({agreed} user ranges)"
+    );
+    // The inserts acknowledged are all there, read through each node.
+    let acked: usize = stdout
+        .split("inserts: ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next()?.parse().ok())
+        .expect("the inserts count");
+    for node in &hosts {
+        let mut n = 0;
+        let mut from = b"00".to_vec();
+        loop {
+            let r = batch(
+                node,
+                vec![Req::Scan(kvpb::ScanRequest {
+                    start_key: from.clone(),
+                    end_key: b"ff0".to_vec(),
+                })],
+                5000,
+            )
+            .await
+            .expect("scan");
+            let Some(Resp::Scan(s)) = r.responses[0].value.clone() else {
+                panic!("not a scan")
+            };
+            n += s
+                .rows
+                .iter()
+                .filter(|kv| String::from_utf8_lossy(&kv.key).contains("/inserts/"))
+                .count();
+            match s.resume_span {
+                Some(rs) => from = rs.start_key,
+                None => break,
+            }
+        }
+        assert!(n >= acked, "{node} reads {n} inserts, {acked} were acknowledged");
+    }
+    println!("{agreed} user ranges agree on every replica; {acked} inserts read through every node");
+}

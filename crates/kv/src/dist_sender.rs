@@ -479,7 +479,25 @@ impl<S: RangeSender> DistSender<S> {
                             let (count, resume) = span_result(&v);
                             budget -= count.min(budget);
                             if let Some(rs) = resume {
-                                stopped.insert(*i, rs);
+                                // The range saw the request cut at its
+                                // bounds: what is left runs to the end of
+                                // the original span (its start, reversed).
+                                let (s, e) = reqs
+                                    .iter()
+                                    .find(|(j, _)| j == i)
+                                    .map_or((&[][..], &[][..]), |(_, r)| span(r));
+                                let widened = if reverse {
+                                    kvpb::Span {
+                                        start_key: s.to_vec(),
+                                        end_key: rs.end_key,
+                                    }
+                                } else {
+                                    kvpb::Span {
+                                        start_key: rs.start_key,
+                                        end_key: e.to_vec(),
+                                    }
+                                };
+                                stopped.insert(*i, widened);
                             }
                             gathered.entry(*i).or_default().push((desc.start_key.clone(), v));
                         }
@@ -845,7 +863,11 @@ mod tests {
         let r = ds.send(batch(vec![scan("a", "zz", false)], 10)).await.unwrap();
         let (got, resume) = keys(&r.responses[0]);
         assert_eq!(got, "abcdefghij");
-        assert_eq!(resume.unwrap().start_key, b"k");
+        let resume = resume.unwrap();
+        assert_eq!(
+            (resume.start_key.as_slice(), resume.end_key.as_slice()),
+            (&b"k"[..], &b"zz"[..])
+        );
         // A limit that ends exactly at a range boundary: the rest is to resume.
         let r = ds.send(batch(vec![scan("a", "zz", false)], 6)).await.unwrap();
         let (got, resume) = keys(&r.responses[0]);
@@ -854,7 +876,11 @@ mod tests {
         let r = ds.send(batch(vec![scan("a", "zz", true)], 5)).await.unwrap();
         let (got, resume) = keys(&r.responses[0]);
         assert_eq!(got, "zyxwv");
-        assert_eq!(resume.unwrap().end_key, b"u\x00");
+        let resume = resume.unwrap();
+        assert_eq!(
+            (resume.start_key.as_slice(), resume.end_key.as_slice()),
+            (&b"a"[..], &b"u\x00"[..])
+        );
         // Mixed directions with a limit are refused.
         assert!(ds
             .send(batch(vec![scan("a", "c", false), scan("a", "c", true)], 5))

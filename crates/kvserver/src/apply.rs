@@ -136,7 +136,12 @@ impl Replica {
                                         s.map(MvccStats::from).unwrap_or_default()
                                     };
                                     rangestate::set_descriptor(&mut batch, &left)?;
-                                    split::write_right_hand(&mut batch, &right, stats(t.right_stats))?;
+                                    if !split::write_right_hand(&mut batch, &right, stats(t.right_stats))? {
+                                        tracing::info!(
+                                            range = right.range_id,
+                                            "right-hand range already here (by snapshot)"
+                                        );
+                                    }
                                     applied.stats = stats(t.left_stats);
                                     new_desc = Some((left, right));
                                     Ok(())

@@ -69,14 +69,15 @@ impl Concurrency {
     /// Called by every request under the lease of raft term `term`: the
     /// first of a newer lease raises the low-water mark to `start()`.
     /// Returns the low-water mark.
-    pub fn enter_lease(&self, term: u64, start: impl FnOnce() -> Timestamp) -> Timestamp {
+    pub fn enter_lease<E>(&self, term: u64, start: impl FnOnce() -> Result<Timestamp, E>) -> Result<Timestamp, E> {
         let mut s = self.state.lock();
         if term > s.lease_term {
-            s.lease_term = term;
-            let t = start();
+            // Only a start that was read marks the lease entered.
+            let t = start()?;
             s.tscache.raise_low_water(t);
+            s.lease_term = term;
         }
-        s.tscache.low_water()
+        Ok(s.tscache.low_water())
     }
 
     /// The lowest timestamp a write of `spans` may take: above every read
@@ -123,18 +124,21 @@ mod tests {
     #[test]
     fn a_new_lease_raises_the_low_water_mark_once_and_writes_go_above_reads() {
         let c = Concurrency::default();
-        assert_eq!(c.enter_lease(3, || Timestamp::new(100, 0)), Timestamp::new(100, 0));
+        let at = |t: u64| move || Ok::<_, ()>(Timestamp::new(t, 0));
+        // A start that cannot be read leaves the lease not entered.
+        assert_eq!(c.enter_lease(3, || Err("clock")), Err("clock"));
+        assert_eq!(c.enter_lease(3, at(100)), Ok(Timestamp::new(100, 0)));
         // Later requests of the same lease do not move it.
-        assert_eq!(c.enter_lease(3, || Timestamp::new(900, 0)), Timestamp::new(100, 0));
+        assert_eq!(c.enter_lease(3, at(900)), Ok(Timestamp::new(100, 0)));
         let k = [Span::key(b"k")];
         assert_eq!(c.min_write_ts(&k), Timestamp::new(100, 0).next());
         c.record_reads(&[Span::range(b"a", b"z")], Timestamp::new(500, 0));
         assert_eq!(c.min_write_ts(&k), Timestamp::new(500, 1));
         assert_eq!(c.min_write_ts(&[Span::key(b"zz")]), Timestamp::new(100, 1));
         // A newer lease: the mark rises to its start.
-        assert_eq!(c.enter_lease(5, || Timestamp::new(700, 0)), Timestamp::new(700, 0));
+        assert_eq!(c.enter_lease(5, at(700)), Ok(Timestamp::new(700, 0)));
         assert_eq!(c.min_write_ts(&[Span::key(b"zz")]), Timestamp::new(700, 1));
         // A stale term never lowers it.
-        assert_eq!(c.enter_lease(4, || Timestamp::new(1, 0)), Timestamp::new(700, 0));
+        assert_eq!(c.enter_lease(4, at(1)), Ok(Timestamp::new(700, 0)));
     }
 }

@@ -14,7 +14,7 @@
 
 use std::time::Instant;
 
-use proto::kvpb;
+use proto::kvpb::{self, request_union::Value as Req};
 use proto::kvserver::{
     batch_error, batch_response, raft_command, BatchError, BatchResponse, RaftCommand, RangeKeyMismatch,
     RangeLookupRequest, RangeLookupResponse,
@@ -26,7 +26,7 @@ use crate::batcheval::{self, request_span, EvalError};
 use crate::etcd::grpc_code;
 use crate::evaluator::{not_leaseholder, EvalOptions};
 use crate::replica::{ApplyOutcome, ProposeError};
-use crate::spanlatch::Latch;
+use crate::spanlatch::{Latch, Span};
 use crate::store::StoreHandle;
 
 /// How many times a batch is evaluated again above a newer version.
@@ -74,6 +74,54 @@ fn overlapping(store: &StoreHandle, start: &[u8], end: &[u8]) -> Vec<RangeDescri
         .collect()
 }
 
+/// `RangeKeyMismatch` if some request of `reqs` is not all in `desc`: with
+/// the descriptors this store holds overlapping it (the halves of a split
+/// the sender has not heard of).
+fn mismatch(store: &StoreHandle, desc: &RangeDescriptor, reqs: &[&Req]) -> Option<BatchResponse> {
+    let r = reqs.iter().find(|r| {
+        let (s, e) = request_span(r);
+        !in_desc(desc, s, e)
+    })?;
+    let (s, e) = request_span(r);
+    let end = if e.is_empty() {
+        storage::keys::next_user_key(s)
+    } else {
+        e.to_vec()
+    };
+    let mut descriptors = overlapping(store, s, &end);
+    if !descriptors.iter().any(|d| d.range_id == desc.range_id) && !desc.end_key.is_empty() {
+        descriptors.push(desc.clone());
+    }
+    Some(error(batch_error::Kind::RangeKeyMismatch(RangeKeyMismatch {
+        descriptors,
+    })))
+}
+
+/// Proposes an evaluated command and keeps `guard` (its latches) until the
+/// command applied or certainly will not, however long that takes: a
+/// caller that stops waiting (`wait` passed, the client went away) must not
+/// let a conflicting request evaluate while this one may still apply.
+pub(crate) async fn propose_holding<G: Send + 'static>(
+    store: &StoreHandle,
+    range_id: u64,
+    cmd: RaftCommand,
+    guard: G,
+    wait: std::time::Duration,
+) -> Result<ApplyOutcome, ProposeError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let s = store.clone();
+    tokio::spawn(async move {
+        let r = s.propose_evaluated(range_id, cmd).await;
+        drop(guard);
+        let _ = tx.send(r);
+    });
+    match tokio::time::timeout(wait, rx).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => Err(ProposeError::Stopped),
+        Err(_) => Err(ProposeError::Ambiguous),
+    }
+}
+
 /// Evaluates a native KV batch for `range_id` here.
 pub async fn evaluate(
     store: &StoreHandle,
@@ -98,22 +146,8 @@ pub async fn evaluate(
         return kv_answer(kvpb::BatchResponse::default());
     }
     // Every key must be this range's: else the sender's cache is stale.
-    let outside = reqs.iter().find(|r| {
-        let (s, e) = request_span(r);
-        !in_desc(&st.desc, s, e)
-    });
-    if let Some(r) = outside {
-        let (s, e) = request_span(r);
-        let end = if e.is_empty() {
-            storage::keys::next_user_key(s)
-        } else {
-            e.to_vec()
-        };
-        let mut descriptors = overlapping(store, s, &end);
-        if !descriptors.iter().any(|d| d.range_id == range_id) && !st.desc.end_key.is_empty() {
-            descriptors.push(st.desc.clone());
-        }
-        return error(batch_error::Kind::RangeKeyMismatch(RangeKeyMismatch { descriptors }));
+    if let Some(answer) = mismatch(store, &st.desc, &reqs) {
+        return answer;
     }
     if !crate::keyspace::splittable(range_id) {
         return kv_error(
@@ -132,54 +166,58 @@ pub async fn evaluate(
     let term = st.term;
     let conc = st.conc.clone();
     // The first request of a lease sets the cache's low-water mark.
-    let mut clock_failed = None;
-    conc.enter_lease(term, || match clock.now() {
-        Ok(t) => Timestamp::new(t.wall.saturating_add(max_offset), 0),
-        Err(e) => {
-            clock_failed = Some(e.to_string());
-            Timestamp::MAX
-        }
+    let entered = conc.enter_lease(term, || {
+        clock
+            .now()
+            .map(|t| Timestamp::new(t.wall.saturating_add(max_offset), 0))
     });
-    if let Some(e) = clock_failed {
+    if let Err(e) = entered {
         return error(batch_error::Kind::Unavailable(format!("clock: {e}")));
     }
-    let mut ts = match req.header.as_ref().and_then(|h| h.timestamp) {
-        Some(t) => {
-            let t = Timestamp::from(t);
-            if t.wall > clock.physical().saturating_add(max_offset) {
+    let mut ts = match clock.now() {
+        Ok(now) => match req.header.as_ref().and_then(|h| h.timestamp) {
+            // A timestamp from the client: never above this leaseholder's
+            // clock (no read here may be above what the next lease's
+            // low-water mark will cover).
+            Some(t) if Timestamp::from(t) > now => {
                 return kv_error(
                     grpc_code::INVALID_ARGUMENT,
-                    format!("timestamp {t} is more than the maximum clock offset ahead of this node's clock"),
-                );
+                    format!(
+                        "timestamp {} is ahead of the leaseholder's clock ({now}): ask again without one, or later",
+                        Timestamp::from(t)
+                    ),
+                )
             }
-            if let Err(e) = clock.update(t) {
-                return error(batch_error::Kind::Unavailable(format!("clock: {e}")));
-            }
-            t
-        }
-        None => match clock.now() {
-            Ok(t) => t,
-            Err(e) => return error(batch_error::Kind::Unavailable(format!("clock: {e}"))),
+            Some(t) => Timestamp::from(t),
+            None => now,
         },
+        Err(e) => return error(batch_error::Kind::Unavailable(format!("clock: {e}"))),
     };
     let limit = req.header.as_ref().map_or(0, |h| h.max_span_request_keys);
     let (reads, writes) = batcheval::latch_spans(&reqs);
+    // A batch that writes may be moved to a later timestamp after it
+    // latched; its reads then happen there: latch them at every timestamp.
+    let read_latch_ts = if writes.is_empty() { ts } else { Timestamp::MAX };
     let latches: Vec<Latch> = reads
         .iter()
-        .map(|s| Latch::read(s.clone(), ts))
+        .map(|s| Latch::read(s.clone(), read_latch_ts))
         .chain(writes.iter().map(|s| Latch::write(s.clone(), ts)))
         .collect();
-    let Ok(_guard) = tokio::time::timeout(opts.write_timeout, conc.latches.acquire(latches)).await else {
+    let Ok(guard) = tokio::time::timeout(opts.write_timeout, conc.latches.acquire(latches)).await else {
         return error(batch_error::Kind::Unavailable(
             "timed out waiting for conflicting requests (latches)".into(),
         ));
     };
-    // The lease may have moved while it waited.
-    if !store
+    // While it waited, the lease may have moved, or the range split (a
+    // split holds every latch of the range until it applied).
+    let Some(st) = store
         .status(range_id)
-        .is_some_and(|s| s.term == term && s.can_serve(Instant::now()))
-    {
+        .filter(|s| s.term == term && s.can_serve(Instant::now()))
+    else {
         return not_leaseholder(store, range_id);
+    };
+    if let Some(answer) = mismatch(store, &st.desc, &reqs) {
+        return answer;
     }
     if !writes.is_empty() {
         ts = ts.max(conc.min_write_ts(&writes));
@@ -193,15 +231,17 @@ pub async fn evaluate(
                 ts = ts.max(retry);
             }
             Err(EvalError::Refused(e)) => {
+                // A failed condition read its key: later writes go above.
+                conc.record_reads(&read_spans(&reqs), ts);
                 return kv_answer(kvpb::BatchResponse {
                     error: Some(e),
                     ..Default::default()
-                })
+                });
             }
             Err(e) => return kv_error(grpc_code::UNAVAILABLE, e.to_string()),
         }
     };
-    conc.record_reads(&reads, ts);
+    conc.record_reads(&read_spans(&reqs), ts);
     let answer = kvpb::BatchResponse {
         timestamp: Some(ts.into()),
         responses: ev.responses,
@@ -222,7 +262,7 @@ pub async fn evaluate(
         op: Some(raft_command::Op::WriteBatch(write)),
         ..Default::default()
     };
-    match store.propose(range_id, cmd, opts.write_timeout).await {
+    match propose_holding(store, range_id, cmd, guard, opts.write_timeout).await {
         Ok(ApplyOutcome::Kv(Ok(()))) => kv_answer(answer),
         Ok(ApplyOutcome::Kv(Err(why))) => kv_error(grpc_code::UNAVAILABLE, why),
         Ok(other) => kv_error(grpc_code::INTERNAL, format!("unexpected outcome {other:?}")),
@@ -235,6 +275,23 @@ pub async fn evaluate(
             error(batch_error::Kind::Ambiguous(proto::kvserver::Ambiguous {}))
         }
     }
+}
+
+/// The spans a batch read, for the timestamp cache: its Gets and scans,
+/// the keys its conditions and increments read, and the spans its range
+/// deletes found empty or not (a later write there must go above them).
+fn read_spans(reqs: &[&Req]) -> Vec<Span> {
+    reqs.iter()
+        .filter(|r| !matches!(r, Req::Put(_) | Req::Delete(_)))
+        .map(|r| {
+            let (s, e) = request_span(r);
+            if e.is_empty() {
+                Span::key(s)
+            } else {
+                Span::range(s, e)
+            }
+        })
+        .collect()
 }
 
 /// Answers a meta lookup on the system range, under its lease.

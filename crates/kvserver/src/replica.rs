@@ -299,15 +299,7 @@ impl Replica {
     /// configuration carries it (with every replica of both halves); leaving
     /// one keeps the replicas still in the configuration.
     pub(crate) fn descriptor_after(&self, cc: &ConfChange, cs: &ConfState) -> RangeDescriptor {
-        let mut desc = if cc.is_leave() {
-            self.desc.clone()
-        } else {
-            RangeDescriptor::decode(&cc.context[..]).unwrap_or_else(|_| self.desc.clone())
-        };
-        mark_replicas(&mut desc, cs);
-        desc.range_id = self.range_id;
-        desc.generation = self.desc.generation + 1;
-        desc
+        descriptor_after_change(&self.desc, cc, cs)
     }
 
     /// The applied index now (made durable by the store's next synced write).
@@ -376,6 +368,24 @@ impl Replica {
     }
 }
 
+/// The descriptor of a range now `cur` after a membership change: only the
+/// replicas (and the next replica id) come from the change's context; the
+/// span is the range's own. The context was the descriptor when the change
+/// was proposed, and a split may have applied since: taking its span would
+/// widen the left-hand range back over the right-hand one.
+pub(crate) fn descriptor_after_change(cur: &RangeDescriptor, cc: &ConfChange, cs: &ConfState) -> RangeDescriptor {
+    let mut desc = cur.clone();
+    if !cc.is_leave() {
+        if let Ok(ctx) = RangeDescriptor::decode(&cc.context[..]) {
+            desc.replicas = ctx.replicas;
+            desc.next_replica_id = desc.next_replica_id.max(ctx.next_replica_id);
+        }
+    }
+    mark_replicas(&mut desc, cs);
+    desc.generation = cur.generation + 1;
+    desc
+}
+
 /// Keeps the replicas `cs` still names and marks each with its role in it:
 /// in a joint configuration a voter of only one half is `VoterIncoming` or
 /// `VoterOutgoing`, so nobody reads a range as fully replicated while both
@@ -428,6 +438,47 @@ mod tests {
             .iter()
             .map(|r| (r.replica_id, Type::try_from(r.r#type).unwrap()))
             .collect()
+    }
+
+    #[test]
+    fn a_membership_change_proposed_before_a_split_keeps_the_split_span() {
+        // Proposed when the range was [a, z) (generation 4), applied after it
+        // split to [a, m) (generation 5): the span stays [a, m).
+        let mut before = desc(&[1, 2]);
+        before.range_id = 3;
+        before.start_key = b"a".to_vec();
+        before.end_key = b"z".to_vec();
+        before.generation = 4;
+        before.next_replica_id = 3;
+        let mut ctx = before.clone();
+        ctx.replicas = desc(&[1, 2, 3]).replicas;
+        ctx.next_replica_id = 4;
+        let mut now = before.clone();
+        now.end_key = b"m".to_vec();
+        now.generation = 5;
+        let cc = ConfChange {
+            changes: vec![raft::ConfChangeSingle {
+                kind: raft::ConfChangeKind::AddLearner,
+                node: 3,
+            }],
+            context: ctx.encode_to_vec(),
+        };
+        let cs = ConfState {
+            voters: vec![1, 2],
+            learners: vec![3],
+            ..Default::default()
+        };
+        let after = descriptor_after_change(&now, &cc, &cs);
+        assert_eq!(
+            (after.start_key.as_slice(), after.end_key.as_slice()),
+            (&b"a"[..], &b"m"[..])
+        );
+        assert_eq!(after.generation, 6);
+        assert_eq!(after.next_replica_id, 4);
+        assert_eq!(
+            types(&after),
+            vec![(1, Type::Voter), (2, Type::Voter), (3, Type::Learner)]
+        );
     }
 
     #[test]

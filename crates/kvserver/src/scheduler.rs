@@ -63,6 +63,8 @@ pub(crate) struct Scheduler {
     pub events: crossbeam_channel::Sender<Event>,
     /// Set when the loop stops on an error: why.
     pub stopped: Arc<Mutex<Option<String>>>,
+    /// Spans of snapshots stepped into replicas and not yet applied.
+    pub stepped_snapshots: Vec<(u64, Vec<u8>, Vec<u8>)>,
 }
 
 impl Scheduler {
@@ -112,7 +114,10 @@ impl Scheduler {
                     log_truncation::consider(r, &st, self.cfg.log_truncation_threshold);
                 }
             }
-            if let Err(e) = self.process_readies() {
+            let processed = self.process_readies();
+            // Every snapshot stepped is applied (or was refused by raft) now.
+            self.stepped_snapshots.clear();
+            if let Err(e) = processed {
                 tracing::error!(
                     error = %e,
                     "the store stops: its raft loop can no longer persist or apply; nothing more is acknowledged or served from it"
@@ -201,6 +206,11 @@ impl Scheduler {
                 // Most often the right-hand half of a split this store has
                 // not applied yet: its left-hand range still holds the span.
                 tracing::debug!(range_id, other, "dropping a snapshot overlapping another replica here");
+                use prost::Message as _;
+                if let Ok(h) = proto::transport::SnapshotHandle::decode(&snapshot.data[..]) {
+                    // Its staged files: the sender will send another.
+                    let _ = std::fs::remove_dir_all(&h.dir);
+                }
                 return;
             }
         }
@@ -217,14 +227,30 @@ impl Scheduler {
     /// Another initialized replica here whose span overlaps the span a
     /// snapshot for `range_id` carries, if there is one: that snapshot must
     /// wait (two replicas of this store never hold one key).
-    fn overlapping_replica(&self, range_id: u64, snap: &raft::Snapshot) -> Option<u64> {
+    fn overlapping_replica(&mut self, range_id: u64, snap: &raft::Snapshot) -> Option<u64> {
         use prost::Message as _;
-        let meta = proto::transport::SnapshotHandle::decode(&snap.data[..]).ok()?.meta?;
-        self.replicas
+        let Some(meta) = proto::transport::SnapshotHandle::decode(&snap.data[..])
+            .ok()
+            .and_then(|h| h.meta)
+        else {
+            return None;
+        };
+        let held = self
+            .replicas
             .values()
             .filter(|r| r.range_id != range_id && !r.desc.end_key.is_empty())
-            .find(|r| meta.start_key < r.desc.end_key && r.desc.start_key < meta.end_key)
-            .map(|r| r.range_id)
+            .map(|r| (r.range_id, r.desc.start_key.clone(), r.desc.end_key.clone()));
+        // Snapshots stepped since the last cycle applied will hold their
+        // spans too.
+        let stepped = self.stepped_snapshots.iter().filter(|s| s.0 != range_id).cloned();
+        let other = held
+            .chain(stepped)
+            .find(|(_, s, e)| meta.start_key < *e && *s < meta.end_key)
+            .map(|(id, ..)| id);
+        if other.is_none() {
+            self.stepped_snapshots.push((range_id, meta.start_key, meta.end_key));
+        }
+        other
     }
 
     /// Starts the right-hand replica of a split applied here (replacing an
@@ -234,13 +260,14 @@ impl Scheduler {
         let Some(me) = right.replicas.iter().find(|r| r.store_id == self.store_id) else {
             return Ok(());
         };
-        if let Some(old) = self.replicas.get(&right.range_id) {
-            if !old.desc.end_key.is_empty() {
-                return Err(StoreError::Corrupt(format!(
-                    "range {} exists already, a split cannot create it",
-                    right.range_id
-                )));
-            }
+        if self
+            .replicas
+            .get(&right.range_id)
+            .is_some_and(|r| !r.desc.end_key.is_empty())
+        {
+            // Initialized by a snapshot before this split applied here: it
+            // is ahead of the split and stays as it is.
+            return Ok(());
         }
         let rc = raft_config(&self.cfg, self.clock.physical(), me.replica_id, right.range_id);
         let mut rep = Replica::new(

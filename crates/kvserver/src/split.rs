@@ -128,7 +128,8 @@ pub async fn admin_split(
     if let Some(why) = check_split_key(&st.desc, &req.split_key) {
         return refused(why);
     }
-    if req.new_range_id == 0 || store.has_range(req.new_range_id) {
+    let first_free = crate::keyspace::BOOTSTRAP_RANGES.iter().map(|r| r.0).max().unwrap_or(0) + 1;
+    if req.new_range_id < first_free || store.has_range(req.new_range_id) {
         return refused(format!("range id {} is taken", req.new_range_id));
     }
     if !st.can_serve(Instant::now()) {
@@ -138,7 +139,7 @@ pub async fn admin_split(
     // Every request of the range waits: nothing writes while the halves'
     // statistics are computed and until the split applied.
     let whole = Span::range(&st.desc.start_key, &st.desc.end_key);
-    let Ok(_guard) = tokio::time::timeout(
+    let Ok(guard) = tokio::time::timeout(
         opts.write_timeout,
         st.conc.latches.acquire(vec![Latch::write(whole, Timestamp::ZERO)]),
     )
@@ -180,7 +181,7 @@ pub async fn admin_split(
         })),
         ..Default::default()
     };
-    match store.propose(range_id, cmd, opts.write_timeout).await {
+    match crate::kv_batch::propose_holding(store, range_id, cmd, guard, opts.write_timeout).await {
         Ok(ApplyOutcome::Split(Ok(()))) => {
             store.metrics().splits.inc();
             BatchResponse {
@@ -206,9 +207,14 @@ pub async fn admin_split(
 /// Writes the right-hand range of a split into the apply batch: its
 /// descriptor, applied state (with its statistics) and a raft log starting
 /// at the bootstrap index. A replica of it that a message created before
-/// this split applied here keeps its term and vote (it may have voted).
-pub fn write_right_hand(batch: &mut Batch, right: &RangeDescriptor, stats: MvccStats) -> Result<(), StoreError> {
+/// this split applied here keeps its term and vote (it may have voted). A
+/// right-hand replica already initialized here (by a snapshot: it is ahead
+/// of this split) is left as it is. Returns whether it wrote anything.
+pub fn write_right_hand(batch: &mut Batch, right: &RangeDescriptor, stats: MvccStats) -> Result<bool, StoreError> {
     let id = right.range_id;
+    if rangestate::descriptor(&*batch, id)?.is_some() {
+        return Ok(false);
+    }
     let prior = raftlog::hard_state(&*batch, id)?;
     rangestate::set_descriptor(batch, right)?;
     rangestate::set_applied_state(
@@ -236,7 +242,7 @@ pub fn write_right_hand(batch: &mut Batch, right: &RangeDescriptor, stats: MvccS
             commit: raft::BOOTSTRAP_INDEX,
         },
     )?;
-    Ok(())
+    Ok(true)
 }
 
 /// Whether a split trigger applies to a range whose descriptor is `cur`:

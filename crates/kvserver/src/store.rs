@@ -244,6 +244,26 @@ impl StoreHandle {
         }
     }
 
+    /// Proposes a command evaluated under the lease of its `proposer_term`
+    /// and waits, however long it takes, until it applied or certainly will
+    /// not (its entry was replaced, the lease ended before it was proposed,
+    /// the store stopped). Never retried: only the lease it was evaluated
+    /// under may propose it. Whoever holds the command's latches keeps them
+    /// across this wait.
+    pub async fn propose_evaluated(&self, range_id: u64, mut cmd: RaftCommand) -> Result<ApplyOutcome, ProposeError> {
+        let ts = self.clock.now().map_err(|e| ProposeError::Clock(e.to_string()))?;
+        cmd.proposer_ts = Some(ts.into());
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Event::Propose {
+                range_id,
+                cmd: Box::new(cmd),
+                reply,
+            })
+            .map_err(|_| ProposeError::Stopped)?;
+        rx.await.unwrap_or(Err(ProposeError::Stopped))
+    }
+
     /// Waits until `range_id` may serve reads here, up to `timeout`.
     pub async fn wait_readable(&self, range_id: u64, timeout: Duration) -> Result<ReplicaStatus, ProposeError> {
         let deadline = Instant::now() + timeout;
@@ -332,6 +352,7 @@ impl Store {
             next_ping: Instant::now(),
             events: tx.clone(),
             stopped: Arc::new(Mutex::new(None)),
+            stepped_snapshots: Vec::new(),
         };
         for desc in rangestate::all_descriptors(&engine)? {
             let Some(me) = desc.replicas.iter().find(|r| r.store_id == ident.store_id) else {

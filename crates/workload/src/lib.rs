@@ -7,3 +7,4 @@
 pub mod linearizability;
 pub mod put;
 pub mod register;
+pub mod register_client;

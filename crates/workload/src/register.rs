@@ -1,5 +1,6 @@
 //! `register`: Jepsen-style clients doing reads, writes and compare-and-swaps
-//! (etcd Txn) on a few keys through different nodes, recording every
+//! (etcd Txn, or the native API's ConditionalPut: `register_client`) on a
+//! few keys through different nodes, recording every
 //! operation with its invoke and complete times and outcome, optionally while a
 //! nemesis kills and restarts, or pauses and resumes, the nodes' processes.
 //! The history then goes to the linearizability checker, and every
@@ -14,17 +15,16 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use proto::etcdserverpb::{
-    compare, kv_client::KvClient, request_op, Compare, PutRequest, RangeRequest, RequestOp, TxnRequest,
-};
-use tonic::transport::Channel;
-
 use crate::linearizability::{self, Event, Op, Outcome};
+pub use crate::register_client::Api;
+use crate::register_client::RegClient;
 
 #[derive(Clone, Debug)]
 pub struct RegisterConfig {
-    /// host:port of every node's etcd API; client i talks to node i mod n.
+    /// host:port of every node's gRPC API; client i talks to node i mod n.
     pub endpoints: Vec<String>,
+    /// etcd's KV API or the native one (keys spread over `00`..`ff`).
+    pub api: Api,
     pub clients: usize,
     pub keys: usize,
     pub duration: Duration,
@@ -92,55 +92,6 @@ impl Rng {
     }
 }
 
-/// Every key in `[start, end)`, read in pages (one answer with tens of
-/// thousands of keys is larger than a gRPC message may be); `None` if any
-/// page fails.
-async fn read_all_keys(c: &mut KvClient<Channel>, start: Vec<u8>, end: Vec<u8>) -> Option<BTreeSet<String>> {
-    const PAGE: i64 = 5000;
-    let mut keys = BTreeSet::new();
-    let mut from = start;
-    loop {
-        let r = c
-            .range(RangeRequest {
-                key: from.clone(),
-                range_end: end.clone(),
-                keys_only: true,
-                limit: PAGE,
-                ..Default::default()
-            })
-            .await
-            .ok()?
-            .into_inner();
-        if r.more && r.kvs.is_empty() {
-            return None; // "more" with nothing: not a read to conclude from
-        }
-        let last = r.kvs.last().map(|kv| kv.key.clone());
-        keys.extend(
-            r.kvs
-                .into_iter()
-                .map(|kv| String::from_utf8_lossy(&kv.key).into_owned()),
-        );
-        match last {
-            Some(mut k) if r.more => {
-                k.push(0);
-                from = k;
-            }
-            _ => return Some(keys),
-        }
-    }
-}
-
-async fn connect(addr: &str, timeout: Duration) -> Option<KvClient<Channel>> {
-    let ch = Channel::from_shared(format!("http://{addr}"))
-        .ok()?
-        .connect_timeout(timeout)
-        .timeout(timeout)
-        .connect()
-        .await
-        .ok()?;
-    Some(KvClient::new(ch))
-}
-
 /// Whether an error proves the operation was not applied.
 fn definitely_failed(s: &tonic::Status) -> bool {
     use tonic::Code::*;
@@ -152,13 +103,12 @@ fn definitely_failed(s: &tonic::Status) -> bool {
                 || m.contains("leader changed")
                 || m.contains("not initialized")
                 || m.contains("unhealthy")
+                // The native API: no leaseholder answered; nothing was sent.
+                || m.contains("no leaseholder for range")
+                || m.contains("meta lookup")
         }
         _ => false,
     }
-}
-
-fn parse(v: &[u8]) -> Option<u64> {
-    std::str::from_utf8(v).ok()?.parse().ok()
 }
 
 struct Shared {
@@ -179,95 +129,53 @@ impl Shared {
 async fn client(cfg: Arc<RegisterConfig>, id: u64, shared: Arc<Shared>, deadline: Instant) {
     let addr = cfg.endpoints[id as usize % cfg.endpoints.len()].clone();
     let mut rng = Rng(cfg.seed ^ (id + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
-    let mut kv: Option<KvClient<Channel>> = None;
+    let mut kv: Option<RegClient> = None;
     let mut counter = 0u64;
     let mut last_seen: Option<u64> = None;
     while Instant::now() < deadline {
         if kv.is_none() {
-            kv = connect(&addr, cfg.op_timeout).await;
+            kv = RegClient::connect(cfg.api, &addr, cfg.op_timeout).await;
             if kv.is_none() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         }
         let Some(c) = kv.as_mut() else { continue };
-        let key = format!("{}register/{}", shared.prefix, rng.below(cfg.keys as u64));
+        let key = cfg.api.register_key(&shared.prefix, rng.below(cfg.keys as u64));
         counter += 1;
         let fresh = id * 1_000_000_000 + counter;
         let roll = rng.below(100);
         let invoke = shared.now();
         if roll < 15 {
             // A unique insert: it must survive everything once acknowledged.
-            let k = format!("{}inserts/{id}/{counter}", shared.prefix);
-            let r = tokio::time::timeout(
-                cfg.op_timeout,
-                c.put(PutRequest {
-                    key: k.clone().into(),
-                    value: b"x".to_vec(),
-                    ..Default::default()
-                }),
-            )
-            .await;
-            match r {
-                Ok(Ok(_)) => shared.inserts.lock().unwrap_or_else(|e| e.into_inner()).push(k),
+            let k = cfg.api.insert_key(&shared.prefix, id, counter);
+            match tokio::time::timeout(cfg.op_timeout, c.put(&k, "x")).await {
+                Ok(Ok(())) => shared.inserts.lock().unwrap_or_else(|e| e.into_inner()).push(k),
                 Ok(Err(s)) if definitely_failed(&s) => {}
                 _ => kv = None,
             }
             continue;
         }
-        let (op, fut): (Op, _) = if roll < 50 {
-            (Op::Read, 0)
+        let op = if roll < 50 {
+            Op::Read
         } else if roll < 75 {
-            (Op::Write(fresh), 1)
+            Op::Write(fresh)
         } else {
-            let expect = last_seen.unwrap_or(fresh);
-            (Op::Cas { expect, new: fresh }, 2)
-        };
-        let result = match fut {
-            0 => tokio::time::timeout(
-                cfg.op_timeout,
-                c.range(RangeRequest {
-                    key: key.clone().into(),
-                    ..Default::default()
-                }),
-            )
-            .await
-            .map(|r| r.map(|x| Outcome::Got(x.into_inner().kvs.first().and_then(|kv| parse(&kv.value))))),
-            1 => tokio::time::timeout(
-                cfg.op_timeout,
-                c.put(PutRequest {
-                    key: key.clone().into(),
-                    value: fresh.to_string().into(),
-                    ..Default::default()
-                }),
-            )
-            .await
-            .map(|r| r.map(|_| Outcome::Written)),
-            _ => {
-                let Op::Cas { expect, new } = op else {
-                    unreachable!("cas")
-                };
-                let txn = TxnRequest {
-                    compare: vec![Compare {
-                        result: compare::CompareResult::Equal as i32,
-                        target: compare::CompareTarget::Value as i32,
-                        key: key.clone().into(),
-                        target_union: Some(compare::TargetUnion::Value(expect.to_string().into())),
-                        range_end: vec![],
-                    }],
-                    success: vec![RequestOp {
-                        request: Some(request_op::Request::RequestPut(PutRequest {
-                            key: key.clone().into(),
-                            value: new.to_string().into(),
-                            ..Default::default()
-                        })),
-                    }],
-                    failure: vec![],
-                };
-                tokio::time::timeout(cfg.op_timeout, c.txn(txn))
-                    .await
-                    .map(|r| r.map(|x| Outcome::Swapped(x.into_inner().succeeded)))
+            Op::Cas {
+                expect: last_seen.unwrap_or(fresh),
+                new: fresh,
             }
+        };
+        let result = match op {
+            Op::Read => tokio::time::timeout(cfg.op_timeout, c.get(&key))
+                .await
+                .map(|r| r.map(Outcome::Got)),
+            Op::Write(v) => tokio::time::timeout(cfg.op_timeout, c.put(&key, &v.to_string()))
+                .await
+                .map(|r| r.map(|_| Outcome::Written)),
+            Op::Cas { expect, new } => tokio::time::timeout(cfg.op_timeout, c.cas(&key, expect, new))
+                .await
+                .map(|r| r.map(Outcome::Swapped)),
         };
         let complete = shared.now();
         let outcome = match result {
@@ -492,43 +400,31 @@ pub async fn run(cfg: RegisterConfig) -> RegisterReport {
     let mut history = shared.history.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let inserts = shared.inserts.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let mut present: Option<BTreeSet<String>> = None;
-    let keys: Vec<String> = (0..cfg.keys)
-        .map(|k| format!("{}register/{k}", shared.prefix))
+    let keys: Vec<String> = (0..cfg.keys as u64)
+        .map(|k| cfg.api.register_key(&shared.prefix, k))
         .collect();
     let mut finals: Vec<Event> = Vec::new();
     'outer: while Instant::now() < settle {
         for addr in &cfg.endpoints {
-            let Some(mut c) = connect(addr, Duration::from_secs(2)).await else {
+            let Some(mut c) = RegClient::connect(cfg.api, addr, Duration::from_secs(2)).await else {
                 continue;
             };
             let mut got = Vec::new();
             for k in &keys {
                 let invoke = shared.now();
-                match c
-                    .range(RangeRequest {
-                        key: k.clone().into(),
-                        ..Default::default()
-                    })
-                    .await
-                {
-                    Ok(r) => got.push(Event {
+                match c.get(k).await {
+                    Ok(v) => got.push(Event {
                         client: u64::MAX,
                         key: k.clone(),
                         op: Op::Read,
-                        outcome: Outcome::Got(r.into_inner().kvs.first().and_then(|kv| parse(&kv.value))),
+                        outcome: Outcome::Got(v),
                         invoke,
                         complete: shared.now(),
                     }),
                     Err(_) => continue 'outer,
                 }
             }
-            if let Some(all) = read_all_keys(
-                &mut c,
-                format!("{}inserts/", shared.prefix).into_bytes(),
-                format!("{}inserts0", shared.prefix).into_bytes(),
-            )
-            .await
-            {
+            if let Some(all) = c.read_inserts(cfg.api, &shared.prefix).await {
                 present = Some(all);
                 finals = got;
                 break 'outer;
@@ -591,7 +487,7 @@ mod tests {
     use proto::etcdserverpb::kv_server::{Kv, KvServer};
     use proto::etcdserverpb::{
         CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse,
-        RangeResponse, TxnRequest, TxnResponse,
+        RangeRequest, RangeResponse, TxnRequest, TxnResponse,
     };
     use proto::mvccpb::KeyValue;
     use tonic::{Request, Response, Status};
@@ -658,10 +554,10 @@ mod tests {
                 }))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
-        let mut c = connect(&addr.to_string(), Duration::from_secs(5)).await.unwrap();
-        let keys = read_all_keys(&mut c, b"p/inserts/".to_vec(), b"p/inserts0".to_vec())
+        let mut c = RegClient::connect(Api::Etcd, &addr.to_string(), Duration::from_secs(5))
             .await
-            .expect("read back");
+            .unwrap();
+        let keys = c.read_inserts(Api::Etcd, "p/").await.expect("read back");
         assert_eq!(keys.len(), 12_345);
         assert!(keys.contains("p/inserts/012344") && keys.contains("p/inserts/000000"));
         server.abort();
