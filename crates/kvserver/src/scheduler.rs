@@ -229,12 +229,7 @@ impl Scheduler {
     /// wait (two replicas of this store never hold one key).
     fn overlapping_replica(&mut self, range_id: u64, snap: &raft::Snapshot) -> Option<u64> {
         use prost::Message as _;
-        let Some(meta) = proto::transport::SnapshotHandle::decode(&snap.data[..])
-            .ok()
-            .and_then(|h| h.meta)
-        else {
-            return None;
-        };
+        let meta = proto::transport::SnapshotHandle::decode(&snap.data[..]).ok()?.meta?;
         let held = self
             .replicas
             .values()
