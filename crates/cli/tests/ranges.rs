@@ -242,25 +242,52 @@ async fn register_over_native_kv_under_splits_and_the_nemesis_is_linearizable() 
     })
     .await;
     let pids: Vec<String> = c.nodes.iter().map(|n| n.proc.pid().to_string()).collect();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tardigrade"))
-        .args(["workload", "register", "--api", "native", "--hosts", &hosts.join(",")])
-        .args([
-            "--clients",
-            "6",
-            "--keys",
-            "16",
-            "--duration",
-            "30",
-            "--nemesis",
-            "--pids",
-            &pids.join(","),
-        ])
-        .args(["--seed", "7", "--check-seconds", "20"])
-        .output()
-        .expect("run the workload");
+    let workload = {
+        let (hosts, pids) = (hosts.join(","), pids.join(","));
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_tardigrade"))
+                .args(["workload", "register", "--api", "native", "--hosts", &hosts])
+                .args([
+                    "--clients",
+                    "6",
+                    "--keys",
+                    "16",
+                    "--duration",
+                    "30",
+                    "--nemesis",
+                    "--pids",
+                    &pids,
+                ])
+                .args(["--seed", "7", "--check-seconds", "20"])
+                .output()
+                .expect("run the workload")
+        })
+    };
+    // More admin splits while the nemesis kills and pauses nodes: a split
+    // may be cut at any point of its protocol.
+    let mut under_faults = 0;
+    for n in 0..40u32 {
+        let key = format!("{:02x}8", 1 + (n * 37) % 200);
+        for attempt in 0..30usize {
+            match admin_split(&hosts[(n as usize + attempt) % 3], key.as_bytes()).await {
+                Ok(()) => {
+                    under_faults += 1;
+                    break;
+                }
+                Err(e) if e.contains("already a range boundary") => {
+                    under_faults += 1;
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let out = workload.await.unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     kill_restarted(&stdout);
-    println!("{stdout}\n200 admin splits in {split_time:?}");
+    println!("{stdout}\n200 admin splits in {split_time:?}; {under_faults} of 40 more under the nemesis");
+    assert!(under_faults >= 30, "{under_faults} of 40 splits under faults landed");
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("LINEARIZABLE over"), "{stdout}");
     assert!(stdout.contains(", 0 lost"), "{stdout}");
@@ -300,7 +327,7 @@ async fn register_over_native_kv_under_splits_and_the_nemesis_is_linearizable() 
     .await;
     let agreed = agreed_at.load(std::sync::atomic::Ordering::Relaxed);
     assert!(
-        agreed > 201,
+        agreed > 201 + under_faults,
         "the workload's writes split ranges by size too ({agreed} user ranges)"
     );
     // The inserts acknowledged are all there, read through each node.
@@ -339,4 +366,82 @@ async fn register_over_native_kv_under_splits_and_the_nemesis_is_linearizable() 
         assert!(n >= acked, "{node} reads {n} inserts, {acked} were acknowledged");
     }
     println!("{agreed} user ranges agree on every replica; {acked} inserts read through every node");
+}
+
+/// Native requests each user range's leaseholder evaluated: start key -> count.
+async fn requests_by_range(c: &Cluster) -> std::collections::BTreeMap<Vec<u8>, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    for i in 0..c.nodes.len() {
+        for r in c.ranges(i).await.unwrap_or_default() {
+            let d = r.descriptor.unwrap_or_default();
+            if d.start_key.as_slice() >= b"\x11".as_slice() {
+                *out.entry(d.start_key).or_insert(0) += r.requests;
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loaded_range_splits_by_load_and_each_half_takes_a_quarter() {
+    let c = Cluster::start(3, &["--load-split-qps", "300"]);
+    c.wait_replicated().await;
+    let hosts: Vec<String> = c.nodes.iter().map(|n| n.grpc.clone()).collect();
+    // Load on the one user range: registers and inserts spread over 00..ff.
+    let load = {
+        let hosts = hosts.join(",");
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_tardigrade"))
+                .args(["workload", "register", "--api", "native", "--hosts", &hosts])
+                .args([
+                    "--clients",
+                    "6",
+                    "--keys",
+                    "64",
+                    "--duration",
+                    "15",
+                    "--check-seconds",
+                    "5",
+                ])
+                .output()
+                .expect("run the workload")
+        })
+    };
+    wait("the user range split by load", Duration::from_secs(20), || async {
+        user_ranges(&c, 0).await.len() >= 2
+    })
+    .await;
+    // Over a few seconds of the same load, after the split: each side of
+    // the first split holds at least a quarter of the requests.
+    let split_key = user_ranges(&c, 0).await[1].start_key.clone();
+    let before = requests_by_range(&c).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = requests_by_range(&c).await;
+    let ds = user_ranges(&c, 0).await;
+    let out = load.await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(stdout.contains("LINEARIZABLE over"), "{stdout}");
+    let (mut left, mut right) = (0u64, 0u64);
+    for (start, n) in &after {
+        let d = n - before.get(start).copied().unwrap_or(0);
+        if *start < split_key {
+            left += d;
+        } else {
+            right += d;
+        }
+    }
+    let total = left + right;
+    println!(
+        "split by load at {:?}: {left} requests left, {right} right in 3 s; {} user ranges",
+        String::from_utf8_lossy(&split_key),
+        ds.len()
+    );
+    assert!(total > 300, "the load went on ({total} requests in 3 s)");
+    assert!(left * 4 >= total && right * 4 >= total, "{left} left, {right} right");
+    assert!(
+        metric(&c.nodes[0].http, "tardigrade_range_splits_total")
+            + metric(&c.nodes[1].http, "tardigrade_range_splits_total")
+            + metric(&c.nodes[2].http, "tardigrade_range_splits_total")
+            >= 1
+    );
 }

@@ -33,6 +33,8 @@ pub struct Concurrency {
     state: Mutex<State>,
     /// Requests sampled for load-based splitting.
     load: Mutex<LoadSampler>,
+    /// Requests evaluated here (as leaseholder), for `debug ranges`.
+    requests: std::sync::atomic::AtomicU64,
 }
 
 struct State {
@@ -50,6 +52,7 @@ impl Default for Concurrency {
                 lease_term: 0,
             }),
             load: Mutex::new(LoadSampler::default()),
+            requests: Default::default(),
         }
     }
 }
@@ -103,6 +106,12 @@ impl Concurrency {
     /// Counts a request at `key` toward load-based splitting.
     pub fn record_load(&self, key: &[u8]) {
         self.load.lock().record(key);
+        self.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Requests counted by `record_load`.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// At the end of a load window: where to split, if the range was loaded

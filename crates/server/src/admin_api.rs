@@ -116,6 +116,7 @@ impl Admin for AdminApi {
                 commit_index: s.commit,
                 applied_index: s.applied.index,
                 stats: Some(s.applied.stats.into()),
+                requests: s.conc.requests(),
             })
             .collect();
         Ok(Response::new(RangesResponse {
