@@ -193,6 +193,27 @@ enum WorkloadCmd {
         #[arg(long, default_value = "etcd")]
         api: workload::register::Api,
     },
+    /// Makes many ranges by administrative splits, checks every node lists
+    /// them and random writes across them succeed, then measures each idle
+    /// node's raft messages, fsyncs and CPU per second.
+    Splits {
+        /// host:port of each node's gRPC API, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        hosts: Vec<String>,
+        /// host:port of each node's HTTP endpoint, same order.
+        #[arg(long, value_delimiter = ',', required = true)]
+        http_hosts: Vec<String>,
+        /// Each node's pid, same order (for its CPU time; optional).
+        #[arg(long, value_delimiter = ',')]
+        pids: Vec<u32>,
+        #[arg(long, default_value_t = 1000)]
+        ranges: usize,
+        #[arg(long, default_value_t = 2000)]
+        writes: usize,
+        /// Seconds of idle measured.
+        #[arg(long, default_value_t = 10)]
+        idle_seconds: u64,
+    },
     /// Concurrent clients writing keys for a fixed time.
     Put {
         /// host:port of an etcd v3 endpoint (Tardigrade's --listen-addr, or etcd).
@@ -411,6 +432,56 @@ fn real_main() -> Result<()> {
                 }
                 if !r.ok() {
                     anyhow::bail!("the history is not what a linearizable store with no lost writes produces");
+                }
+                Ok(())
+            }
+            Cmd::Workload {
+                cmd:
+                    WorkloadCmd::Splits {
+                        hosts,
+                        http_hosts,
+                        pids,
+                        ranges,
+                        writes,
+                        idle_seconds,
+                    },
+            } => {
+                if http_hosts.len() != hosts.len() {
+                    anyhow::bail!("--http-hosts must name one endpoint per --hosts entry");
+                }
+                let cfg = workload::splits::SplitsConfig {
+                    hosts,
+                    http: http_hosts,
+                    pids,
+                    ranges,
+                    writes,
+                    idle: Duration::from_secs(idle_seconds.max(1)),
+                };
+                let r = workload::splits::run(cfg, |m| eprintln!("{m}")).await.map_err(anyhow::Error::msg)?;
+                println!(
+                    "{} ranges created by admin splits in {:.1}s ({:.1} ms each); listed per node: {:?}",
+                    r.created,
+                    r.create_time.as_secs_f64(),
+                    r.create_time.as_secs_f64() * 1000.0 / r.created.max(1) as f64,
+                    r.listed
+                );
+                println!(
+                    "writes to random keys: {} ok, {} failed in {:.1}s",
+                    r.writes_ok,
+                    r.writes_failed,
+                    r.write_time.as_secs_f64()
+                );
+                for n in &r.idle {
+                    println!(
+                        "idle {}: {:.0} raft messages/s, {:.1} fsyncs/s, CPU {}",
+                        n.host,
+                        n.messages_per_sec,
+                        n.fsyncs_per_sec,
+                        n.cpu.map_or("not measured".into(), |c| format!("{:.0}% of a core", c * 100.0))
+                    );
+                }
+                if r.writes_failed > 0 {
+                    anyhow::bail!("{} writes failed", r.writes_failed);
                 }
                 Ok(())
             }

@@ -245,8 +245,10 @@ impl Replica {
                 "a write batch outside the range's span applied as a no-op"
             );
             return Ok(Err(format!(
-                "range {} no longer holds [{:?}, {:?})",
-                self.range_id, wb.start_key, wb.end_key
+                "range {} no longer holds [{}, {})",
+                self.range_id,
+                crate::keyspace::pretty(&wb.start_key),
+                crate::keyspace::pretty(&wb.end_key)
             )));
         }
         applied.stats += crate::batcheval::apply_write_batch(batch, wb)?;

@@ -15,7 +15,7 @@ use storage::mvcc::{self, MvccStats, ReadOptions, ScanOptions};
 use storage::{Batch, Cf, Timestamp};
 
 use crate::etcd::grpc_code;
-use crate::keyspace::in_user_keyspace;
+use crate::keyspace::{in_user_keyspace, pretty};
 use crate::spanlatch::Span;
 
 /// The outcome of evaluating a batch.
@@ -96,7 +96,7 @@ pub fn validate(reqs: &[kvpb::RequestUnion]) -> Result<Vec<&Req>, EvalError> {
             return Err(refused(
                 grpc_code::INVALID_ARGUMENT,
                 i,
-                format!("the span [{start:?}, {end:?}) is empty or inverted"),
+                format!("the span [{}, {}) is empty or inverted", pretty(start), pretty(end)),
             ));
         }
         if !in_user_keyspace(start, end) {
@@ -104,7 +104,9 @@ pub fn validate(reqs: &[kvpb::RequestUnion]) -> Result<Vec<&Req>, EvalError> {
                 grpc_code::INVALID_ARGUMENT,
                 i,
                 format!(
-                    "[{start:?}, {end:?}) is outside the user keyspace [\\x11, \\xff\\xff): the native API reads and writes only user keys"
+                    "[{}, {}) is outside the user keyspace [\\x11, \\xff\\xff): the native API reads and writes only user keys",
+                    pretty(start),
+                    pretty(end)
                 ),
             ));
         }
@@ -199,7 +201,7 @@ pub fn evaluate(mut batch: Batch, reqs: &[&Req], ts: Timestamp, limit: i64) -> R
                         refused(
                             grpc_code::FAILED_PRECONDITION,
                             i,
-                            format!("the value of {:?} is not an integer", inc.key),
+                            format!("the value of {} is not an integer", crate::keyspace::pretty(&inc.key)),
                         )
                     })?,
                 };

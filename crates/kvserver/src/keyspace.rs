@@ -62,6 +62,20 @@ pub fn in_user_keyspace(start: &[u8], end: &[u8]) -> bool {
     start >= USER_START && end_ok
 }
 
+/// A key as people read it: printable ASCII as is, other bytes as `\xNN`
+/// (the form `tardigrade debug split --key` and `debug ranges` take).
+pub fn pretty(k: &[u8]) -> String {
+    k.iter()
+        .map(|&b| {
+            if b.is_ascii_graphic() && b != b'\\' {
+                (b as char).to_string()
+            } else {
+                format!("\\x{b:02x}")
+            }
+        })
+        .collect()
+}
+
 /// The stored key of etcd key `k`.
 pub fn etcd_key(k: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(ETCD_PREFIX.len() + k.len());
@@ -121,5 +135,6 @@ mod tests {
         assert!(!in_user_keyspace(b"\x10a", b""));
         assert!(!in_user_keyspace(b"a", b"\xff\xff\x00"));
         assert!(!in_user_keyspace(b"\xff\xff", b""));
+        assert_eq!(pretty(b"m\x10 \\"), "m\\x10\\x20\\x5c");
     }
 }

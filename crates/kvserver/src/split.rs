@@ -35,7 +35,7 @@ use storage::{Batch, Timestamp};
 
 use crate::etcd::grpc_code;
 use crate::evaluator::{not_leaseholder, EvalOptions};
-use crate::keyspace::{splittable, USER_START};
+use crate::keyspace::{pretty, splittable, USER_START};
 use crate::replica::{ApplyOutcome, ProposeError};
 use crate::spanlatch::{Latch, Span};
 use crate::store::StoreHandle;
@@ -64,12 +64,15 @@ pub fn check_split_key(desc: &RangeDescriptor, key: &[u8]) -> Option<String> {
         ));
     }
     if key < USER_START {
-        return Some(format!("split key {key:?} is outside the user keyspace"));
+        return Some(format!("split key {} is outside the user keyspace", pretty(key)));
     }
     if key <= desc.start_key.as_slice() || (!desc.end_key.is_empty() && key >= desc.end_key.as_slice()) {
         return Some(format!(
-            "split key {key:?} is not inside range {} [{:?}, {:?}) (a range boundary or outside it)",
-            desc.range_id, desc.start_key, desc.end_key
+            "split key {} is not inside range {} [{}, {}) (a range boundary or outside it)",
+            pretty(key),
+            desc.range_id,
+            pretty(&desc.start_key),
+            pretty(&desc.end_key)
         ));
     }
     let joint = desc.replicas.iter().any(|r| {
@@ -93,7 +96,8 @@ fn misaddressed(desc: &RangeDescriptor, key: &[u8]) -> Option<BatchResponse> {
     }
     (key == desc.start_key.as_slice() && splittable(desc.range_id)).then(|| {
         refused(format!(
-            "{key:?} is already a range boundary (range {} starts there)",
+            "{} is already a range boundary (range {} starts there)",
+            pretty(key),
             desc.range_id
         ))
     })
@@ -262,8 +266,11 @@ pub fn trigger_matches(cur: &RangeDescriptor, t: &SplitTrigger) -> Result<(Range
         Ok((left.clone(), right.clone()))
     } else {
         Err(format!(
-            "range {} changed since the split was evaluated (now [{:?}, {:?}) generation {})",
-            cur.range_id, cur.start_key, cur.end_key, cur.generation
+            "range {} changed since the split was evaluated (now [{}, {}) generation {})",
+            cur.range_id,
+            pretty(&cur.start_key),
+            pretty(&cur.end_key),
+            cur.generation
         ))
     }
 }

@@ -164,7 +164,8 @@ pub async fn split(shared: &Arc<Shared>, key: Vec<u8>) -> Result<(RangeDescripto
     shared.store()?;
     if !kvserver::keyspace::in_user_keyspace(&key, &[]) {
         return Err(Status::invalid_argument(format!(
-            "split key {key:?} is outside the user keyspace [\\x11, \\xff\\xff): only user ranges split"
+            "split key {} is outside the user keyspace [\\x11, \\xff\\xff): only user ranges split",
+            kvserver::keyspace::pretty(&key)
         )));
     }
     let sender = NodeRangeSender(shared.clone());
@@ -185,7 +186,8 @@ pub async fn split(shared: &Arc<Shared>, key: Vec<u8>) -> Result<(RangeDescripto
         if contains(&desc) {
             if desc.start_key == key {
                 return Err(Status::already_exists(format!(
-                    "{key:?} is already a range boundary (range {} starts there)",
+                    "{} is already a range boundary (range {} starts there)",
+                    kvserver::keyspace::pretty(&key),
                     desc.range_id
                 )));
             }

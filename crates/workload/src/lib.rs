@@ -8,3 +8,4 @@ pub mod linearizability;
 pub mod put;
 pub mod register;
 pub mod register_client;
+pub mod splits;

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Many ranges on a three-node cluster: N ranges made by admin splits, every
+# node listing them, random writes across them, then each idle node's raft
+# messages, fsyncs and CPU per second (`tardigrade workload splits`).
+#
+#   scripts/bench-ranges.sh [ranges, default 1000] [idle seconds, default 10]
+#
+# Needs the built binary (make build). Listens on 127.0.0.1 ports 27000-27099
+# and stops everything at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ranges="${1:-1000}"
+idle="${2:-10}"
+T="${CARGO_TARGET_DIR:-$HOME/.cache/tardigrade/target}/debug/tardigrade"
+[ -x "$T" ] || { echo "build first: make build" >&2; exit 1; }
+dir="$(mktemp -d /tmp/bench-ranges.XXXXXX)"
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"; }
+trap cleanup EXIT
+join=127.0.0.1:27001,127.0.0.1:27011,127.0.0.1:27021
+for i in 0 1 2; do
+    "$T" start --store "$dir/n$i" --listen-addr "127.0.0.1:270${i}1" --http-addr "127.0.0.1:270${i}2" \
+        --join "$join" >"$dir/n$i.log" 2>&1 &
+    pids+=($!)
+done
+sleep 1
+"$T" init --host 127.0.0.1:27001 >/dev/null
+for _ in $(seq 1 150); do
+    n=$("$T" debug ranges --host 127.0.0.1:27021 2>/dev/null | grep -cE 'n[123],n[123],n[123]' || true)
+    [ "$n" -ge 3 ] && break
+    sleep 0.2
+done
+echo "3 nodes, 3 ranges replicated; idle before splitting:"
+"$T" workload splits --hosts "$join" --http-hosts 127.0.0.1:27002,127.0.0.1:27012,127.0.0.1:27022 \
+    --pids "$(IFS=,; echo "${pids[*]}")" --ranges 0 --writes 0 --idle-seconds "$idle" 2>/dev/null | grep idle || true
+echo "making $ranges ranges:"
+"$T" workload splits --hosts "$join" --http-hosts 127.0.0.1:27002,127.0.0.1:27012,127.0.0.1:27022 \
+    --pids "$(IFS=,; echo "${pids[*]}")" --ranges "$ranges" --idle-seconds "$idle"
