@@ -301,6 +301,24 @@ pub async fn split(host: &str, key: &str) -> Result<()> {
     Ok(())
 }
 
+pub async fn merge(host: &str, key: &str) -> Result<()> {
+    let key = parse_key(key)?;
+    let mut admin = AdminClient::new(connect(host).await?);
+    let r = admin
+        .merge(proto::admin::MergeRequest { key })
+        .await
+        .map_err(|s| anyhow::anyhow!("merge failed: {}", s.message()))?
+        .into_inner();
+    let d = r.merged.context("the node answered without the merged range")?;
+    println!(
+        "merged: range {} [{}, {})",
+        d.range_id,
+        show_key(&d.start_key),
+        show_key(&d.end_key)
+    );
+    Ok(())
+}
+
 pub async fn debug_ranges(host: &str, view: &RangesView) -> Result<()> {
     let (start, end) = (parse_key(&view.start)?, parse_key(&view.end)?);
     let mut admin = AdminClient::new(connect(host).await?);

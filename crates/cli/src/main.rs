@@ -129,12 +129,17 @@ struct RangeArgs {
     /// this for 5 s, at a key that halves its load (0: never by load).
     #[arg(long, default_value_t = 2500)]
     load_split_qps: u64,
+    /// Merge neighbouring user ranges (on the same nodes) that are both
+    /// smaller than this many MVCC bytes (0: never merge by themselves).
+    #[arg(long, default_value_t = 0)]
+    range_min_bytes: u64,
 }
 
 impl RangeArgs {
     fn apply(self, cfg: &mut server::NodeConfig) {
         cfg.range_max_bytes = self.range_max_bytes.max(1);
         cfg.load_split_qps = self.load_split_qps;
+        cfg.range_min_bytes = self.range_min_bytes;
     }
 }
 
@@ -261,6 +266,15 @@ enum DebugCmd {
         #[arg(long, default_value = "127.0.0.1:2379")]
         host: String,
     },
+    /// Merges the user range holding KEY with the range to its right (both
+    /// on the same nodes); a merge that cannot complete is rolled back.
+    Merge {
+        /// A key of the left-hand range (\xNN for other bytes).
+        #[arg(long)]
+        key: String,
+        #[arg(long, default_value = "127.0.0.1:2379")]
+        host: String,
+    },
     /// Splits the user range holding KEY at KEY (any node finds the range and
     /// asks its leaseholder). Only ranges of the user keyspace split.
     Split {
@@ -354,6 +368,9 @@ fn real_main() -> Result<()> {
             Cmd::Debug {
                 cmd: DebugCmd::Split { key, host },
             } => kv::split(&host, &key).await,
+            Cmd::Debug {
+                cmd: DebugCmd::Merge { key, host },
+            } => kv::merge(&host, &key).await,
             Cmd::Workload {
                 cmd:
                     WorkloadCmd::Register {

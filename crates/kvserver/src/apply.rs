@@ -24,7 +24,8 @@ use crate::keyspace::SYSTEM_RANGE_ID;
 use crate::metrics::Metrics;
 use crate::raft_storage::{self, CONF_STATE_SUFFIX};
 use crate::replica::{ApplyOutcome, ProposeError, Replica, REV_STATE_SUFFIX};
-use crate::{liveness, node_ids, split, StoreError};
+use crate::{liveness, merge, node_ids, split, StoreError};
+use proto::kvserver::FreezeForMerge;
 
 impl Replica {
     /// Applies committed entries, in order, one batch each.
@@ -54,6 +55,10 @@ impl Replica {
         let mut new_rev = self.rev;
         // A split's halves, once its batch is written.
         let mut new_desc: Option<(proto::storage::RangeDescriptor, proto::storage::RangeDescriptor)> = None;
+        // A merge's outcome, once its batch is written.
+        let mut merged_desc: Option<proto::storage::RangeDescriptor> = None;
+        let mut merged_away: Option<u64> = None;
+        let mut new_frozen: Option<Option<FreezeForMerge>> = None;
         match &e.payload {
             EntryPayload::Empty => {}
             EntryPayload::ConfChange(cc) => match self.raw.apply_conf_change(cc) {
@@ -154,6 +159,44 @@ impl Replica {
                             outcome = Some(ApplyOutcome::Split(r));
                             None
                         }
+                        Some(raft_command::Op::Freeze(f)) if crate::keyspace::splittable(self.range_id) => {
+                            merge::apply_freeze(&mut batch, self.range_id, &f, e.index)?;
+                            new_frozen = Some(Some(FreezeForMerge {
+                                freeze_index: e.index,
+                                ..f
+                            }));
+                            outcome = Some(ApplyOutcome::Frozen(e.index));
+                            None
+                        }
+                        Some(raft_command::Op::Unfreeze(u)) => {
+                            let done = merge::apply_unfreeze(&mut batch, self.range_id, &u)?;
+                            if done {
+                                new_frozen = Some(None);
+                            }
+                            outcome = Some(ApplyOutcome::Unfrozen(done));
+                            None
+                        }
+                        Some(raft_command::Op::AbortMerge(a)) => {
+                            outcome = Some(ApplyOutcome::MergeResolved(merge::apply_abort(
+                                &mut batch, &self.desc, &a,
+                            )?));
+                            None
+                        }
+                        Some(raft_command::Op::Merge(t)) => {
+                            let r = merge::apply_merge(&mut batch, &self.desc, &mut applied, &t)?;
+                            match &r {
+                                Ok(merged) => {
+                                    merged_away = t.right.as_ref().map(|d| d.range_id);
+                                    merged_desc = Some(merged.clone());
+                                }
+                                Err(why) => {
+                                    tracing::warn!(range = self.range_id, index = e.index, %why, "a merge applied as a no-op")
+                                }
+                            }
+                            outcome = Some(ApplyOutcome::Merged(r));
+                            None
+                        }
+                        Some(raft_command::Op::Freeze(_)) => None,
                         Some(raft_command::Op::WriteBatch(wb)) => {
                             outcome = Some(ApplyOutcome::Kv(self.apply_write_batch(
                                 &mut batch,
@@ -208,6 +251,14 @@ impl Replica {
         self.engine.write(batch, false)?;
         self.applied = applied;
         self.rev = new_rev;
+        if let Some(f) = new_frozen {
+            self.set_frozen(f);
+        }
+        if let Some(merged) = merged_desc {
+            tracing::info!(range = self.range_id, absorbed = ?merged_away, "merge applied");
+            self.set_descriptor(merged);
+            self.merged_out.extend(merged_away);
+        }
         if let Some((left, right)) = new_desc {
             tracing::info!(range = self.range_id, right = right.range_id, split_key = ?right.start_key, "split applied");
             self.set_descriptor(left);

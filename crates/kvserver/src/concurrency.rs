@@ -120,6 +120,11 @@ impl Concurrency {
         self.load.lock().decide(now, qps)
     }
 
+    /// Raises the low-water mark (a merge: the right range's reads).
+    pub fn raise_low_water(&self, ts: Timestamp) {
+        self.state.lock().tscache.raise_low_water(ts);
+    }
+
     /// The cache's low-water mark.
     pub fn low_water(&self) -> Timestamp {
         self.state.lock().tscache.low_water()

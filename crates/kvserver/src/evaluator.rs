@@ -61,7 +61,15 @@ fn misdirected(req: &BatchRequest) -> Option<String> {
         Some(batch_request::Request::EtcdRange(_)) => ETCD_RANGE_ID,
         Some(batch_request::Request::RangeLookup(_)) => SYSTEM_RANGE_ID,
         // Checked against the range's span by `kv_batch` and `split`.
-        Some(batch_request::Request::Kv(_) | batch_request::Request::AdminSplit(_)) => return None,
+        Some(
+            batch_request::Request::Kv(_)
+            | batch_request::Request::AdminSplit(_)
+            | batch_request::Request::Subsume(_)
+            | batch_request::Request::WaitApplied(_)
+            | batch_request::Request::MergeCommit(_)
+            | batch_request::Request::ResolveMerge(_)
+            | batch_request::Request::Unfreeze(_),
+        ) => return None,
         Some(batch_request::Request::Write(cmd)) => {
             if cmd.encoded_len() > etcd::MAX_REQUEST_BYTES + 1024 {
                 return Some(EtcdError::TooLarge.to_string());
@@ -73,9 +81,14 @@ fn misdirected(req: &BatchRequest) -> Option<String> {
                     SYSTEM_RANGE_ID
                 }
                 // Only a leaseholder's own evaluation makes these.
-                Some(Op::WriteBatch(_) | Op::Split(_)) => {
-                    return Some("evaluated commands are not accepted from outside".into())
-                }
+                Some(
+                    Op::WriteBatch(_)
+                    | Op::Split(_)
+                    | Op::Freeze(_)
+                    | Op::Unfreeze(_)
+                    | Op::Merge(_)
+                    | Op::AbortMerge(_),
+                ) => return Some("evaluated commands are not accepted from outside".into()),
             }
         }
     };
@@ -143,6 +156,11 @@ pub async fn evaluate(store: &StoreHandle, req: BatchRequest, opts: &EvalOptions
         Some(batch_request::Request::Kv(b)) => crate::kv_batch::evaluate(store, range_id, b, opts).await,
         Some(batch_request::Request::RangeLookup(l)) => crate::kv_batch::range_lookup(store, range_id, &l),
         Some(batch_request::Request::AdminSplit(s)) => crate::split::admin_split(store, range_id, s, opts).await,
+        Some(batch_request::Request::Subsume(r)) => crate::merge::subsume(store, range_id, r, opts).await,
+        Some(batch_request::Request::WaitApplied(r)) => crate::merge::wait_applied(store, range_id, r, opts).await,
+        Some(batch_request::Request::MergeCommit(r)) => crate::merge::commit(store, range_id, r, opts).await,
+        Some(batch_request::Request::ResolveMerge(r)) => crate::merge::resolve(store, range_id, r, opts).await,
+        Some(batch_request::Request::Unfreeze(r)) => crate::merge::unfreeze(store, range_id, r, opts).await,
         Some(batch_request::Request::Write(cmd)) => {
             let Some(st) = store.status(range_id) else {
                 return error(batch_error::Kind::RangeNotFound(range_id));
@@ -179,9 +197,12 @@ fn answer(store: &StoreHandle, outcome: ApplyOutcome) -> BatchResponse {
         ApplyOutcome::Liveness(l) => R::Liveness(l),
         ApplyOutcome::MetaUpdated(changed) => R::MetaUpdated(proto::kvserver::MetaUpdated { changed }),
         ApplyOutcome::RangeId(id) => R::RangeId(id),
-        ApplyOutcome::Kv(_) | ApplyOutcome::Split(_) => {
-            return internal("an evaluated command proposed outside its path".into())
-        }
+        ApplyOutcome::Kv(_)
+        | ApplyOutcome::Split(_)
+        | ApplyOutcome::Frozen(_)
+        | ApplyOutcome::Unfrozen(_)
+        | ApplyOutcome::Merged(_)
+        | ApplyOutcome::MergeResolved(_) => return internal("an evaluated command proposed outside its path".into()),
         ApplyOutcome::Etcd { result: Err(e), .. } => return etcd_error(&e),
         ApplyOutcome::Etcd {
             result: Ok(resp),

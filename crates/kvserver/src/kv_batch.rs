@@ -97,6 +97,14 @@ fn mismatch(store: &StoreHandle, desc: &RangeDescriptor, reqs: &[&Req]) -> Optio
     })))
 }
 
+/// A frozen range serves nothing: the sender retries until it is merged
+/// away (then it looks the keys up again) or unfrozen.
+fn frozen_answer(range_id: u64, merge_id: u64) -> BatchResponse {
+    error(batch_error::Kind::Unavailable(format!(
+        "range {range_id} is being merged (attempt {merge_id}); try again"
+    )))
+}
+
 /// Proposes an evaluated command and keeps `guard` (its latches) until the
 /// command applied or certainly will not, however long that takes: a
 /// caller that stops waiting (`wait` passed, the client went away) must not
@@ -158,6 +166,9 @@ pub async fn evaluate(
     if !st.can_serve(Instant::now()) {
         return not_leaseholder(store, range_id);
     }
+    if let Some(f) = &st.frozen {
+        return frozen_answer(range_id, f.merge_id);
+    }
     for r in &reqs {
         st.conc.record_load(request_span(r).0);
     }
@@ -218,6 +229,9 @@ pub async fn evaluate(
     };
     if let Some(answer) = mismatch(store, &st.desc, &reqs) {
         return answer;
+    }
+    if let Some(f) = &st.frozen {
+        return frozen_answer(range_id, f.merge_id);
     }
     if !writes.is_empty() {
         ts = ts.max(conc.min_write_ts(&writes));

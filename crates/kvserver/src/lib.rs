@@ -21,6 +21,7 @@ pub mod keyspace;
 pub mod kv_batch;
 pub mod liveness;
 pub mod log_truncation;
+pub mod merge;
 pub mod meta;
 pub mod metrics;
 pub mod node_ids;

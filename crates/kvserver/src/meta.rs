@@ -35,7 +35,7 @@ use crate::StoreError;
 /// How many descriptors one `MetaUpdate` carries at most.
 const MAX_PER_UPDATE: usize = 256;
 /// How often leaseholders look for descriptors to publish.
-const PUBLISH_EVERY: Duration = Duration::from_millis(200);
+const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 
 fn decode(key: &[u8], value: &[u8]) -> Result<RangeDescriptor, StoreError> {
     RangeDescriptor::decode(value).map_err(|e| StoreError::Corrupt(format!("meta record {key:?}: {e}")))

@@ -45,6 +45,14 @@ pub enum ApplyOutcome {
     RangeId(u64),
     /// A split: applied, or refused at apply (the range changed) with why.
     Split(Result<(), String>),
+    /// A freeze for a merge applied at this log index.
+    Frozen(u64),
+    /// An unfreeze: whether the range was frozen for that attempt.
+    Unfrozen(bool),
+    /// A merge trigger: the merged descriptor, or why it changed nothing.
+    Merged(Result<RangeDescriptor, String>),
+    /// A merge fence: whether the merge had applied before it.
+    MergeResolved(bool),
     /// An etcd write, applied at raft `term`; `rev` is the store's revision after it.
     Etcd {
         result: Result<EtcdWriteResponse, EtcdError>,
@@ -93,6 +101,8 @@ pub struct ReplicaStatus {
     pub lease_until: Option<Instant>,
     /// Latches and timestamp cache of requests evaluated before proposal.
     pub conc: Arc<crate::concurrency::Concurrency>,
+    /// Frozen for a merge: serves nothing until merged away or unfrozen.
+    pub frozen: Option<proto::kvserver::FreezeForMerge>,
 }
 
 impl ReplicaStatus {
@@ -131,6 +141,10 @@ pub struct Replica {
     pub peers: BTreeMap<u64, u64>,
     /// Right-hand ranges of splits applied here, for the raft loop to start.
     pub(crate) split_out: Vec<RangeDescriptor>,
+    /// Ranges merged into this one here, for the raft loop to remove.
+    pub(crate) merged_out: Vec<u64>,
+    /// Frozen for a merge (see `merge`).
+    pub frozen: Option<proto::kvserver::FreezeForMerge>,
 }
 
 impl Replica {
@@ -149,6 +163,7 @@ impl Replica {
             None => None,
         };
         let conf = raft_storage::load_conf(&engine, range_id)?.unwrap_or_else(|| raft_storage::conf_state_of(&desc));
+        let frozen = crate::merge::frozen(&engine, range_id)?;
         let st = ReplicaStorage::open(engine.clone(), range_id, conf)?;
         let mut cfg = raft_cfg;
         cfg.applied = applied.index;
@@ -160,6 +175,7 @@ impl Replica {
             desc: desc.clone(),
             name: name.clone(),
             applied,
+            frozen,
             ..Default::default()
         }));
         Ok(Replica {
@@ -181,6 +197,8 @@ impl Replica {
             durable_applied: applied.index,
             peers,
             split_out: Vec::new(),
+            merged_out: Vec::new(),
+            frozen,
         })
     }
 
@@ -224,6 +242,7 @@ impl Replica {
             self.set_descriptor(d);
         }
         self.proposed_lai = self.proposed_lai.max(self.applied.lease_applied_index);
+        self.set_frozen(crate::merge::frozen(&self.engine, self.range_id)?);
         self.raw.storage_mut().reload()?;
         // Proposals the snapshot covers will never be applied here one by one:
         // whether they made it is unknown to this replica.
@@ -232,6 +251,11 @@ impl Replica {
             let _ = reply.send(Err(ProposeError::Ambiguous));
         }
         Ok(())
+    }
+
+    pub(crate) fn set_frozen(&mut self, f: Option<proto::kvserver::FreezeForMerge>) {
+        self.frozen = f;
+        self.status.write().frozen = f;
     }
 
     pub(crate) fn set_descriptor(&mut self, desc: RangeDescriptor) {

@@ -65,6 +65,8 @@ pub(crate) struct Scheduler {
     pub stopped: Arc<Mutex<Option<String>>>,
     /// Spans of snapshots stepped into replicas and not yet applied.
     pub stepped_snapshots: Vec<(u64, Vec<u8>, Vec<u8>)>,
+    /// Ranges merged away here (a cache of their tombstones).
+    pub tombstones: std::collections::HashSet<u64>,
 }
 
 impl Scheduler {
@@ -196,6 +198,13 @@ impl Scheduler {
             }
         };
         if !self.replicas.contains_key(&range_id) {
+            // A range merged away here never comes back (its id is never
+            // used again): a late message for it is dropped.
+            if self.tombstones.contains(&range_id) || crate::merge::tombstoned(&self.engine, range_id).unwrap_or(false)
+            {
+                self.tombstones.insert(range_id);
+                return;
+            }
             if let Err(e) = self.create_replica(range_id, msg.to) {
                 tracing::warn!(range_id, error = %e, "cannot create a replica for an incoming message");
                 return;
@@ -230,10 +239,13 @@ impl Scheduler {
     fn overlapping_replica(&mut self, range_id: u64, snap: &raft::Snapshot) -> Option<u64> {
         use prost::Message as _;
         let meta = proto::transport::SnapshotHandle::decode(&snap.data[..]).ok()?.meta?;
+        // A replica frozen for a merge into this range is not in the way:
+        // the snapshot (of the merged range) subsumes it.
         let held = self
             .replicas
             .values()
             .filter(|r| r.range_id != range_id && !r.desc.end_key.is_empty())
+            .filter(|r| r.frozen.as_ref().is_none_or(|f| f.left_range_id != range_id))
             .map(|r| (r.range_id, r.desc.start_key.clone(), r.desc.end_key.clone()));
         // Snapshots stepped since the last cycle applied will hold their
         // spans too.
@@ -246,6 +258,48 @@ impl Scheduler {
             self.stepped_snapshots.push((range_id, meta.start_key, meta.end_key));
         }
         other
+    }
+
+    /// After a snapshot of `range_id`: removes every replica here frozen for
+    /// a merge into it that its new span covers (state and tombstone in one
+    /// synced write, as the merge's apply would have).
+    fn remove_subsumed(&mut self, range_id: u64) -> Result<(), StoreError> {
+        let Some(d) = self.replicas.get(&range_id).map(|r| r.desc.clone()) else {
+            return Ok(());
+        };
+        let subsumed: Vec<u64> = self
+            .replicas
+            .values()
+            .filter(|r| r.range_id != range_id && r.frozen.as_ref().is_some_and(|f| f.left_range_id == range_id))
+            .filter(|r| d.start_key <= r.desc.start_key && !r.desc.end_key.is_empty() && r.desc.end_key <= d.end_key)
+            .map(|r| r.range_id)
+            .collect();
+        for id in subsumed {
+            let mut b = self.engine.batch();
+            let (lo, hi) = storage::keys::raft_range_bounds(id);
+            b.delete_range(storage::Cf::Raft, &lo, &hi)?;
+            let (lo, hi) = storage::keys::range_local_bounds(id);
+            b.delete_range(storage::Cf::Local, &lo, &hi)?;
+            storage::rangestate::set_store_record(&mut b, &crate::merge::tombstone_key(id), &u64::MAX.to_be_bytes())?;
+            self.engine.write(b, true)?;
+            self.remove_merged(id);
+        }
+        Ok(())
+    }
+
+    /// Drops the replica of a range merged away here (its state was removed
+    /// and its tombstone written with the merge).
+    fn remove_merged(&mut self, range_id: u64) {
+        if let Some(mut r) = self.replicas.remove(&range_id) {
+            r.fail_pending(ProposeError::Ambiguous);
+            let mut s = r.status.write();
+            s.leader_ready = false;
+            s.lease_until = None;
+        }
+        self.statuses.write().remove(&range_id);
+        self.tombstones.insert(range_id);
+        self.metrics.ranges.set(self.replicas.len() as u64);
+        tracing::info!(range_id, "removed the replica of a range merged away");
     }
 
     /// Starts the right-hand replica of a split applied here (replacing an
@@ -334,6 +388,7 @@ impl Scheduler {
             // Only entries, a snapshot, or a new term or vote must be synced:
             // a commit index alone may be lost in a crash (raft relearns it).
             let mut must_sync = false;
+            let mut snapshotted: Vec<u64> = Vec::new();
             let now = Instant::now();
             for (&id, r) in self.replicas.iter_mut() {
                 if !r.raw.has_ready() {
@@ -349,6 +404,7 @@ impl Scheduler {
                     let hs = rd.hard_state.unwrap_or_else(|| r.raw.hard_state());
                     r.apply_snapshot(snap, hs)?;
                     self.metrics.snapshots_applied.inc();
+                    snapshotted.push(id);
                 }
                 out.add(r, std::mem::take(&mut rd.messages), &*self.transport, &self.events);
                 if !rd.entries.is_empty() {
@@ -392,8 +448,20 @@ impl Scheduler {
             } else if !batch.is_empty() {
                 self.engine.write(batch, false)?;
             }
+            // A snapshot of a merged range subsumes the replicas frozen for
+            // that merge here (the merge trigger is inside the snapshot);
+            // after the cycle's write, which may hold their last raft state.
+            for id in std::mem::take(&mut snapshotted) {
+                self.remove_subsumed(id)?;
+            }
             let mut splits = Vec::new();
+            // Ranges merged away in this pass: their state is gone, nothing
+            // of theirs may be written again.
+            let mut gone: Vec<u64> = Vec::new();
             for (id, mut rd) in readies {
+                if gone.contains(&id) {
+                    continue;
+                }
                 let Some(r) = self.replicas.get_mut(&id) else { continue };
                 if let Some(e) = rd.entries.last() {
                     r.raw.storage_mut().appended(e.index);
@@ -405,6 +473,10 @@ impl Scheduler {
                 out.add(r, msgs, &*self.transport, &self.events);
                 let leader = r.raw.role() == raft::Role::Leader;
                 splits.extend(std::mem::take(&mut r.split_out).into_iter().map(|d| (d, leader)));
+                gone.extend(std::mem::take(&mut r.merged_out));
+            }
+            for id in gone {
+                self.remove_merged(id);
             }
             // Only now: a right-hand replica may replace an uninitialized
             // one whose `Ready` this cycle handled above.

@@ -166,6 +166,11 @@ pub async fn admin_split(
     if let Some(why) = check_split_key(&st.desc, &req.split_key) {
         return refused(why);
     }
+    if st.frozen.is_some() {
+        return error(batch_error::Kind::Unavailable(format!(
+            "range {range_id} is being merged; try again"
+        )));
+    }
     let (left, right) = halves(&st.desc, &req.split_key, req.new_range_id);
     let stats = |s: &[u8], e: &[u8]| mvcc::compute_stats(store.engine(), s, e);
     let (left_stats, right_stats) = match (

@@ -206,6 +206,14 @@ impl StoreHandle {
         self.statuses.read().contains_key(&range_id)
     }
 
+    /// The merge a range here is frozen for, if it is.
+    pub fn frozen(&self, range_id: u64) -> Option<proto::kvserver::FreezeForMerge> {
+        self.statuses
+            .read()
+            .get(&range_id)
+            .and_then(|s| s.read().frozen)
+    }
+
     pub fn status(&self, range_id: u64) -> Option<ReplicaStatus> {
         self.statuses.read().get(&range_id).map(|s| s.read().clone())
     }
@@ -353,6 +361,7 @@ impl Store {
             events: tx.clone(),
             stopped: Arc::new(Mutex::new(None)),
             stepped_snapshots: Vec::new(),
+            tombstones: Default::default(),
         };
         for desc in rangestate::all_descriptors(&engine)? {
             let Some(me) = desc.replicas.iter().find(|r| r.store_id == ident.store_id) else {

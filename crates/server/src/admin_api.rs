@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proto::admin::{
-    admin_server::Admin, NodeStatus, NodesStatusRequest, NodesStatusResponse, RangeInfo, RangesRequest, RangesResponse,
-    SplitRequest, SplitResponse, TransferLeaseRequest, TransferLeaseResponse,
+    admin_server::Admin, MergeRequest, MergeResponse, NodeStatus, NodesStatusRequest, NodesStatusResponse, RangeInfo,
+    RangesRequest, RangesResponse, SplitRequest, SplitResponse, TransferLeaseRequest, TransferLeaseResponse,
 };
 use proto::storage::replica_descriptor;
 use tonic::{Request, Response, Status};
@@ -24,6 +24,12 @@ const TRANSFER_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[tonic::async_trait]
 impl Admin for AdminApi {
+    async fn merge(&self, req: Request<MergeRequest>) -> Result<Response<MergeResponse>, Status> {
+        let key = req.into_inner().key;
+        let merged = crate::kv_api::merge(&self.shared, key).await?;
+        Ok(Response::new(MergeResponse { merged: Some(merged) }))
+    }
+
     async fn split(&self, req: Request<SplitRequest>) -> Result<Response<SplitResponse>, Status> {
         let key = req.into_inner().split_key;
         let (left, right) = crate::kv_api::split(&self.shared, key).await?;

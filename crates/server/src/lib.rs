@@ -67,6 +67,8 @@ pub struct NodeConfig {
     pub range_max_bytes: u64,
     /// ... or once they serve more requests per second than this (0: never).
     pub load_split_qps: u64,
+    /// Neighbouring user ranges both smaller than this merge (0: never).
+    pub range_min_bytes: u64,
     pub mode: Mode,
 }
 
@@ -84,6 +86,7 @@ impl NodeConfig {
             log_truncation_threshold: 10_000,
             range_max_bytes: 512 << 20,
             load_split_qps: 2500,
+            range_min_bytes: 0,
             mode: Mode::SingleNode,
         }
     }
@@ -299,6 +302,7 @@ impl Node {
         tasks.push(tokio::spawn(liveness::heartbeat_loop(shared.clone())));
         tasks.push(tokio::spawn(kv_api::publish_loop(shared.clone())));
         tasks.push(tokio::spawn(kv_api::split_loop(shared.clone())));
+        tasks.push(tokio::spawn(kv_api::merge_loop(shared.clone())));
         let etcd = etcd_api::EtcdApi { shared: shared.clone() };
         let limit = 4 << 20;
         let grpc = tonic::transport::Server::builder()

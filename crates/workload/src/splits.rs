@@ -149,7 +149,10 @@ pub async fn run(cfg: SplitsConfig, progress: impl Fn(&str)) -> Result<SplitsRep
             break;
         }
         if Instant::now() > deadline {
-            return Err(format!("after 120 s the nodes list {:?} ranges, not {want}", report.listed));
+            return Err(format!(
+                "after 120 s the nodes list {:?} ranges, not {want}",
+                report.listed
+            ));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -162,7 +165,9 @@ pub async fn run(cfg: SplitsConfig, progress: impl Fn(&str)) -> Result<SplitsRep
     let mut x = 0x2545_f491_4f6c_dd1du64;
     let started = Instant::now();
     for i in 0..cfg.writes {
-        x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        x = x
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
         let key = format!("s{:06}/w{i}", (x >> 33) % (cfg.ranges as u64 + 1));
         let c = &mut clients[i % cfg.hosts.len()];
         let r = c

@@ -198,14 +198,20 @@ impl Cluster {
 /// The nemesis restarts nodes as its own children, which the cluster's
 /// guards do not know: stop the ones the workload's output names.
 pub fn kill_restarted(workload_stdout: &str) {
-    for line in workload_stdout
+    let pids: Vec<i32> = workload_stdout
         .lines()
         .filter_map(|l| l.strip_prefix("restarted pids: "))
-    {
-        for p in line.split(',').filter_map(|p| p.trim().parse::<i32>().ok()) {
-            // SAFETY: plain libc call on a pid this test caused to exist.
-            unsafe { libc::kill(p, libc::SIGKILL) };
-        }
+        .flat_map(|line| line.split(',').filter_map(|p| p.trim().parse::<i32>().ok()))
+        .collect();
+    for &p in &pids {
+        // SAFETY: plain libc call on a pid this test caused to exist.
+        unsafe { libc::kill(p, libc::SIGKILL) };
+    }
+    // Gone for good (their ports free) before a test restarts a node there.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // SAFETY: signal 0 only asks whether the pid exists.
+    while pids.iter().any(|&p| unsafe { libc::kill(p, 0) } == 0) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
