@@ -402,6 +402,14 @@ async fn register_over_native_kv_under_splits_and_the_nemesis_is_linearizable() 
         .map(|n| metric(&n.http, "tardigrade_range_merges_total"))
         .sum();
     assert!(merges >= 100, "{merges} merges counted by the nodes");
+    // Every node restarted: what follows reads what the stores recovered.
+    for i in 0..3 {
+        c.nodes[i].proc.kill9();
+        c.restart(i);
+    }
+    for i in 0..3 {
+        c.nodes[i].proc.wait_healthy(10 * ELECTION * 4);
+    }
     // Every replica of every range applies the same log to the same state.
     let agreed_at = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     wait(
@@ -546,4 +554,80 @@ async fn a_loaded_range_splits_by_load_and_each_half_takes_a_quarter() {
             + metric(&c.nodes[2].http, "tardigrade_range_splits_total")
             >= 1
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_neighbours_merge_by_themselves() {
+    let c = Cluster::start(3, &["--range-min-bytes", "1000000"]);
+    c.wait_replicated().await;
+    let a = &c.nodes[0].grpc;
+    batch(a, vec![put("a", "1"), put("q", "2")], 0).await.unwrap();
+    // Split (some splits may meet a range frozen for a merge already).
+    let mut split = 0;
+    for k in ["c", "f", "j"] {
+        split += admin_split(a, k.as_bytes()).await.is_ok() as usize;
+    }
+    assert!(split > 0, "no split landed");
+    // Four small user ranges: merged back into one, one merge a pass.
+    wait(
+        "the small ranges merged back into one",
+        Duration::from_secs(30),
+        || async {
+            let mut ok = true;
+            for i in 0..3 {
+                ok &= user_ranges(&c, i).await.len() == 1;
+            }
+            ok
+        },
+    )
+    .await;
+    let r = batch(&c.nodes[2].grpc, vec![scan("a", "z")], 0).await.unwrap();
+    assert_eq!(scanned(&r, 0).0, ["a", "q"]);
+    let merges: u64 = c
+        .nodes
+        .iter()
+        .map(|n| metric(&n.http, "tardigrade_range_merges_total"))
+        .sum();
+    assert_eq!(merges as usize, split, "one merge per split");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_a_replica_serves_through_meta_lookups() {
+    let mut c = Cluster::start(4, &[]);
+    for n in &mut c.nodes {
+        n.proc.wait_healthy(10 * ELECTION * 4);
+    }
+    wait("every range with three voters", 10 * ELECTION * 4, || async {
+        let rs = c.ranges(0).await.unwrap_or_default();
+        rs.len() == 3
+            && rs.iter().all(|r| {
+                let d = r.descriptor.clone().unwrap_or_default();
+                d.replicas.len() == 3
+                    && d.replicas
+                        .iter()
+                        .all(|x| x.r#type == proto::storage::replica_descriptor::Type::Voter as i32)
+            })
+    })
+    .await;
+    // Three voters per range on four nodes: one node holds no replica of
+    // the user range.
+    let mut outsider = None;
+    for i in 0..4 {
+        if user_ranges(&c, i).await.is_empty() {
+            outsider = Some(i);
+        }
+    }
+    let outsider = outsider.expect("a node without the user range");
+    let host = &c.nodes[outsider].grpc;
+    batch(host, vec![put("m1", "x"), put("z1", "y")], 0)
+        .await
+        .expect("write through a node with no replica");
+    admin_split(host, b"r").await.expect("split through it");
+    let r = batch(host, vec![scan("a", "zz")], 0).await.expect("read through it");
+    assert_eq!(scanned(&r, 0).0, ["m1", "z1"]);
+    assert!(
+        user_ranges(&c, outsider).await.is_empty(),
+        "it still holds no user range"
+    );
+    assert!(metric(&c.nodes[outsider].http, "tardigrade_range_cache_misses_total") >= 1);
 }

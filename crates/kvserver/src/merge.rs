@@ -23,7 +23,11 @@
 //! nothing, so once the fence applied, either the merge happened (before it)
 //! or it never will, and only then is the right range unfrozen. A frozen
 //! range whose driver died is resolved the same way by its leaseholder's
-//! node after a while (`server::kv_api::merge_loop`).
+//! node after a while (`server::kv_api::merge_loop`). A left range frozen
+//! for its own merge absorbs nothing more, so a right range frozen for a
+//! left range that has since been merged away (tombstoned on its store,
+//! where it applied everything before its freeze) was never absorbed and
+//! never will be: it is unfrozen.
 //!
 //! This module evaluates the steps and defines what their commands apply;
 //! it never sends anything to another node.
@@ -139,6 +143,11 @@ pub fn apply_merge(
     }
     if t.merge_id <= max_aborted(&*batch, cur.range_id)? {
         return Ok(Err("the merge attempt was fenced off (rolled back)".into()));
+    }
+    // A left range frozen for its own merge absorbs nothing after its
+    // freeze: the right range, still here, then knows it never will be.
+    if frozen(&*batch, cur.range_id)?.is_some() {
+        return Ok(Err(format!("range {} is itself being merged", cur.range_id)));
     }
     let here = rangestate::descriptor(&*batch, right.range_id)?;
     let applied_right = rangestate::applied_state(&*batch, right.range_id)?;
@@ -358,6 +367,9 @@ pub async fn commit(store: &StoreHandle, range_id: u64, req: MergeCommitRequest,
     };
     if let Some(why) = check_mergeable(&st.desc, &right) {
         return refused(why);
+    }
+    if st.frozen.is_some() {
+        return refused(format!("range {range_id} is itself being merged"));
     }
     // No write of the merged range may land below a read the right range served.
     if let Some(ts) = req.freeze_ts {

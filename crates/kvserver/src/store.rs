@@ -208,10 +208,7 @@ impl StoreHandle {
 
     /// The merge a range here is frozen for, if it is.
     pub fn frozen(&self, range_id: u64) -> Option<proto::kvserver::FreezeForMerge> {
-        self.statuses
-            .read()
-            .get(&range_id)
-            .and_then(|s| s.read().frozen)
+        self.statuses.read().get(&range_id).and_then(|s| s.read().frozen)
     }
 
     pub fn status(&self, range_id: u64) -> Option<ReplicaStatus> {

@@ -448,3 +448,46 @@ fn a_txn_writing_one_key_twice_through_a_nested_txn_is_refused_and_the_store_ser
     assert_eq!(h.stopped(), None);
     put(&h, "after", "1").unwrap();
 }
+
+/// CockroachDB's replica tombstones, for merged ranges: a store that merged
+/// range 42 away (its tombstone written by the merge's apply) never lets a
+/// late message for it create a replica again, across restarts; a message
+/// for a range it never had still creates one (the usual way a new replica
+/// begins).
+#[test]
+fn a_late_message_for_a_merged_away_range_never_brings_it_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::start(cfg(dir.path())).unwrap();
+    s.stop();
+    drop(s);
+    {
+        let e = storage::Engine::open(dir.path(), storage::EngineOptions::default()).unwrap();
+        let mut b = e.batch();
+        storage::rangestate::set_store_record(&mut b, &kvserver::merge::tombstone_key(42), &u64::MAX.to_be_bytes())
+            .unwrap();
+        e.write(b, true).unwrap();
+    }
+    let s = Store::start_with(
+        cfg(dir.path()),
+        StoreOptions {
+            bootstrap: Bootstrap::Existing,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let h = s.handle();
+    let vote = |range_id: u64| RaftMsg {
+        range_id,
+        from: 2,
+        to: 3,
+        term: 5,
+        body: Some(raft_msg::Body::Vote(proto::transport::Vote {
+            last_term: 9,
+            last_index: 9,
+            ..Default::default()
+        })),
+    };
+    h.deliver(2, vec![vote(42), vote(43)]);
+    wait_for("a replica for range 43", Duration::from_secs(5), || h.has_range(43));
+    assert!(!h.has_range(42), "the merged-away range came back");
+}

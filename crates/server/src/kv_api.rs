@@ -466,6 +466,10 @@ async fn resolve(
     let merged = match shared.send(left_range_id, fence).await {
         Ok(batch_response::Response::MergeApplied(m)) => m,
         Ok(other) => return Err(format!("unexpected answer {other:?}")),
+        // The left range was merged away itself: where it is tombstoned it
+        // applied all it ever will, and the right range is still here, so
+        // it was never absorbed (see kvserver::merge).
+        Err(_) if left_merged_away(shared, left_range_id, right.range_id) => false,
         Err(e) => return Err(e.to_string()),
     };
     if merged {
@@ -477,6 +481,17 @@ async fn resolve(
         Ok(other) => Err(format!("unexpected answer {other:?}")),
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// Whether this store tombstoned `left_range_id` while it still holds
+/// `right_range_id`.
+fn left_merged_away(shared: &Arc<Shared>, left_range_id: u64, right_range_id: u64) -> bool {
+    let Some(store) = shared.local.get().map(|l| l.store.clone()) else {
+        return false;
+    };
+    store.has_range(right_range_id)
+        && !store.has_range(left_range_id)
+        && kvserver::merge::tombstoned(store.engine(), left_range_id).unwrap_or(false)
 }
 
 /// For as long as the node runs: resolves merges left half done (a right
