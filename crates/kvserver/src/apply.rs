@@ -61,6 +61,19 @@ impl Replica {
         let mut new_frozen: Option<Option<FreezeForMerge>> = None;
         match &e.payload {
             EntryPayload::Empty => {}
+            EntryPayload::ConfChange(cc) if self.frozen.is_some() && !cc.is_leave() => {
+                // Committed after the freeze: a frozen range keeps the
+                // replicas its merge waited on. Every replica skips it alike
+                // (the freeze is replicated state); raft forgets the pending
+                // change once the applied index passes it. Leaving a joint
+                // configuration still applies: a range frozen while joint
+                // is refused by the merge (not all voters) and unfrozen.
+                tracing::warn!(
+                    range = self.range_id,
+                    index = e.index,
+                    "a membership change of a frozen range applied as a no-op"
+                );
+            }
             EntryPayload::ConfChange(cc) => match self.raw.apply_conf_change(cc) {
                 Ok(cs) => {
                     let desc = self.descriptor_after(cc, &cs);
@@ -135,7 +148,11 @@ impl Replica {
                         }
                         Some(raft_command::Op::AllocateRangeId(_)) => None,
                         Some(raft_command::Op::Split(t)) => {
-                            let r = match split::trigger_matches(&self.desc, &t) {
+                            let matched = match &self.frozen {
+                                Some(_) => Err(format!("range {} is being merged", self.range_id)),
+                                None => split::trigger_matches(&self.desc, &t),
+                            };
+                            let r = match matched {
                                 Ok((left, right)) => {
                                     let stats = |s: Option<proto::storage::MvccStats>| {
                                         s.map(MvccStats::from).unwrap_or_default()
@@ -160,12 +177,19 @@ impl Replica {
                             None
                         }
                         Some(raft_command::Op::Freeze(f)) if crate::keyspace::splittable(self.range_id) => {
-                            merge::apply_freeze(&mut batch, self.range_id, &f, e.index)?;
-                            new_frozen = Some(Some(FreezeForMerge {
-                                freeze_index: e.index,
-                                ..f
-                            }));
-                            outcome = Some(ApplyOutcome::Frozen(e.index));
+                            let r = match &self.frozen {
+                                Some(cur) if cur.merge_id == f.merge_id => Ok(cur.freeze_index),
+                                Some(cur) => Err(format!("frozen for merge attempt {} already", cur.merge_id)),
+                                None => {
+                                    merge::apply_freeze(&mut batch, self.range_id, &f, e.index)?;
+                                    new_frozen = Some(Some(FreezeForMerge {
+                                        freeze_index: e.index,
+                                        ..f
+                                    }));
+                                    Ok(e.index)
+                                }
+                            };
+                            outcome = Some(ApplyOutcome::Frozen(r));
                             None
                         }
                         Some(raft_command::Op::Unfreeze(u)) => {
@@ -288,6 +312,11 @@ impl Replica {
         wb: &proto::kvserver::WriteBatch,
         clock: &Clock,
     ) -> Result<Result<(), String>, StoreError> {
+        if self.frozen.is_some() {
+            // Replicated state: every replica refuses alike. The merge that
+            // froze the range must find exactly the data the freeze saw.
+            return Ok(Err(format!("range {} is being merged; try again", self.range_id)));
+        }
         let d = &self.desc;
         let inside = wb.start_key >= d.start_key && (d.end_key.is_empty() || wb.end_key <= d.end_key);
         if !inside {

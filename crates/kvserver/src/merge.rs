@@ -57,6 +57,22 @@ use crate::StoreError;
 pub const FROZEN_SUFFIX: u8 = b'F';
 /// Range-local record of the highest merge attempt fenced off on a left range.
 pub const ABORTED_SUFFIX: u8 = b'A';
+/// Range-local record of the ranges a left range absorbed (the latest
+/// `MAX_ABSORBED` ids, big-endian u64s): what a fence answers from.
+pub const ABSORBED_SUFFIX: u8 = b'M';
+const MAX_ABSORBED: usize = 1024;
+
+fn absorbed(r: &dyn Reader, range_id: u64) -> Result<Vec<u64>, StoreError> {
+    let b = rangestate::local_record(r, range_id, ABSORBED_SUFFIX)?.unwrap_or_default();
+    if b.len() % 8 != 0 {
+        return Err(StoreError::Corrupt(format!(
+            "absorbed-ranges record of range {range_id}"
+        )));
+    }
+    Ok(b.chunks(8)
+        .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+        .collect())
+}
 
 /// The store-local record marking a merged-away range (its id is never used
 /// again, so no message for it may recreate a replica).
@@ -67,6 +83,20 @@ pub fn tombstone_key(range_id: u64) -> Vec<u8> {
 /// Whether `range_id` was merged away on this store.
 pub fn tombstoned(r: &dyn Reader, range_id: u64) -> Result<bool, StoreError> {
     Ok(rangestate::store_record(r, &tombstone_key(range_id))?.is_some())
+}
+
+/// Removes the state of a frozen replica a merge absorbed (known here only
+/// through a snapshot of the merged range) and writes its tombstone, in one
+/// synced write. Its data is the merged range's.
+pub fn remove_absorbed(engine: &storage::Engine, range_id: u64) -> Result<(), StoreError> {
+    let mut b = engine.batch();
+    let (lo, hi) = keys::raft_range_bounds(range_id);
+    b.delete_range(Cf::Raft, &lo, &hi)?;
+    let (lo, hi) = keys::range_local_bounds(range_id);
+    b.delete_range(Cf::Local, &lo, &hi)?;
+    rangestate::set_store_record(&mut b, &tombstone_key(range_id), &u64::MAX.to_be_bytes())?;
+    engine.write(b, true)?;
+    Ok(())
 }
 
 /// The freeze of a range, if it is frozen.
@@ -109,12 +139,13 @@ pub fn apply_unfreeze(batch: &mut Batch, range_id: u64, u: &Unfreeze) -> Result<
     }
 }
 
-/// Applies a fence on the left range; returns whether its descriptor (`cur`)
-/// covers the right range's end, i.e. the merge happened before the fence.
+/// Applies a fence on the left range; returns whether the merge happened
+/// before it: whether the left range absorbed `right_range_id` (its record
+/// says so whatever its span is now: it may have split since).
 pub fn apply_abort(batch: &mut Batch, cur: &RangeDescriptor, a: &AbortMerge) -> Result<bool, StoreError> {
     let max = max_aborted(&*batch, cur.range_id)?.max(a.merge_id);
     rangestate::set_local_record(batch, cur.range_id, ABORTED_SUFFIX, &max.to_be_bytes())?;
-    Ok(cur.end_key.as_slice() >= a.right_end_key.as_slice() && !a.right_end_key.is_empty())
+    Ok(absorbed(&*batch, cur.range_id)?.contains(&a.right_range_id))
 }
 
 fn same_range(a: &RangeDescriptor, b: &RangeDescriptor) -> bool {
@@ -163,6 +194,11 @@ pub fn apply_merge(
     let (lo, hi) = keys::range_local_bounds(right.range_id);
     batch.delete_range(Cf::Local, &lo, &hi)?;
     rangestate::set_store_record(batch, &tombstone_key(right.range_id), &u64::MAX.to_be_bytes())?;
+    let mut ids = absorbed(&*batch, cur.range_id)?;
+    ids.push(right.range_id);
+    let keep = ids.len().saturating_sub(MAX_ABSORBED);
+    let rec: Vec<u8> = ids[keep..].iter().flat_map(|i| i.to_be_bytes()).collect();
+    rangestate::set_local_record(batch, cur.range_id, ABSORBED_SUFFIX, &rec)?;
     rangestate::set_descriptor(batch, merged)?;
     applied.stats += t.right_stats.map(MvccStats::from).unwrap_or_default();
     Ok(Ok(merged.clone()))
@@ -234,38 +270,53 @@ pub fn check_mergeable(left: &RangeDescriptor, right: &RangeDescriptor) -> Optio
 
 /// Step 1, at the right range's leaseholder.
 pub async fn subsume(store: &StoreHandle, range_id: u64, req: SubsumeRequest, opts: &EvalOptions) -> BatchResponse {
-    let Some(st) = store.status(range_id) else {
-        return error(batch_error::Kind::RangeNotFound(range_id));
+    let mut tries = 0;
+    let (st, guard) = loop {
+        let Some(st) = store.status(range_id) else {
+            return error(batch_error::Kind::RangeNotFound(range_id));
+        };
+        if st.desc.start_key != req.left_end_key || !splittable(range_id) {
+            return refused(format!(
+                "range {range_id} does not start at {} (it is [{}, {}))",
+                pretty(&req.left_end_key),
+                pretty(&st.desc.start_key),
+                pretty(&st.desc.end_key)
+            ));
+        }
+        if !st.can_serve(Instant::now()) {
+            return not_leaseholder(store, range_id);
+        }
+        let term = st.term;
+        let whole = Span::range(&st.desc.start_key, &st.desc.end_key);
+        let Ok(guard) = tokio::time::timeout(
+            opts.write_timeout,
+            st.conc.latches.acquire(vec![Latch::write(whole, Timestamp::ZERO)]),
+        )
+        .await
+        else {
+            return error(batch_error::Kind::Unavailable(
+                "timed out waiting for the range's requests".into(),
+            ));
+        };
+        let Some(now) = store
+            .status(range_id)
+            .filter(|s| s.term == term && s.can_serve(Instant::now()))
+        else {
+            return not_leaseholder(store, range_id);
+        };
+        // The span latched must be the range's whole span now (it may
+        // have grown by a merge while this waited): else latch again.
+        if now.desc.start_key == st.desc.start_key && now.desc.end_key == st.desc.end_key {
+            break (now, guard);
+        }
+        tries += 1;
+        if tries > 5 {
+            return error(batch_error::Kind::Unavailable(format!(
+                "range {range_id} keeps changing"
+            )));
+        }
     };
-    if st.desc.start_key != req.left_end_key || !splittable(range_id) {
-        return refused(format!(
-            "range {range_id} does not start at {} (it is [{}, {}))",
-            pretty(&req.left_end_key),
-            pretty(&st.desc.start_key),
-            pretty(&st.desc.end_key)
-        ));
-    }
-    if !st.can_serve(Instant::now()) {
-        return not_leaseholder(store, range_id);
-    }
     let term = st.term;
-    let whole = Span::range(&st.desc.start_key, &st.desc.end_key);
-    let Ok(guard) = tokio::time::timeout(
-        opts.write_timeout,
-        st.conc.latches.acquire(vec![Latch::write(whole, Timestamp::ZERO)]),
-    )
-    .await
-    else {
-        return error(batch_error::Kind::Unavailable(
-            "timed out waiting for the range's requests".into(),
-        ));
-    };
-    let Some(st) = store
-        .status(range_id)
-        .filter(|s| s.term == term && s.can_serve(Instant::now()))
-    else {
-        return not_leaseholder(store, range_id);
-    };
     let freeze_index = match store.frozen(range_id) {
         Some(f) if f.merge_id == req.merge_id => f.freeze_index, // a retry
         Some(f) => {
@@ -285,23 +336,40 @@ pub async fn subsume(store: &StoreHandle, range_id: u64, req: SubsumeRequest, op
                 ..Default::default()
             };
             match crate::kv_batch::propose_holding(store, range_id, cmd, guard, opts.write_timeout).await {
-                Ok(ApplyOutcome::Frozen(i)) => i,
+                Ok(ApplyOutcome::Frozen(Ok(i))) => i,
+                Ok(ApplyOutcome::Frozen(Err(why))) => return refused(why),
                 Ok(other) => return refused(format!("unexpected outcome {other:?}")),
                 Err(e) => return propose_error(store, range_id, e),
             }
         }
     };
+    // The descriptor as the freeze left it (from the engine: the status is
+    // published after the answer): the replicas the merge must wait on.
+    let right = match rangestate::descriptor(store.engine(), range_id) {
+        Ok(Some(d)) => d,
+        Ok(None) => return error(batch_error::Kind::RangeNotFound(range_id)),
+        Err(e) => return error(batch_error::Kind::Unavailable(format!("storage: {e}"))),
+    };
     // Frozen: nothing writes any more, so the statistics are exact.
-    let stats = match storage::mvcc::compute_stats(store.engine(), &st.desc.start_key, &st.desc.end_key) {
+    let stats = match storage::mvcc::compute_stats(store.engine(), &right.start_key, &right.end_key) {
         Ok(s) => s,
         Err(e) => return error(batch_error::Kind::Unavailable(format!("storage: {e}"))),
     };
-    let freeze_ts = match store.clock().now() {
-        Ok(now) => now.max(st.conc.low_water()),
-        Err(e) => return error(batch_error::Kind::Unavailable(format!("clock: {e}"))),
+    // Above every read the range served: its cache over the whole span,
+    // and (if this lease served nothing yet) the previous leases' bound.
+    let max_offset = opts.max_offset.as_nanos() as u64;
+    let clock = store.clock();
+    let entered = st.conc.enter_lease(term, || {
+        clock
+            .now()
+            .map(|t| Timestamp::new(t.wall.saturating_add(max_offset), 0))
+    });
+    let freeze_ts = match (entered, clock.now()) {
+        (Ok(_), Ok(now)) => now.max(st.conc.min_write_ts(&[Span::range(&right.start_key, &right.end_key)])),
+        (Err(e), _) | (_, Err(e)) => return error(batch_error::Kind::Unavailable(format!("clock: {e}"))),
     };
     answer(batch_response::Response::Subsume(SubsumeResponse {
-        right: Some(st.desc),
+        right: Some(right),
         freeze_index,
         right_stats: Some(stats.into()),
         freeze_ts: Some(freeze_ts.into()),
@@ -377,7 +445,7 @@ pub async fn commit(store: &StoreHandle, range_id: u64, req: MergeCommitRequest,
     }
     let mut merged = st.desc.clone();
     merged.end_key = right.end_key.clone();
-    merged.generation = st.desc.generation.max(right.generation) + 1;
+    merged.generation = st.desc.generation.max(right.generation).saturating_add(1);
     let cmd = RaftCommand {
         proposer_term: term,
         op: Some(raft_command::Op::Merge(MergeTrigger {
@@ -413,6 +481,7 @@ pub async fn resolve(
         op: Some(raft_command::Op::AbortMerge(AbortMerge {
             merge_id: req.merge_id,
             right_end_key: req.right_end_key,
+            right_range_id: req.right_range_id,
         })),
         ..Default::default()
     };
@@ -490,6 +559,7 @@ mod tests {
         let fence = AbortMerge {
             merge_id: 7,
             right_end_key: b"z".to_vec(),
+            right_range_id: 6,
         };
         assert!(
             !apply_abort(&mut b, &left, &fence).unwrap(),
@@ -518,9 +588,16 @@ mod tests {
         );
         assert!(tombstoned(&e, 6).unwrap());
         assert_eq!(rangestate::descriptor(&e, 5).unwrap().unwrap().end_key, b"z");
-        // A fence after the merge says it merged.
+        // A fence after the merge says it merged, even once the merged
+        // range split again below the absorbed range's end.
         let mut b = e.batch();
         assert!(apply_abort(&mut b, &merged, &fence).unwrap());
+        assert!(apply_abort(&mut b, &d(5, b"a", b"c", 6), &fence).unwrap());
+        let other = AbortMerge {
+            right_range_id: 7,
+            ..fence.clone()
+        };
+        assert!(!apply_abort(&mut b, &merged, &other).unwrap());
     }
 
     #[test]

@@ -45,8 +45,9 @@ pub enum ApplyOutcome {
     RangeId(u64),
     /// A split: applied, or refused at apply (the range changed) with why.
     Split(Result<(), String>),
-    /// A freeze for a merge applied at this log index.
-    Frozen(u64),
+    /// A freeze for a merge applied at this log index, or refused (frozen
+    /// for another attempt).
+    Frozen(Result<u64, String>),
     /// An unfreeze: whether the range was frozen for that attempt.
     Unfrozen(bool),
     /// A merge trigger: the merged descriptor, or why it changed nothing.
@@ -145,6 +146,9 @@ pub struct Replica {
     pub(crate) merged_out: Vec<u64>,
     /// Frozen for a merge (see `merge`).
     pub frozen: Option<proto::kvserver::FreezeForMerge>,
+    /// A freeze was proposed here in this term: no membership change may
+    /// be proposed after it (it would land after the freeze in the log).
+    pub(crate) freeze_proposed_term: u64,
 }
 
 impl Replica {
@@ -199,6 +203,7 @@ impl Replica {
             split_out: Vec::new(),
             merged_out: Vec::new(),
             frozen,
+            freeze_proposed_term: 0,
         })
     }
 
@@ -266,6 +271,13 @@ impl Replica {
         self.status.write().desc = self.desc.clone();
     }
 
+    /// Whether a membership change may be proposed: not on a range frozen for
+    /// a merge, nor after a freeze was proposed in this term (the merge
+    /// needs the replicas it saw frozen).
+    pub fn may_change_replicas(&self) -> bool {
+        self.frozen.is_none() && self.freeze_proposed_term != self.raw.term()
+    }
+
     /// Proposes a membership change carrying the descriptor it leads to.
     pub fn propose_conf_change(&mut self, cc: ConfChange) -> Result<(), raft::ProposeError> {
         self.raw.propose_conf_change(cc).map(|_| ())
@@ -293,6 +305,9 @@ impl Replica {
         }
         let lai = self.proposed_lai.max(self.applied.lease_applied_index) + 1;
         cmd.max_lease_index = lai;
+        if matches!(cmd.op, Some(proto::kvserver::raft_command::Op::Freeze(_))) {
+            self.freeze_proposed_term = self.raw.term();
+        }
         match self.raw.propose(cmd.encode_to_vec()) {
             Ok((index, term)) => {
                 self.proposed_lai = lai;

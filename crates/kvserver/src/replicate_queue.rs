@@ -20,7 +20,7 @@ const CAUGHT_UP_SLACK: u64 = 2;
 /// Proposes at most one change on `r` (whose raft status is `st`), if this
 /// store leads it and it may change; `live` are the stores worth a replica.
 pub fn consider(r: &mut Replica, st: &Status, live: &[u64]) {
-    if r.frozen.is_some() {
+    if !r.may_change_replicas() {
         return; // a merge needs its replicas where they are
     }
     let target = live.len().min(3);

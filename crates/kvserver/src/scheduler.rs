@@ -239,13 +239,14 @@ impl Scheduler {
     fn overlapping_replica(&mut self, range_id: u64, snap: &raft::Snapshot) -> Option<u64> {
         use prost::Message as _;
         let meta = proto::transport::SnapshotHandle::decode(&snap.data[..]).ok()?.meta?;
-        // A replica frozen for a merge into this range is not in the way:
-        // the snapshot (of the merged range) subsumes it.
+        // A frozen replica is not in the way: a snapshot can overlap its
+        // span only if a merge absorbed it (ranges of the cluster never
+        // overlap), and applying it subsumes the frozen replica.
         let held = self
             .replicas
             .values()
             .filter(|r| r.range_id != range_id && !r.desc.end_key.is_empty())
-            .filter(|r| r.frozen.as_ref().is_none_or(|f| f.left_range_id != range_id))
+            .filter(|r| r.frozen.is_none())
             .map(|r| (r.range_id, r.desc.start_key.clone(), r.desc.end_key.clone()));
         // Snapshots stepped since the last cycle applied will hold their
         // spans too.
@@ -260,9 +261,10 @@ impl Scheduler {
         other
     }
 
-    /// After a snapshot of `range_id`: removes every replica here frozen for
-    /// a merge into it that its new span covers (state and tombstone in one
-    /// synced write, as the merge's apply would have).
+    /// After a snapshot of `range_id`: removes every frozen replica here its
+    /// new span overlaps (absorbed by a merge this store applied only
+    /// through the snapshot), state and tombstone in one synced write, as
+    /// the merge's apply would have.
     fn remove_subsumed(&mut self, range_id: u64) -> Result<(), StoreError> {
         let Some(d) = self.replicas.get(&range_id).map(|r| r.desc.clone()) else {
             return Ok(());
@@ -270,18 +272,12 @@ impl Scheduler {
         let subsumed: Vec<u64> = self
             .replicas
             .values()
-            .filter(|r| r.range_id != range_id && r.frozen.as_ref().is_some_and(|f| f.left_range_id == range_id))
-            .filter(|r| d.start_key <= r.desc.start_key && !r.desc.end_key.is_empty() && r.desc.end_key <= d.end_key)
+            .filter(|r| r.range_id != range_id && r.frozen.is_some() && !r.desc.end_key.is_empty())
+            .filter(|r| r.desc.start_key < d.end_key && d.start_key < r.desc.end_key)
             .map(|r| r.range_id)
             .collect();
         for id in subsumed {
-            let mut b = self.engine.batch();
-            let (lo, hi) = storage::keys::raft_range_bounds(id);
-            b.delete_range(storage::Cf::Raft, &lo, &hi)?;
-            let (lo, hi) = storage::keys::range_local_bounds(id);
-            b.delete_range(storage::Cf::Local, &lo, &hi)?;
-            storage::rangestate::set_store_record(&mut b, &crate::merge::tombstone_key(id), &u64::MAX.to_be_bytes())?;
-            self.engine.write(b, true)?;
+            crate::merge::remove_absorbed(&self.engine, id)?;
             self.remove_merged(id);
         }
         Ok(())

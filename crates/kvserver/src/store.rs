@@ -360,6 +360,26 @@ impl Store {
             stepped_snapshots: Vec::new(),
             tombstones: Default::default(),
         };
+        let descs = rangestate::all_descriptors(&engine)?;
+        for desc in &descs {
+            // A frozen replica overlapping another one was absorbed by a
+            // merge this store took through a snapshot, and the store
+            // stopped before removing it: remove it now.
+            let overlaps = descs.iter().any(|o| {
+                o.range_id != desc.range_id
+                    && !o.end_key.is_empty()
+                    && !desc.end_key.is_empty()
+                    && o.start_key < desc.end_key
+                    && desc.start_key < o.end_key
+            });
+            if overlaps && crate::merge::frozen(&engine, desc.range_id)?.is_some() {
+                tracing::info!(
+                    range = desc.range_id,
+                    "removing a frozen replica its merged range absorbed"
+                );
+                crate::merge::remove_absorbed(&engine, desc.range_id)?;
+            }
+        }
         for desc in rangestate::all_descriptors(&engine)? {
             let Some(me) = desc.replicas.iter().find(|r| r.store_id == ident.store_id) else {
                 continue;

@@ -491,3 +491,84 @@ fn a_late_message_for_a_merged_away_range_never_brings_it_back() {
     wait_for("a replica for range 43", Duration::from_secs(5), || h.has_range(43));
     assert!(!h.has_range(42), "the merged-away range came back");
 }
+
+/// A range frozen for a merge refuses, identically on every replica and
+/// at apply (the freeze is replicated state), any write, split or second
+/// freeze that reaches its log after the freeze, and serves again once
+/// unfrozen. (A write proposed just after the freeze used to apply, and the
+/// merge then lost it on replicas that had not applied it.)
+#[test]
+fn a_frozen_range_applies_no_write_split_or_other_freeze() {
+    use proto::kvserver::{FreezeForMerge, RawWrite, Unfreeze, WriteBatch};
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::start(cfg(dir.path())).unwrap();
+    let h = s.handle();
+    let user = 3;
+    wait_for("the user range serves", Duration::from_secs(5), || {
+        h.status(user).is_some_and(|st| st.can_serve(Instant::now()))
+    });
+    let propose = |op| {
+        block_on(h.propose(
+            user,
+            RaftCommand {
+                op: Some(op),
+                ..Default::default()
+            },
+            Duration::from_secs(5),
+        ))
+    };
+    let write = || {
+        raft_command::Op::WriteBatch(WriteBatch {
+            writes: vec![RawWrite {
+                key: storage::keys::mvcc_version_key(b"k", storage::Timestamp::new(10, 0)),
+                value: storage::mvcc::value::encode_version(Some(b"v")),
+                delete: false,
+            }],
+            delta: None,
+            ts: Some(storage::Timestamp::new(10, 0).into()),
+            start_key: b"k".to_vec(),
+            end_key: b"k\x00".to_vec(),
+        })
+    };
+    let freeze = |id| {
+        raft_command::Op::Freeze(FreezeForMerge {
+            merge_id: id,
+            left_range_id: 99,
+            freeze_index: 0,
+        })
+    };
+    assert!(matches!(propose(freeze(7)), Ok(ApplyOutcome::Frozen(Ok(_)))));
+    assert!(
+        matches!(propose(write()), Ok(ApplyOutcome::Kv(Err(_)))),
+        "a write after the freeze"
+    );
+    assert!(
+        matches!(propose(freeze(8)), Ok(ApplyOutcome::Frozen(Err(_)))),
+        "another attempt's freeze"
+    );
+    let desc = h.status(user).unwrap().desc;
+    let (left, right) = kvserver::split::halves(&desc, b"m", 50);
+    let split = raft_command::Op::Split(proto::kvserver::SplitTrigger {
+        left: Some(left),
+        right: Some(right),
+        ..Default::default()
+    });
+    assert!(
+        matches!(propose(split), Ok(ApplyOutcome::Split(Err(_)))),
+        "a split after the freeze"
+    );
+    assert!(!h.has_range(50));
+    let got = storage::mvcc::get(
+        h.engine(),
+        b"k",
+        &storage::mvcc::ReadOptions::at(storage::Timestamp::MAX),
+    )
+    .unwrap();
+    assert!(got.is_none(), "nothing written while frozen");
+    // Unfrozen (its merge fenced off): it takes writes again.
+    assert!(matches!(
+        propose(raft_command::Op::Unfreeze(Unfreeze { merge_id: 7 })),
+        Ok(ApplyOutcome::Unfrozen(true))
+    ));
+    assert!(matches!(propose(write()), Ok(ApplyOutcome::Kv(Ok(())))));
+}
