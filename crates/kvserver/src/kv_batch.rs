@@ -105,6 +105,65 @@ fn frozen_answer(range_id: u64, merge_id: u64) -> BatchResponse {
     )))
 }
 
+/// Takes a write latch on the whole span of `range_id` at timestamp zero
+/// (every request of the range waits, none is in flight) for a command that
+/// changes the range itself (a split, a freeze, a merge): returns the
+/// range's status once held, with the lease still held in the same term and
+/// the span latched still the range's whole span (latched again if a merge
+/// grew it meanwhile).
+pub(crate) async fn latch_whole_range(
+    store: &StoreHandle,
+    range_id: u64,
+    opts: &EvalOptions,
+) -> Result<(crate::ReplicaStatus, crate::spanlatch::Guard), BatchResponse> {
+    for _ in 0..5 {
+        let Some(st) = store.status(range_id) else {
+            return Err(error(batch_error::Kind::RangeNotFound(range_id)));
+        };
+        if !st.can_serve(Instant::now()) {
+            return Err(not_leaseholder(store, range_id));
+        }
+        let whole = Span::range(&st.desc.start_key, &st.desc.end_key);
+        let latched = tokio::time::timeout(
+            opts.write_timeout,
+            st.conc.latches.acquire(vec![Latch::write(whole, Timestamp::ZERO)]),
+        )
+        .await;
+        let Ok(guard) = latched else {
+            return Err(error(batch_error::Kind::Unavailable(
+                "timed out waiting for the range's requests (latches)".into(),
+            )));
+        };
+        let Some(now) = store
+            .status(range_id)
+            .filter(|s| s.term == st.term && s.can_serve(Instant::now()))
+        else {
+            return Err(not_leaseholder(store, range_id));
+        };
+        if now.desc.start_key == st.desc.start_key && now.desc.end_key == st.desc.end_key {
+            return Ok((now, guard));
+        }
+    }
+    Err(error(batch_error::Kind::Unavailable(format!(
+        "range {range_id} keeps changing"
+    ))))
+}
+
+/// The answer for a proposal that produced no outcome.
+pub(crate) fn propose_error(store: &StoreHandle, range_id: u64, e: ProposeError) -> BatchResponse {
+    match e {
+        ProposeError::NotLeader { .. } | ProposeError::Dropped | ProposeError::LeaseChanged => {
+            not_leaseholder(store, range_id)
+        }
+        ProposeError::NoSuchRange(r) => error(batch_error::Kind::RangeNotFound(r)),
+        ProposeError::Clock(c) => error(batch_error::Kind::Unavailable(format!("clock: {c}"))),
+        // It may have applied.
+        ProposeError::Ambiguous | ProposeError::Stopped => {
+            error(batch_error::Kind::Ambiguous(proto::kvserver::Ambiguous {}))
+        }
+    }
+}
+
 /// Proposes an evaluated command and keeps `guard` (its latches) until the
 /// command applied or certainly will not, however long that takes: a
 /// caller that stops waiting (`wait` passed, the client went away) must not
@@ -280,14 +339,7 @@ pub async fn evaluate(
         Ok(ApplyOutcome::Kv(Ok(()))) => kv_answer(answer),
         Ok(ApplyOutcome::Kv(Err(why))) => kv_error(grpc_code::UNAVAILABLE, why),
         Ok(other) => kv_error(grpc_code::INTERNAL, format!("unexpected outcome {other:?}")),
-        Err(ProposeError::NotLeader { .. } | ProposeError::Dropped | ProposeError::LeaseChanged) => {
-            not_leaseholder(store, range_id)
-        }
-        Err(ProposeError::NoSuchRange(r)) => error(batch_error::Kind::RangeNotFound(r)),
-        Err(ProposeError::Clock(c)) => error(batch_error::Kind::Unavailable(format!("clock: {c}"))),
-        Err(ProposeError::Ambiguous | ProposeError::Stopped) => {
-            error(batch_error::Kind::Ambiguous(proto::kvserver::Ambiguous {}))
-        }
+        Err(e) => propose_error(store, range_id, e),
     }
 }
 

@@ -46,10 +46,10 @@ use storage::rangestate::{self, AppliedState};
 use storage::{keys, Batch, Cf, Reader, Timestamp};
 
 use crate::etcd::grpc_code;
-use crate::evaluator::{not_leaseholder, EvalOptions};
+use crate::evaluator::EvalOptions;
 use crate::keyspace::{pretty, splittable};
-use crate::replica::{ApplyOutcome, ProposeError};
-use crate::spanlatch::{Latch, Span};
+use crate::replica::ApplyOutcome;
+use crate::spanlatch::Span;
 use crate::store::StoreHandle;
 use crate::StoreError;
 
@@ -221,19 +221,6 @@ fn answer(r: batch_response::Response) -> BatchResponse {
     BatchResponse { response: Some(r) }
 }
 
-fn propose_error(store: &StoreHandle, range_id: u64, e: ProposeError) -> BatchResponse {
-    match e {
-        ProposeError::NotLeader { .. } | ProposeError::Dropped | ProposeError::LeaseChanged => {
-            not_leaseholder(store, range_id)
-        }
-        ProposeError::NoSuchRange(r) => error(batch_error::Kind::RangeNotFound(r)),
-        ProposeError::Clock(c) => error(batch_error::Kind::Unavailable(format!("clock: {c}"))),
-        ProposeError::Ambiguous | ProposeError::Stopped => {
-            error(batch_error::Kind::Ambiguous(proto::kvserver::Ambiguous {}))
-        }
-    }
-}
-
 /// Why two ranges cannot merge, if they cannot: not user ranges, not
 /// adjacent, not on the same stores, or changing their replicas.
 pub fn check_mergeable(left: &RangeDescriptor, right: &RangeDescriptor) -> Option<String> {
@@ -270,51 +257,20 @@ pub fn check_mergeable(left: &RangeDescriptor, right: &RangeDescriptor) -> Optio
 
 /// Step 1, at the right range's leaseholder.
 pub async fn subsume(store: &StoreHandle, range_id: u64, req: SubsumeRequest, opts: &EvalOptions) -> BatchResponse {
-    let mut tries = 0;
-    let (st, guard) = loop {
-        let Some(st) = store.status(range_id) else {
-            return error(batch_error::Kind::RangeNotFound(range_id));
-        };
-        if st.desc.start_key != req.left_end_key || !splittable(range_id) {
-            return refused(format!(
-                "range {range_id} does not start at {} (it is [{}, {}))",
-                pretty(&req.left_end_key),
-                pretty(&st.desc.start_key),
-                pretty(&st.desc.end_key)
-            ));
-        }
-        if !st.can_serve(Instant::now()) {
-            return not_leaseholder(store, range_id);
-        }
-        let term = st.term;
-        let whole = Span::range(&st.desc.start_key, &st.desc.end_key);
-        let Ok(guard) = tokio::time::timeout(
-            opts.write_timeout,
-            st.conc.latches.acquire(vec![Latch::write(whole, Timestamp::ZERO)]),
-        )
-        .await
-        else {
-            return error(batch_error::Kind::Unavailable(
-                "timed out waiting for the range's requests".into(),
-            ));
-        };
-        let Some(now) = store
-            .status(range_id)
-            .filter(|s| s.term == term && s.can_serve(Instant::now()))
-        else {
-            return not_leaseholder(store, range_id);
-        };
-        // The span latched must be the range's whole span now (it may
-        // have grown by a merge while this waited): else latch again.
-        if now.desc.start_key == st.desc.start_key && now.desc.end_key == st.desc.end_key {
-            break (now, guard);
-        }
-        tries += 1;
-        if tries > 5 {
-            return error(batch_error::Kind::Unavailable(format!(
-                "range {range_id} keeps changing"
-            )));
-        }
+    let Some(st) = store.status(range_id) else {
+        return error(batch_error::Kind::RangeNotFound(range_id));
+    };
+    if st.desc.start_key != req.left_end_key || !splittable(range_id) {
+        return refused(format!(
+            "range {range_id} does not start at {} (it is [{}, {}))",
+            pretty(&req.left_end_key),
+            pretty(&st.desc.start_key),
+            pretty(&st.desc.end_key)
+        ));
+    }
+    let (st, guard) = match crate::kv_batch::latch_whole_range(store, range_id, opts).await {
+        Ok(x) => x,
+        Err(answer) => return answer,
     };
     let term = st.term;
     let freeze_index = match store.frozen(range_id) {
@@ -339,7 +295,7 @@ pub async fn subsume(store: &StoreHandle, range_id: u64, req: SubsumeRequest, op
                 Ok(ApplyOutcome::Frozen(Ok(i))) => i,
                 Ok(ApplyOutcome::Frozen(Err(why))) => return refused(why),
                 Ok(other) => return refused(format!("unexpected outcome {other:?}")),
-                Err(e) => return propose_error(store, range_id, e),
+                Err(e) => return crate::kv_batch::propose_error(store, range_id, e),
             }
         }
     };
@@ -412,27 +368,11 @@ pub async fn commit(store: &StoreHandle, range_id: u64, req: MergeCommitRequest,
     if let Some(why) = check_mergeable(&st.desc, &right) {
         return refused(why);
     }
-    if !st.can_serve(Instant::now()) {
-        return not_leaseholder(store, range_id);
-    }
+    let (st, guard) = match crate::kv_batch::latch_whole_range(store, range_id, opts).await {
+        Ok(x) => x,
+        Err(answer) => return answer,
+    };
     let term = st.term;
-    let whole = Span::range(&st.desc.start_key, &st.desc.end_key);
-    let Ok(guard) = tokio::time::timeout(
-        opts.write_timeout,
-        st.conc.latches.acquire(vec![Latch::write(whole, Timestamp::ZERO)]),
-    )
-    .await
-    else {
-        return error(batch_error::Kind::Unavailable(
-            "timed out waiting for the range's requests".into(),
-        ));
-    };
-    let Some(st) = store
-        .status(range_id)
-        .filter(|s| s.term == term && s.can_serve(Instant::now()))
-    else {
-        return not_leaseholder(store, range_id);
-    };
     if let Some(why) = check_mergeable(&st.desc, &right) {
         return refused(why);
     }
@@ -465,7 +405,7 @@ pub async fn commit(store: &StoreHandle, range_id: u64, req: MergeCommitRequest,
         }
         Ok(ApplyOutcome::Merged(Err(why))) => refused(why),
         Ok(other) => refused(format!("unexpected outcome {other:?}")),
-        Err(e) => propose_error(store, range_id, e),
+        Err(e) => crate::kv_batch::propose_error(store, range_id, e),
     }
 }
 
@@ -488,7 +428,7 @@ pub async fn resolve(
     match store.propose(range_id, cmd, opts.write_timeout).await {
         Ok(ApplyOutcome::MergeResolved(merged)) => answer(batch_response::Response::MergeApplied(merged)),
         Ok(other) => refused(format!("unexpected outcome {other:?}")),
-        Err(e) => propose_error(store, range_id, e),
+        Err(e) => crate::kv_batch::propose_error(store, range_id, e),
     }
 }
 
@@ -504,7 +444,7 @@ pub async fn unfreeze(store: &StoreHandle, range_id: u64, req: UnfreezeRequest, 
     match store.propose(range_id, cmd, opts.write_timeout).await {
         Ok(ApplyOutcome::Unfrozen(done)) => answer(batch_response::Response::Unfrozen(done)),
         Ok(other) => refused(format!("unexpected outcome {other:?}")),
-        Err(e) => propose_error(store, range_id, e),
+        Err(e) => crate::kv_batch::propose_error(store, range_id, e),
     }
 }
 

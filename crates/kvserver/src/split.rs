@@ -21,8 +21,6 @@
 //!
 //! This module decides nothing about *when* to split (the split queue does).
 
-use std::time::Instant;
-
 use proto::kvserver::{
     batch_error, batch_response, raft_command, AdminSplitRequest, AdminSplitResponse, BatchError, BatchResponse,
     RaftCommand, SplitTrigger,
@@ -31,13 +29,12 @@ use proto::storage::{replica_descriptor, RangeDescriptor};
 use storage::mvcc::{self, MvccStats};
 use storage::raftlog::{self, HardState};
 use storage::rangestate::{self, AppliedState};
-use storage::{Batch, Timestamp};
+use storage::Batch;
 
 use crate::etcd::grpc_code;
-use crate::evaluator::{not_leaseholder, EvalOptions};
+use crate::evaluator::EvalOptions;
 use crate::keyspace::{pretty, splittable, USER_START};
-use crate::replica::{ApplyOutcome, ProposeError};
-use crate::spanlatch::{Latch, Span};
+use crate::replica::ApplyOutcome;
 use crate::store::StoreHandle;
 use crate::StoreError;
 
@@ -136,29 +133,13 @@ pub async fn admin_split(
     if req.new_range_id < first_free || store.has_range(req.new_range_id) {
         return refused(format!("range id {} is taken", req.new_range_id));
     }
-    if !st.can_serve(Instant::now()) {
-        return not_leaseholder(store, range_id);
-    }
-    let term = st.term;
     // Every request of the range waits: nothing writes while the halves'
     // statistics are computed and until the split applied.
-    let whole = Span::range(&st.desc.start_key, &st.desc.end_key);
-    let Ok(guard) = tokio::time::timeout(
-        opts.write_timeout,
-        st.conc.latches.acquire(vec![Latch::write(whole, Timestamp::ZERO)]),
-    )
-    .await
-    else {
-        return error(batch_error::Kind::Unavailable(
-            "timed out waiting for the range's requests (latches)".into(),
-        ));
+    let (st, guard) = match crate::kv_batch::latch_whole_range(store, range_id, opts).await {
+        Ok(x) => x,
+        Err(answer) => return answer,
     };
-    let Some(st) = store
-        .status(range_id)
-        .filter(|s| s.term == term && s.can_serve(Instant::now()))
-    else {
-        return not_leaseholder(store, range_id);
-    };
+    let term = st.term;
     // The descriptor may have changed while it waited.
     if let Some(answer) = misaddressed(&st.desc, &req.split_key) {
         return answer;
@@ -202,14 +183,7 @@ pub async fn admin_split(
         }
         Ok(ApplyOutcome::Split(Err(why))) => refused(why),
         Ok(other) => refused(format!("unexpected outcome {other:?}")),
-        Err(ProposeError::NotLeader { .. } | ProposeError::Dropped | ProposeError::LeaseChanged) => {
-            not_leaseholder(store, range_id)
-        }
-        Err(ProposeError::NoSuchRange(r)) => error(batch_error::Kind::RangeNotFound(r)),
-        Err(ProposeError::Clock(c)) => error(batch_error::Kind::Unavailable(format!("clock: {c}"))),
-        Err(ProposeError::Ambiguous | ProposeError::Stopped) => {
-            error(batch_error::Kind::Ambiguous(proto::kvserver::Ambiguous {}))
-        }
+        Err(e) => crate::kv_batch::propose_error(store, range_id, e),
     }
 }
 

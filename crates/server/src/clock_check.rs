@@ -77,7 +77,7 @@ impl ClockCheck {
     /// Why this node must not serve, if its clock is off from a quorum of the
     /// `peers` other nodes it should hear from. Logs when that starts and ends.
     pub fn problem(&self, peers: usize) -> Option<String> {
-        let p = self.verdict(peers);
+        let p = self.verdict_at(peers, Instant::now(), self.failing.load(Ordering::Relaxed));
         let was = self.failing.swap(p.is_some(), Ordering::Relaxed);
         match (&p, was) {
             (Some(why), false) => tracing::error!("stopped serving: {why}"),
@@ -87,22 +87,33 @@ impl ClockCheck {
         p
     }
 
-    fn verdict(&self, peers: usize) -> Option<String> {
-        self.verdict_at(peers, Instant::now())
-    }
-
-    fn verdict_at(&self, peers: usize, now: Instant) -> Option<String> {
+    /// The verdict now. A node already failing counts a peer it has not heard
+    /// from yet (it just learned of it) as disagreeing: no reading is no
+    /// proof its clock is fine.
+    fn verdict_at(&self, peers: usize, now: Instant, failing: bool) -> Option<String> {
         if peers == 0 {
             return None;
         }
         let seen = self.seen.lock();
+        let fresh = |e: &&Estimate| now.duration_since(e.heard) < FRESH;
         let off: Vec<(u64, i64)> = seen
             .iter()
-            .filter(|(_, e)| now.duration_since(e.heard) < FRESH && e.offset.abs() > self.max_offset_nanos)
+            .filter(|(_, e)| fresh(e) && e.offset.abs() > self.max_offset_nanos)
             .map(|(&p, e)| (p, e.offset))
             .collect();
+        let agree = seen
+            .values()
+            .filter(|e| fresh(e) && e.offset.abs() <= self.max_offset_nanos)
+            .count();
+        // A node already failing counts the peers it has not heard from
+        // with the ones that disagree: it resumes only on readings.
+        let unheard = if failing {
+            peers.saturating_sub(off.len() + agree)
+        } else {
+            0
+        };
         // With us, a quorum of the peers + 1 nodes: more than half the peers.
-        if off.len() * 2 > peers {
+        if (off.len() + unheard) * 2 > peers && !off.is_empty() {
             return Some(format!(
                 "clock is off from {} of {} peers by more than {} ms (offsets in ms: {:?})",
                 off.len(),
@@ -130,8 +141,27 @@ mod tests {
         // Fixed: the good reading counts once the bad one is a window old.
         let later = Instant::now() + WINDOW;
         c.observe_at(3, base + 100_000_000, base, later);
-        assert!(c.verdict_at(2, later).is_none());
+        assert!(c.verdict_at(2, later, true).is_none());
         assert!(c.problem(0).is_none());
+    }
+
+    /// A node whose clock is off, and which learns of a new peer before it
+    /// hears from it, stays stopped: it used to read "1 of 2 peers off, not
+    /// a quorum" and serve again (a process test caught it under load).
+    #[test]
+    fn a_failing_node_resumes_only_when_a_quorum_of_peers_agrees() {
+        let c = ClockCheck::new(Duration::from_millis(500));
+        let base = 1_000_000_000_000u64;
+        c.observe(1, base - 2_000_000_000, base);
+        assert!(c.problem(1).is_some(), "off from its only peer");
+        assert!(c.problem(2).is_some(), "a second peer, not heard yet");
+        c.observe(3, base - 2_000_000_000, base);
+        assert!(c.problem(2).unwrap().contains("2 of 2"));
+        // Its clock is fixed: readings agree again.
+        let later = Instant::now() + WINDOW;
+        c.observe_at(1, base, base, later);
+        c.observe_at(3, base, base, later);
+        assert!(c.verdict_at(2, later, true).is_none());
     }
 
     #[test]
@@ -148,7 +178,7 @@ mod tests {
         c.observe_at(2, base, base + 1_500_000_000, resumed);
         c.observe_at(3, base + 10_000_000, base + 1_500_000_000, resumed);
         assert!(
-            c.verdict_at(2, resumed).is_none(),
+            c.verdict_at(2, resumed, false).is_none(),
             "delayed batches read as clock offsets"
         );
         // A peer whose clock really is behind is still found, by every
@@ -160,6 +190,6 @@ mod tests {
             c.observe_at(2, local - 2_000_000_000, local, t);
             c.observe_at(3, local - 2_000_000_000, local, t);
         }
-        assert!(c.verdict_at(2, t).unwrap().contains("2 of 2 peers"));
+        assert!(c.verdict_at(2, t, false).unwrap().contains("2 of 2 peers"));
     }
 }
