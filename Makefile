@@ -16,7 +16,7 @@ STORE ?= $(CURDIR)/data/single-node
 LISTEN ?= 127.0.0.1:2379
 HTTP ?= 127.0.0.1:8080
 
-.PHONY: run test build setup bench bench-storage bench-raft clean-target
+.PHONY: run test build setup bench bench-storage bench-raft bench-vs-etcd clean-target
 
 setup:
 	@scripts/setup.sh
@@ -35,6 +35,10 @@ bench: bench-storage bench-raft
 
 bench-storage: setup
 	$(CARGO) bench --profile dev -p tardigrade-storage --bench storage
+
+# Tardigrade against etcd, same machine, same requests (minutes; not part of make test).
+bench-vs-etcd: build
+	scripts/bench-vs-etcd.sh $(SECS) $(RUNS)
 
 clean-target:
 	rm -rf "$(CARGO_TARGET_DIR)"

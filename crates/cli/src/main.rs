@@ -219,6 +219,36 @@ enum WorkloadCmd {
         #[arg(long, default_value_t = 10)]
         idle_seconds: u64,
     },
+    /// Concurrent clients doing puts and gets (etcd's v3 API, so the same
+    /// requests drive Tardigrade and etcd, or --api native), reporting ops/s
+    /// and latency percentiles, with a progress line every second.
+    Kv {
+        /// host:port of each endpoint, comma-separated (clients spread over them).
+        #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:2379")]
+        hosts: Vec<String>,
+        /// etcd (etcd's KV API) or native (Tardigrade's; keys spread over 00..ff).
+        #[arg(long, default_value = "etcd")]
+        api: workload::register::Api,
+        /// Concurrent clients (each its own connection).
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Seconds to run (unless --max-ops is reached first).
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// Stop after this many operations.
+        #[arg(long)]
+        max_ops: Option<u64>,
+        /// Percent of operations that are gets; the rest are puts.
+        #[arg(long, default_value_t = 0)]
+        read_percent: u32,
+        /// Distinct keys.
+        #[arg(long, default_value_t = 100_000)]
+        keys: u64,
+        #[arg(long, default_value_t = 256)]
+        value_bytes: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Concurrent clients writing keys for a fixed time.
     Put {
         /// host:port of an etcd v3 endpoint (Tardigrade's --listen-addr, or etcd).
@@ -500,6 +530,55 @@ fn real_main() -> Result<()> {
                 if r.writes_failed > 0 {
                     anyhow::bail!("{} writes failed", r.writes_failed);
                 }
+                Ok(())
+            }
+            Cmd::Workload {
+                cmd:
+                    WorkloadCmd::Kv {
+                        hosts,
+                        api,
+                        concurrency,
+                        duration,
+                        max_ops,
+                        read_percent,
+                        keys,
+                        value_bytes,
+                        seed,
+                    },
+            } => {
+                let cfg = workload::kv::KvConfig {
+                    hosts,
+                    api,
+                    concurrency: concurrency.max(1),
+                    duration: Duration::from_secs(duration.max(1)),
+                    max_ops,
+                    read_percent: read_percent.min(100),
+                    keys: keys.max(1),
+                    value_bytes,
+                    seed,
+                };
+                eprintln!(
+                    "kv workload: {concurrency} client(s), {read_percent}% reads, {value_bytes}-byte values, {keys} keys, over {:?}...",
+                    cfg.hosts
+                );
+                let r = workload::kv::run(cfg, |n, t| {
+                    eprintln!("  {:>6.1}s {n} ops ({:.0}/s)", t.as_secs_f64(), n as f64 / t.as_secs_f64().max(1e-9))
+                })
+                .await?;
+                println!(
+                    "ops {} (reads {}, writes {}) errors {} in {:.1}s: {:.0} ops/s; latency ms p50 {:.2} p95 {:.2} p99 {:.2} p99.9 {:.2} max {:.2}",
+                    r.ops,
+                    r.reads,
+                    r.writes,
+                    r.errors,
+                    r.elapsed.as_secs_f64(),
+                    r.per_second(),
+                    r.quantile_ms(0.5),
+                    r.quantile_ms(0.95),
+                    r.quantile_ms(0.99),
+                    r.quantile_ms(0.999),
+                    r.latency.max() as f64 / 1000.0
+                );
                 Ok(())
             }
             Cmd::Workload {

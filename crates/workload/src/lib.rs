@@ -4,6 +4,7 @@
 //! A workload never reaches inside a node: what it measures is what a client
 //! sees. Every run is bounded in time and count and stops by itself.
 
+pub mod kv;
 pub mod linearizability;
 pub mod put;
 pub mod register;

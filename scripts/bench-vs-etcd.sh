@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# Tardigrade against etcd on this machine, in one run: a 3-node Tardigrade
+# cluster and a 3-member etcd cluster on 127.0.0.1 (own data directories,
+# fsync on both: their defaults), one after the other, driven by the same
+# tool with the same requests (`tardigrade workload kv`, etcd's v3 API,
+# 256-byte values, 100,000 keys, clients spread over the three nodes). Rows:
+# writes at 1, 16, 64 and 256 clients; 95% reads at 64 clients. Each row runs
+# RUNS times (mean and min-max); CPU is every server process's user+system
+# time from /proc/PID/stat, per 1,000 operations.
+#
+#   scripts/bench-vs-etcd.sh [seconds per run, default 10] [runs, default 3]
+#   (or: make bench-vs-etcd)
+#
+# Installs etcd-server if missing (scripts/setup.sh test). Listens on
+# 127.0.0.1 ports 25000-26999; stops everything it started, by PID.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs="${1:-10}"
+runs="${2:-3}"
+scripts/setup.sh test
+T="${CARGO_TARGET_DIR:-$HOME/.cache/tardigrade/target}/debug/tardigrade"
+[ -x "$T" ] || { echo "build first: make build" >&2; exit 1; }
+dir="$(mktemp -d /tmp/bench-vs-etcd.XXXXXX)"
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"; }
+trap cleanup EXIT
+tck=$(getconf CLK_TCK)
+cpu_ms() { # total user+system ms of the server pids
+    local t=0
+    for p in "${pids[@]}"; do
+        [ -r "/proc/$p/stat" ] || continue
+        t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+    done
+    echo $((t * 1000 / tck))
+}
+rows=("writes 1:1:0" "writes 16:16:0" "writes 64:64:0" "writes 256:256:0" "95% reads 64:64:95")
+declare -A result
+bench() { # system hosts
+    local system=$1 hosts=$2
+    for row in "${rows[@]}"; do
+        local label="${row%%:*}" rest="${row#*:}"
+        local clients="${rest%%:*}" reads="${rest#*:}"
+        local all=""
+        for r in $(seq 1 "$runs"); do
+            local c0; c0=$(cpu_ms)
+            local out
+            out=$("$T" workload kv --hosts "$hosts" --concurrency "$clients" --read-percent "$reads" \
+                --duration "$secs" --seed "$r" 2>/dev/null)
+            local c1; c1=$(cpu_ms)
+            # ops, ops/s, p50, p99, cpu ms per 1,000 ops
+            all+=$(echo "$out" | awk -v cpu=$((c1 - c0)) '{
+                for (i = 1; i <= NF; i++) {
+                    if ($i == "ops" && i == 1) ops = $(i+1)
+                    if ($i == "ops/s;") rate = $(i-1)
+                    if ($i == "p50") p50 = $(i+1)
+                    if ($i == "p99") p99 = $(i+1)
+                }
+                printf "%s %s %s %s %.0f\n", ops, rate, p50, p99, (ops > 0 ? cpu * 1000 / ops : 0)
+            }')$'\n'
+        done
+        result["$system|$label"]=$(echo "$all" | awk 'NF {
+            n++; r += $2; p50 += $3; p99 += $4; cpu += $5
+            if (min == "" || $2 < min) min = $2; if ($2 > max) max = $2
+        } END { printf "%.0f %.0f %.0f %.2f %.2f %.0f", r / n, min, max, p50 / n, p99 / n, cpu / n }')
+        echo "  $system $label: ${result["$system|$label"]}  (ops/s mean min max, p50 p99 ms, cpu ms/1k ops)" >&2
+    done
+}
+
+echo "== Tardigrade, 3 nodes ==" >&2
+join=127.0.0.1:25001,127.0.0.1:25011,127.0.0.1:25021
+for i in 0 1 2; do
+    "$T" start --store "$dir/td$i" --listen-addr "127.0.0.1:250${i}1" --http-addr "127.0.0.1:250${i}2" \
+        --join "$join" >"$dir/td$i.log" 2>&1 &
+    pids+=($!)
+done
+sleep 1
+"$T" init --host 127.0.0.1:25001 >/dev/null
+for _ in $(seq 1 150); do
+    "$T" debug ranges --host 127.0.0.1:25021 2>/dev/null | grep -Eq 'etcd .* n[123],n[123],n[123] +[1-9]' && break
+    sleep 0.2
+done
+bench tardigrade "$join"
+kill "${pids[@]}"; wait 2>/dev/null || true; pids=()
+
+etcd_version="$(etcd --version | head -1 | awk '{print $3}')"
+echo "== etcd $etcd_version, 3 members ==" >&2
+cluster=e0=http://127.0.0.1:26002,e1=http://127.0.0.1:26012,e2=http://127.0.0.1:26022
+for i in 0 1 2; do
+    etcd --name "e$i" --data-dir "$dir/etcd$i" \
+        --listen-client-urls "http://127.0.0.1:260${i}1" --advertise-client-urls "http://127.0.0.1:260${i}1" \
+        --listen-peer-urls "http://127.0.0.1:260${i}2" --initial-advertise-peer-urls "http://127.0.0.1:260${i}2" \
+        --initial-cluster "$cluster" --initial-cluster-state new >"$dir/etcd$i.log" 2>&1 &
+    pids+=($!)
+done
+eps=127.0.0.1:26001,127.0.0.1:26011,127.0.0.1:26021
+for _ in $(seq 1 100); do
+    ETCDCTL_API=3 etcdctl --endpoints "$eps" endpoint status 2>/dev/null | grep -q ', true,' && break
+    sleep 0.2
+done
+bench etcd "$eps"
+
+echo
+echo "$(date -u +%F), $(nproc) cores, etcd $etcd_version, ${secs}s x ${runs} runs per row, 256-byte values, 100k keys"
+printf '| %-14s | %-24s | %-13s | %-9s | %-24s | %-13s | %-9s | %-11s | %-9s |\n' \
+    row "tardigrade ops/s (min-max)" "p50/p99 ms" "cpu ms/1k" "etcd ops/s (min-max)" "p50/p99 ms" "cpu ms/1k" "ops/s ratio" "cpu ratio"
+printf '|%s|%s|%s|%s|%s|%s|%s|%s|%s|\n' ---------------- -------------------------- --------------- ----------- -------------------------- --------------- ----------- ------------- -----------
+for row in "${rows[@]}"; do
+    label="${row%%:*}"
+    read -r tr tmin tmax tp50 tp99 tcpu <<<"${result["tardigrade|$label"]}"
+    read -r er emin emax ep50 ep99 ecpu <<<"${result["etcd|$label"]}"
+    printf '| %-14s | %-24s | %-13s | %-9s | %-24s | %-13s | %-9s | %-11s | %-9s |\n' "$label" \
+        "$tr ($tmin-$tmax)" "$tp50/$tp99" "$tcpu" "$er ($emin-$emax)" "$ep50/$ep99" "$ecpu" \
+        "$(awk -v a="$tr" -v b="$er" 'BEGIN { printf "%.2fx", (b > 0 ? a / b : 0) }')" \
+        "$(awk -v a="$tcpu" -v b="$ecpu" 'BEGIN { printf "%.2fx", (b > 0 ? a / b : 0) }')"
+done
