@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Many ranges on a three-node cluster: N ranges made by admin splits, every
 # node listing them, random writes across them, then each idle node's raft
-# messages, fsyncs and CPU per second (`tardigrade workload splits`).
+# messages and frames, fsyncs and CPU per second (`tardigrade workload
+# splits`); and the native API's write throughput at 256 clients with the
+# keys in one range, then spread over the N ranges (`workload kv --api native`).
 #
 #   scripts/bench-ranges.sh [ranges, default 1000] [idle seconds, default 10]
 #
@@ -30,9 +32,14 @@ for _ in $(seq 1 150); do
     [ "$n" -ge 3 ] && break
     sleep 0.2
 done
+hosts=127.0.0.1:27001,127.0.0.1:27011,127.0.0.1:27021
+echo "native writes, 256 clients, keys in one range:"
+"$T" workload kv --api native --hosts "$hosts" --concurrency 256 --duration 10 2>/dev/null
 echo "3 nodes, 3 ranges replicated; idle before splitting:"
 "$T" workload splits --hosts "$join" --http-hosts 127.0.0.1:27002,127.0.0.1:27012,127.0.0.1:27022 \
     --pids "$(IFS=,; echo "${pids[*]}")" --ranges 0 --writes 0 --idle-seconds "$idle" 2>/dev/null | grep idle || true
 echo "making $ranges ranges:"
 "$T" workload splits --hosts "$join" --http-hosts 127.0.0.1:27002,127.0.0.1:27012,127.0.0.1:27022 \
     --pids "$(IFS=,; echo "${pids[*]}")" --ranges "$ranges" --idle-seconds "$idle"
+echo "native writes, 256 clients, keys spread over the $ranges ranges:"
+"$T" workload kv --api native --hosts "$hosts" --concurrency 256 --duration 10 --seed 2 2>/dev/null

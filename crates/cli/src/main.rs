@@ -520,9 +520,10 @@ fn real_main() -> Result<()> {
                 );
                 for n in &r.idle {
                     println!(
-                        "idle {}: {:.0} raft messages/s, {:.1} fsyncs/s, CPU {}",
+                        "idle {}: {:.0} raft messages/s in {:.0} frames/s, {:.1} fsyncs/s, CPU {}",
                         n.host,
                         n.messages_per_sec,
+                        n.frames_per_sec,
                         n.fsyncs_per_sec,
                         n.cpu.map_or("not measured".into(), |c| format!("{:.0}% of a core", c * 100.0))
                     );

@@ -113,6 +113,9 @@ pub struct Metrics {
     pub raft_entries_persisted: Counter,
     pub raft_entries_per_fsync: Histogram,
     pub raft_messages_sent: Counter,
+    /// Frames of raft messages handed to the transport (one per destination
+    /// store per cycle that had messages for it).
+    pub raft_frames_sent: Counter,
     pub raft_messages_received: Counter,
     pub raft_ticks: Counter,
     pub ranges: Gauge,
@@ -138,6 +141,7 @@ impl Default for Metrics {
             raft_entries_persisted: Counter::default(),
             raft_entries_per_fsync: Histogram::new(COUNT_BUCKETS),
             raft_messages_sent: Counter::default(),
+            raft_frames_sent: Counter::default(),
             raft_messages_received: Counter::default(),
             raft_ticks: Counter::default(),
             ranges: Gauge::default(),
@@ -164,7 +168,12 @@ impl Metrics {
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &Counter); 15] = [
+        let counters: [(&str, &str, &Counter); 16] = [
+            (
+                "tardigrade_raft_frames_sent_total",
+                "Frames of raft messages sent (one per destination store per scheduler cycle).",
+                &self.raft_frames_sent,
+            ),
             (
                 "tardigrade_range_splits_total",
                 "Splits carried out by this node's leaseholders.",

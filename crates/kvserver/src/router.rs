@@ -68,6 +68,7 @@ impl Outbox {
     pub fn flush(&mut self, transport: &dyn Transport, metrics: &Metrics) {
         for (store, msgs) in std::mem::take(&mut self.frames) {
             metrics.raft_messages_sent.add(msgs.len() as u64);
+            metrics.raft_frames_sent.inc();
             transport.send(store, msgs);
         }
     }

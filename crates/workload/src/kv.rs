@@ -1,7 +1,7 @@
 //! `kv`: N concurrent clients doing puts and gets over etcd's v3 KV API
 //! (so the same requests drive Tardigrade and etcd) or Tardigrade's native
-//! KV API (keys spread over the prefixes 00..ff, so over many ranges once
-//! split there), spread over the given hosts; for a duration or a number of
+//! KV API (keys spread over the prefixes 0000..ffff, so over many ranges
+//! once split there, as `workload splits` does), spread over the given hosts; for a duration or a number of
 //! operations; with a progress line every second; reporting ops/s and
 //! latency percentiles (hdrhistogram).
 
@@ -62,11 +62,12 @@ enum Client {
 fn key(api: Api, n: u64) -> Vec<u8> {
     match api {
         Api::Etcd => format!("workload/kv/{n:08}").into_bytes(),
-        // Two hex digits from a multiplicative hash first: neighbours land
-        // on different ranges once the keyspace is split at 01..ff.
+        // Four hex digits from a multiplicative hash first: neighbours land
+        // on different ranges once the keyspace is split at 0000..ffff
+        // (`workload splits` splits there).
         Api::Native => format!(
-            "{:02x}/workload/kv/{n:08}",
-            (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) & 0xff
+            "{:04x}/workload/kv/{n:08}",
+            (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 48) & 0xffff
         )
         .into_bytes(),
     }

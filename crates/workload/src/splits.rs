@@ -1,6 +1,8 @@
 //! `splits`: makes many ranges and measures what they cost. Creates N user
-//! ranges by administrative splits (at `s00001`..: from the highest key
-//! down, so each split lands on the range that already holds a lease),
+//! ranges by administrative splits (at four-hex-digit keys spread evenly over
+//! 0000..ffff, where `workload kv --api native` spreads its keys; from the
+//! highest key down, so each split lands on the range that already holds a
+//! lease),
 //! waits until every node lists them all, writes random keys across all of
 //! them through the native API, then measures, while the cluster idles,
 //! each node's raft messages and fsyncs per second (from `/metrics`) and
@@ -31,6 +33,8 @@ pub struct SplitsConfig {
 pub struct NodeIdle {
     pub host: String,
     pub messages_per_sec: f64,
+    /// Frames of raft messages (one per destination store per cycle).
+    pub frames_per_sec: f64,
     pub fsyncs_per_sec: f64,
     /// CPU used, as a share of one core.
     pub cpu: Option<f64>,
@@ -93,7 +97,8 @@ fn ticks_per_sec() -> f64 {
 
 pub async fn run(cfg: SplitsConfig, progress: impl Fn(&str)) -> Result<SplitsReport, String> {
     let mut report = SplitsReport::default();
-    let keys: Vec<String> = (1..=cfg.ranges).map(|i| format!("s{i:06}")).collect();
+    let n = cfg.ranges.min(65_535);
+    let keys: Vec<String> = (1..=n).map(|i| format!("{:04x}", i * 65_536 / (n + 1))).collect();
     let started = Instant::now();
     for (n, key) in keys.iter().enumerate().rev() {
         let mut last = String::new();
@@ -168,7 +173,7 @@ pub async fn run(cfg: SplitsConfig, progress: impl Fn(&str)) -> Result<SplitsRep
         x = x
             .wrapping_mul(6_364_136_223_846_793_005)
             .wrapping_add(1_442_695_040_888_963_407);
-        let key = format!("s{:06}/w{i}", (x >> 33) % (cfg.ranges as u64 + 1));
+        let key = format!("{:04x}/w{i}", (x >> 33) & 0xffff);
         let c = &mut clients[i % cfg.hosts.len()];
         let r = c
             .batch(kvpb::BatchRequest {
@@ -199,6 +204,7 @@ pub async fn run(cfg: SplitsConfig, progress: impl Fn(&str)) -> Result<SplitsRep
             counter(&body, "tardigrade_raft_messages_sent_total"),
             counter(&body, "tardigrade_raft_fsyncs_total"),
             cfg.pids.get(i).and_then(|&p| cpu_ticks(p)),
+            counter(&body, "tardigrade_raft_frames_sent_total"),
         )
     };
     let before: Vec<_> = (0..cfg.hosts.len()).map(sample).collect();
@@ -210,6 +216,7 @@ pub async fn run(cfg: SplitsConfig, progress: impl Fn(&str)) -> Result<SplitsRep
         report.idle.push(NodeIdle {
             host: cfg.hosts[i].clone(),
             messages_per_sec: (a.0 - b.0) / secs,
+            frames_per_sec: (a.3 - b.3) / secs,
             fsyncs_per_sec: (a.1 - b.1) / secs,
             cpu: match (b.2, a.2) {
                 (Some(x), Some(y)) => Some(y.saturating_sub(x) as f64 / ticks_per_sec() / secs),
