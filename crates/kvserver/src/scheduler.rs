@@ -67,6 +67,8 @@ pub(crate) struct Scheduler {
     pub stepped_snapshots: Vec<(u64, Vec<u8>, Vec<u8>)>,
     /// Ranges merged away here (a cache of their tombstones).
     pub tombstones: std::collections::HashSet<u64>,
+    /// Ticks taken since this process started the store.
+    pub ticks_taken: u64,
 }
 
 impl Scheduler {
@@ -100,6 +102,7 @@ impl Scheduler {
                 for r in self.replicas.values_mut() {
                     r.raw.tick();
                 }
+                self.ticks_taken += 1;
                 self.metrics.raft_ticks.inc();
             }
             if now >= self.next_ping {
@@ -314,6 +317,9 @@ impl Scheduler {
             // is ahead of the split and stays as it is.
             return Ok(());
         }
+        // An uninitialized replica a message created first: whether it ever
+        // heard of a leader (its term moved).
+        let predecessor_term = self.replicas.get(&right.range_id).map(|r| r.raw.term());
         let rc = raft_config(&self.cfg, self.clock.physical(), me.replica_id, right.range_id);
         let mut rep = Replica::new(
             self.engine.clone(),
@@ -323,6 +329,9 @@ impl Scheduler {
             rc,
             self.cfg.lease_duration(),
         )?;
+        if predecessor_term.is_none_or(|t| t <= raft::BOOTSTRAP_TERM) {
+            self.maybe_forgo_start_wait(&mut rep);
+        }
         if campaign || rep.is_sole_voter() {
             rep.raw.campaign();
         }
@@ -333,13 +342,25 @@ impl Scheduler {
         Ok(())
     }
 
+    /// A new replica of a group that never had a leader it acknowledged
+    /// here (its term is still the initial one), in a process that has run
+    /// for an election timeout (no promise of an earlier process still
+    /// runs), has no lease promise outstanding: it may vote at once. The
+    /// right half of a split then elects its first leader in one round
+    /// instead of waiting out every new replica's quiet period.
+    fn maybe_forgo_start_wait(&self, rep: &mut Replica) {
+        if self.ticks_taken >= self.cfg.election_ticks && rep.raw.term() <= raft::BOOTSTRAP_TERM {
+            rep.raw.forgo_start_wait();
+        }
+    }
+
     fn create_replica(&mut self, range_id: u64, replica_id: u64) -> Result<(), StoreError> {
         let desc = RangeDescriptor {
             range_id,
             ..Default::default()
         };
         let rc = raft_config(&self.cfg, self.clock.physical(), replica_id, range_id);
-        let rep = Replica::new(
+        let mut rep = Replica::new(
             self.engine.clone(),
             desc,
             crate::keyspace::range_name(range_id),
@@ -347,6 +368,7 @@ impl Scheduler {
             rc,
             self.cfg.lease_duration(),
         )?;
+        self.maybe_forgo_start_wait(&mut rep);
         self.statuses.write().insert(range_id, rep.status.clone());
         self.replicas.insert(range_id, rep);
         self.metrics.ranges.set(self.replicas.len() as u64);

@@ -359,6 +359,7 @@ impl Store {
             stopped: Arc::new(Mutex::new(None)),
             stepped_snapshots: Vec::new(),
             tombstones: Default::default(),
+            ticks_taken: 0,
         };
         let descs = rangestate::all_descriptors(&engine)?;
         for desc in &descs {

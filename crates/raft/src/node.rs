@@ -92,6 +92,17 @@ impl<S: Storage> RawNode<S> {
         self.raft.campaign_now();
     }
 
+    /// Lets this member vote at once rather than after an election timeout
+    /// from its start. That wait keeps a restarted member from voting while
+    /// a leader may still count on a lease promise it made before; only a
+    /// member that certainly has no such promise outstanding may skip it:
+    /// one that never acknowledged a leader of this group (its term is still
+    /// the group's initial one) in a process that has run for at least an
+    /// election timeout (a promise of an earlier process has expired).
+    pub fn forgo_start_wait(&mut self) {
+        self.raft.ticks_since_start = self.raft.cfg.election_ticks;
+    }
+
     pub fn propose(&mut self, data: Vec<u8>) -> Result<(u64, u64), ProposeError> {
         self.raft.propose(data)
     }

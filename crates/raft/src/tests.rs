@@ -442,6 +442,26 @@ fn a_follower_moved_to_a_new_term_without_a_leader_keeps_its_lease_promise() {
 }
 
 #[test]
+fn a_member_that_forgoes_the_start_wait_votes_at_once() {
+    let mut n = Net::new(&[1, 2, 3]);
+    let vote = Message {
+        from: 3,
+        to: 2,
+        term: 5,
+        body: MessageBody::Vote {
+            pre: false,
+            last_index: 1,
+            last_term: 1,
+            transfer: false,
+        },
+    };
+    n.node(2).forgo_start_wait();
+    n.node(2).step(vote);
+    assert_eq!(n.node(2).term(), 5);
+    assert_eq!(n.node(2).raft.vote, 3, "no quiet period");
+}
+
+#[test]
 fn a_restarted_node_rejects_votes_for_one_election_timeout() {
     let mut n = Net::new(&[1, 2, 3]);
     let vote = Message {
