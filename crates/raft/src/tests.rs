@@ -462,6 +462,32 @@ fn a_member_that_forgoes_the_start_wait_votes_at_once() {
 }
 
 #[test]
+fn forgoing_the_start_wait_does_not_forget_a_promise_made_since() {
+    let mut n = Net::new(&[1, 2, 3]);
+    n.node(2).forgo_start_wait();
+    // 2 hears leader 1 of term 5: it promises; a candidate of term 6 is refused.
+    n.node(2).step(Message {
+        from: 1,
+        to: 2,
+        term: 5,
+        body: MessageBody::Heartbeat { commit: 0, seq: 1 },
+    });
+    n.node(2).step(Message {
+        from: 3,
+        to: 2,
+        term: 6,
+        body: MessageBody::Vote {
+            pre: false,
+            last_index: 1,
+            last_term: 1,
+            transfer: false,
+        },
+    });
+    assert_eq!(n.node(2).term(), 5, "the vote was ignored");
+    assert_ne!(n.node(2).raft.vote, 3);
+}
+
+#[test]
 fn a_restarted_node_rejects_votes_for_one_election_timeout() {
     let mut n = Net::new(&[1, 2, 3]);
     let vote = Message {

@@ -113,9 +113,14 @@ impl ClockCheck {
             0
         };
         // With us, a quorum of the peers + 1 nodes: more than half the peers.
-        if (off.len() + unheard) * 2 > peers && !off.is_empty() {
+        if (off.len() + unheard) * 2 > peers {
+            let unheard_note = if unheard > 0 {
+                format!("; {unheard} not heard from since")
+            } else {
+                String::new()
+            };
             return Some(format!(
-                "clock is off from {} of {} peers by more than {} ms (offsets in ms: {:?})",
+                "clock is off from {} of {} peers by more than {} ms (offsets in ms: {:?}){unheard_note}",
                 off.len(),
                 peers,
                 self.max_offset_nanos / 1_000_000,
@@ -145,6 +150,18 @@ mod tests {
         assert!(c.problem(0).is_none());
     }
 
+    /// A stopped node whose clock is fine again resumes with one peer down
+    /// for good and the other agreeing: peers that are down never wedge it.
+    #[test]
+    fn a_stopped_node_resumes_with_a_peer_down_and_the_other_agreeing() {
+        let c = ClockCheck::new(Duration::from_millis(500));
+        let base = 1_000_000_000_000u64;
+        let t0 = Instant::now();
+        c.observe_at(1, base, base, t0);
+        assert!(c.verdict_at(2, t0, true).is_none(), "one agreeing, one never heard");
+        assert!(c.verdict_at(1, t0, true).is_none());
+    }
+
     /// A node whose clock is off, and which learns of a new peer before it
     /// hears from it, stays stopped: it used to read "1 of 2 peers off, not
     /// a quorum" and serve again (a process test caught it under load).
@@ -157,6 +174,9 @@ mod tests {
         assert!(c.problem(2).is_some(), "a second peer, not heard yet");
         c.observe(3, base - 2_000_000_000, base);
         assert!(c.problem(2).unwrap().contains("2 of 2"));
+        // Every peer silent (a partition): no readings, no resuming.
+        let silent = Instant::now() + FRESH + WINDOW;
+        assert!(c.verdict_at(2, silent, true).is_some(), "resumed on no readings");
         // Its clock is fixed: readings agree again.
         let later = Instant::now() + WINDOW;
         c.observe_at(1, base, base, later);
