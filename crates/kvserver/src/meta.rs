@@ -207,10 +207,12 @@ pub async fn publish_loop(sender: impl MetaSender) {
         }
         let now = std::time::Instant::now();
         let due: Vec<(u64, u64, RangeDescriptor)> = store
-            .statuses()
+            .statuses_where(|st| {
+                st.can_serve(now)
+                    && !st.desc.end_key.is_empty()
+                    && published.get(&st.desc.range_id) != Some(&(st.term, st.desc.generation))
+            })
             .into_iter()
-            .filter(|st| st.can_serve(now) && !st.desc.end_key.is_empty())
-            .filter(|st| published.get(&st.desc.range_id) != Some(&(st.term, st.desc.generation)))
             .map(|st| (st.term, st.desc.generation, st.desc))
             .collect();
         for chunk in due.chunks(MAX_PER_UPDATE) {

@@ -178,10 +178,26 @@ pub async fn split_loop(sender: impl SplitSender, policy: SplitPolicy) {
             continue;
         }
         let now = Instant::now();
-        for st in store.statuses() {
+        // Only the ranges this store leads that are too large or too loaded
+        // are copied out (the load sampler decides in place).
+        let mut loaded: std::collections::HashMap<u64, Vec<u8>> = Default::default();
+        let due = store.statuses_where(|st| {
             if !splittable(st.desc.range_id) || !st.can_serve(now) || st.desc.end_key.is_empty() {
-                continue;
+                return false;
             }
+            let stats = st.applied.stats;
+            if (stats.key_bytes + stats.val_bytes).max(0) as u64 > policy.max_bytes {
+                return true;
+            }
+            match st.conc.decide_load_split(now, policy.load_qps) {
+                Some(k) => {
+                    loaded.insert(st.desc.range_id, k);
+                    true
+                }
+                None => false,
+            }
+        });
+        for st in due {
             let stats = st.applied.stats;
             let bytes = (stats.key_bytes + stats.val_bytes).max(0) as u64;
             let key = if bytes > policy.max_bytes {
@@ -193,7 +209,7 @@ pub async fn split_loop(sender: impl SplitSender, policy: SplitPolicy) {
                     }
                 }
             } else {
-                st.conc.decide_load_split(now, policy.load_qps)
+                loaded.remove(&st.desc.range_id)
             };
             let Some(key) = key else { continue };
             let why = if bytes > policy.max_bytes { "size" } else { "load" };

@@ -201,6 +201,20 @@ impl StoreHandle {
         self.statuses.read().values().map(|s| s.read().clone()).collect()
     }
 
+    /// The status of every range on this store for which `keep` holds,
+    /// copying only those (the periodic loops look at every range often,
+    /// and most are of no interest to them).
+    pub fn statuses_where(&self, mut keep: impl FnMut(&ReplicaStatus) -> bool) -> Vec<ReplicaStatus> {
+        self.statuses
+            .read()
+            .values()
+            .filter_map(|s| {
+                let s = s.read();
+                keep(&s).then(|| s.clone())
+            })
+            .collect()
+    }
+
     /// Whether this store holds a replica of `range_id`.
     pub fn has_range(&self, range_id: u64) -> bool {
         self.statuses.read().contains_key(&range_id)

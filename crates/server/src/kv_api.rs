@@ -507,7 +507,14 @@ pub async fn merge_loop(shared: Arc<Shared>) {
             continue;
         };
         let now = std::time::Instant::now();
-        let statuses = store.statuses();
+        // Frozen ranges, and (with automatic merges on) small ones: copied
+        // out of every status only when they may matter.
+        let min = shared.cfg.range_min_bytes;
+        let bytes_of =
+            |s: &kvserver::ReplicaStatus| (s.applied.stats.key_bytes + s.applied.stats.val_bytes).max(0) as u64;
+        let statuses = store.statuses_where(|s| {
+            s.frozen.is_some() || (min > 0 && kvserver::keyspace::splittable(s.desc.range_id) && bytes_of(s) < min)
+        });
         frozen_since.retain(|(r, m), _| {
             statuses
                 .iter()
@@ -524,7 +531,6 @@ pub async fn merge_loop(shared: Arc<Shared>) {
                 Err(e) => tracing::debug!(range = st.desc.range_id, error = %e, "cannot resolve a frozen range yet"),
             }
         }
-        let min = shared.cfg.range_min_bytes;
         if min == 0 {
             continue;
         }
