@@ -1,10 +1,13 @@
-//! The DistSender: every node is a gateway, and this sends a request for a
-//! range to that range's leaseholder, wherever it is: evaluated in place when
-//! the leaseholder is local, over the internal `Internal.Batch` RPC otherwise.
+//! The node's router: every node is a gateway, and this sends a request for
+//! a range (by range id) to that range's leaseholder, wherever it is:
+//! evaluated in place when the leaseholder is local, over the internal
+//! `Internal.Batch` RPC otherwise. The native API's key-based DistSender
+//! (`kv::DistSender`) finds ranges by key and sends each part through this.
 //!
-//! It keeps a cache of leaseholders (and of the descriptors other nodes sent
-//! back), starting from what the local replicas know; a node with no replica
-//! of a range asks the nodes it knows in turn until one names the
+//! It keeps a cache of leaseholders (and of the descriptors other nodes or
+//! the meta records gave), starting from what the local replicas know; a
+//! node with no replica of a range and no descriptor of it (the fixed system
+//! and etcd ranges) asks the nodes it knows in turn until one names the
 //! leaseholder. It retries, within the request's deadline, whatever certainly
 //! did not take effect: not-leaseholder answers, a leader being elected, a
 //! node it could not connect to. A write that may have been received but got
