@@ -653,13 +653,15 @@ async fn run_node(cfg: server::NodeConfig, store: &std::path::Path) -> Result<()
             node.grpc_addr()
         );
     }
-    println!("  etcd v3 API and admin API: {g}");
+    println!("  etcd v3 API, native KV API and admin API: {g}");
     println!("  HTTP health and metrics:   http://{h}/health  http://{h}/metrics");
     println!("Try:");
     println!("  tardigrade kv put hello world --host {g}");
     println!("  tardigrade kv get hello --host {g}");
     println!("  etcdctl --endpoints={g} put hello world");
     println!("  etcdctl --endpoints={g} get hello");
+    println!("  tardigrade kv --raw put apple red --host {g}     # the native KV API (user keyspace)");
+    println!("  tardigrade debug split --key m --host {g}       # ranges split (and merge: debug merge)");
     println!("  tardigrade debug ranges --host {g}");
     println!("Press Ctrl-C to stop.");
     // Stop on Ctrl-C, or when the node finds it cannot be part of the cluster.
