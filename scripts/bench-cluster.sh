@@ -17,6 +17,7 @@ dir="$(mktemp -d /tmp/bench-cluster.XXXXXX)"
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"; }
 trap cleanup EXIT
+. scripts/lib/clusters.sh
 
 run() { # label host clients
     printf '%-40s ' "$1 clients=$3"
@@ -25,18 +26,8 @@ run() { # label host clients
 }
 
 echo "== Tardigrade, 3 nodes (start + init, defaults) =="
-join=127.0.0.1:25001,127.0.0.1:25011,127.0.0.1:25021
-for i in 0 1 2; do
-    "$T" start --store "$dir/td$i" --listen-addr "127.0.0.1:250${i}1" --http-addr "127.0.0.1:250${i}2" \
-        --join "$join" >"$dir/td$i.log" 2>&1 &
-    pids+=($!)
-done
-sleep 1
-"$T" init --host 127.0.0.1:25001 >/dev/null
-for _ in $(seq 1 100); do
-    "$T" debug ranges --host 127.0.0.1:25021 2>/dev/null | grep -Eq 'etcd .* n[123],n[123],n[123] +[1-9]' && break
-    sleep 0.2
-done
+start_tardigrade 250
+join=$(cluster_hosts 250)
 # The leaseholder of the etcd range: its node's address from node status.
 leader_node="$("$T" debug ranges --host 127.0.0.1:25001 | awk '$2 == "etcd" {print $6}')"
 leader="$("$T" node status --host 127.0.0.1:25001 | awk -v n="$leader_node" '$1 == n {print $2}')"
@@ -46,22 +37,11 @@ for c in 1 16; do
     run "tardigrade via leader ($leader)" "$leader" "$c"
     run "tardigrade via follower ($follower)" "$follower" "$c"
 done
-kill "${pids[@]}"; wait 2>/dev/null || true; pids=()
+stop_all
 
 echo "== etcd $(etcd --version | head -1 | awk '{print $3}'), 3 members (defaults) =="
-cluster=e0=http://127.0.0.1:26002,e1=http://127.0.0.1:26012,e2=http://127.0.0.1:26022
-for i in 0 1 2; do
-    etcd --name "e$i" --data-dir "$dir/etcd$i" \
-        --listen-client-urls "http://127.0.0.1:260${i}1" --advertise-client-urls "http://127.0.0.1:260${i}1" \
-        --listen-peer-urls "http://127.0.0.1:260${i}2" --initial-advertise-peer-urls "http://127.0.0.1:260${i}2" \
-        --initial-cluster "$cluster" --initial-cluster-state new >"$dir/etcd$i.log" 2>&1 &
-    pids+=($!)
-done
-eps=127.0.0.1:26001,127.0.0.1:26011,127.0.0.1:26021
-for _ in $(seq 1 100); do
-    ETCDCTL_API=3 etcdctl --endpoints "$eps" endpoint status 2>/dev/null | grep -q ', true,' && break
-    sleep 0.2
-done
+start_etcd 260
+eps=$(cluster_hosts 260)
 eleader="$(ETCDCTL_API=3 etcdctl --endpoints "$eps" endpoint status | awk -F', ' '$5 == "true" {print $1}')"
 efollower="$(echo "$eps" | tr , '\n' | grep -v "^$eleader$" | head -1)"
 echo "etcd leader: $eleader"

@@ -19,20 +19,10 @@ dir="$(mktemp -d /tmp/bench-ranges.XXXXXX)"
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"; }
 trap cleanup EXIT
-join=127.0.0.1:27001,127.0.0.1:27011,127.0.0.1:27021
-for i in 0 1 2; do
-    "$T" start --store "$dir/n$i" --listen-addr "127.0.0.1:270${i}1" --http-addr "127.0.0.1:270${i}2" \
-        --join "$join" >"$dir/n$i.log" 2>&1 &
-    pids+=($!)
-done
-sleep 1
-"$T" init --host 127.0.0.1:27001 >/dev/null
-for _ in $(seq 1 150); do
-    n=$("$T" debug ranges --host 127.0.0.1:27021 2>/dev/null | grep -cE 'n[123],n[123],n[123]' || true)
-    [ "$n" -ge 3 ] && break
-    sleep 0.2
-done
-hosts=127.0.0.1:27001,127.0.0.1:27011,127.0.0.1:27021
+. scripts/lib/clusters.sh
+start_tardigrade 270
+join=$(cluster_hosts 270)
+hosts=$join
 echo "native writes, 256 clients, keys in one range:"
 "$T" workload kv --api native --hosts "$hosts" --concurrency 256 --duration 10 2>/dev/null
 echo "3 nodes, 3 ranges replicated; idle before splitting:"

@@ -24,6 +24,7 @@ dir="$(mktemp -d /tmp/bench-vs-etcd.XXXXXX)"
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"; }
 trap cleanup EXIT
+. scripts/lib/clusters.sh
 tck=$(getconf CLK_TCK)
 cpu_ms() { # total user+system ms of the server pids
     local t=0
@@ -67,37 +68,14 @@ bench() { # system hosts
 }
 
 echo "== Tardigrade, 3 nodes ==" >&2
-join=127.0.0.1:25001,127.0.0.1:25011,127.0.0.1:25021
-for i in 0 1 2; do
-    "$T" start --store "$dir/td$i" --listen-addr "127.0.0.1:250${i}1" --http-addr "127.0.0.1:250${i}2" \
-        --join "$join" >"$dir/td$i.log" 2>&1 &
-    pids+=($!)
-done
-sleep 1
-"$T" init --host 127.0.0.1:25001 >/dev/null
-for _ in $(seq 1 150); do
-    "$T" debug ranges --host 127.0.0.1:25021 2>/dev/null | grep -Eq 'etcd .* n[123],n[123],n[123] +[1-9]' && break
-    sleep 0.2
-done
-bench tardigrade "$join"
-kill "${pids[@]}"; wait 2>/dev/null || true; pids=()
+start_tardigrade 250
+bench tardigrade "$(cluster_hosts 250)"
+stop_all
 
 etcd_version="$(etcd --version | head -1 | awk '{print $3}')"
 echo "== etcd $etcd_version, 3 members ==" >&2
-cluster=e0=http://127.0.0.1:26002,e1=http://127.0.0.1:26012,e2=http://127.0.0.1:26022
-for i in 0 1 2; do
-    etcd --name "e$i" --data-dir "$dir/etcd$i" \
-        --listen-client-urls "http://127.0.0.1:260${i}1" --advertise-client-urls "http://127.0.0.1:260${i}1" \
-        --listen-peer-urls "http://127.0.0.1:260${i}2" --initial-advertise-peer-urls "http://127.0.0.1:260${i}2" \
-        --initial-cluster "$cluster" --initial-cluster-state new >"$dir/etcd$i.log" 2>&1 &
-    pids+=($!)
-done
-eps=127.0.0.1:26001,127.0.0.1:26011,127.0.0.1:26021
-for _ in $(seq 1 100); do
-    ETCDCTL_API=3 etcdctl --endpoints "$eps" endpoint status 2>/dev/null | grep -q ', true,' && break
-    sleep 0.2
-done
-bench etcd "$eps"
+start_etcd 260
+bench etcd "$(cluster_hosts 260)"
 
 echo
 echo "$(date -u +%F), $(nproc) cores, etcd $etcd_version, ${secs}s x ${runs} runs per row, 256-byte values, 100k keys"

@@ -222,16 +222,25 @@ async fn native_kv_across_admin_splits_through_any_node() {
     assert!(err.contains("outside the user keyspace"), "{err}");
 }
 
-/// Splits at `key` through the node at `host`: Ok, or why not.
-async fn admin_split(host: &str, key: &[u8]) -> Result<(), String> {
+/// An admin client of the node at `host`, whose calls give up after `timeout`.
+async fn admin(
+    host: &str,
+    timeout: Duration,
+) -> Result<proto::admin::admin_client::AdminClient<tonic::transport::Channel>, String> {
     let ch = tonic::transport::Channel::from_shared(format!("http://{host}"))
         .map_err(|e| e.to_string())?
         .connect_timeout(Duration::from_millis(500))
-        .timeout(Duration::from_secs(3))
+        .timeout(timeout)
         .connect()
         .await
         .map_err(|e| e.to_string())?;
-    proto::admin::admin_client::AdminClient::new(ch)
+    Ok(proto::admin::admin_client::AdminClient::new(ch))
+}
+
+/// Splits at `key` through the node at `host`: Ok, or why not.
+async fn admin_split(host: &str, key: &[u8]) -> Result<(), String> {
+    admin(host, Duration::from_secs(3))
+        .await?
         .split(proto::admin::SplitRequest {
             split_key: key.to_vec(),
         })
@@ -242,14 +251,8 @@ async fn admin_split(host: &str, key: &[u8]) -> Result<(), String> {
 
 /// Merges the range holding `key` with its right neighbour through `host`.
 async fn admin_merge(host: &str, key: &[u8]) -> Result<(), String> {
-    let ch = tonic::transport::Channel::from_shared(format!("http://{host}"))
-        .map_err(|e| e.to_string())?
-        .connect_timeout(Duration::from_millis(500))
-        .timeout(Duration::from_secs(15))
-        .connect()
-        .await
-        .map_err(|e| e.to_string())?;
-    proto::admin::admin_client::AdminClient::new(ch)
+    admin(host, Duration::from_secs(15))
+        .await?
         .merge(proto::admin::MergeRequest { key: key.to_vec() })
         .await
         .map(|_| ())

@@ -90,12 +90,19 @@ pub fn tombstoned(r: &dyn Reader, range_id: u64) -> Result<bool, StoreError> {
 /// synced write. Its data is the merged range's.
 pub fn remove_absorbed(engine: &storage::Engine, range_id: u64) -> Result<(), StoreError> {
     let mut b = engine.batch();
-    let (lo, hi) = keys::raft_range_bounds(range_id);
-    b.delete_range(Cf::Raft, &lo, &hi)?;
-    let (lo, hi) = keys::range_local_bounds(range_id);
-    b.delete_range(Cf::Local, &lo, &hi)?;
-    rangestate::set_store_record(&mut b, &tombstone_key(range_id), &u64::MAX.to_be_bytes())?;
+    remove_state(&mut b, range_id)?;
     engine.write(b, true)?;
+    Ok(())
+}
+
+/// Deletes a merged-away range's replica state on this store (raft log and
+/// hard state, range-local records) and writes its tombstone; its data stays.
+fn remove_state(batch: &mut Batch, range_id: u64) -> Result<(), StoreError> {
+    let (lo, hi) = keys::raft_range_bounds(range_id);
+    batch.delete_range(Cf::Raft, &lo, &hi)?;
+    let (lo, hi) = keys::range_local_bounds(range_id);
+    batch.delete_range(Cf::Local, &lo, &hi)?;
+    rangestate::set_store_record(batch, &tombstone_key(range_id), &u64::MAX.to_be_bytes())?;
     Ok(())
 }
 
@@ -189,11 +196,7 @@ pub fn apply_merge(
         )));
     }
     // The right range's state goes; its data is the left range's now.
-    let (lo, hi) = keys::raft_range_bounds(right.range_id);
-    batch.delete_range(Cf::Raft, &lo, &hi)?;
-    let (lo, hi) = keys::range_local_bounds(right.range_id);
-    batch.delete_range(Cf::Local, &lo, &hi)?;
-    rangestate::set_store_record(batch, &tombstone_key(right.range_id), &u64::MAX.to_be_bytes())?;
+    remove_state(batch, right.range_id)?;
     let mut ids = absorbed(&*batch, cur.range_id)?;
     ids.push(right.range_id);
     let keep = ids.len().saturating_sub(MAX_ABSORBED);

@@ -237,21 +237,12 @@ impl StoreHandle {
     pub async fn propose(
         &self,
         range_id: u64,
-        mut cmd: RaftCommand,
+        cmd: RaftCommand,
         timeout: Duration,
     ) -> Result<ApplyOutcome, ProposeError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let ts = self.clock.now().map_err(|e| ProposeError::Clock(e.to_string()))?;
-            cmd.proposer_ts = Some(ts.into());
-            let (reply, rx) = oneshot::channel();
-            self.tx
-                .send(Event::Propose {
-                    range_id,
-                    cmd: Box::new(cmd.clone()),
-                    reply,
-                })
-                .map_err(|_| ProposeError::Stopped)?;
+            let rx = self.send_proposal(range_id, cmd.clone())?;
             match tokio::time::timeout_at(deadline, rx).await {
                 Ok(Ok(Err(ProposeError::NotLeader { leader: 0 }))) if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -269,7 +260,19 @@ impl StoreHandle {
     /// the store stopped). Never retried: only the lease it was evaluated
     /// under may propose it. Whoever holds the command's latches keeps them
     /// across this wait.
-    pub async fn propose_evaluated(&self, range_id: u64, mut cmd: RaftCommand) -> Result<ApplyOutcome, ProposeError> {
+    pub async fn propose_evaluated(&self, range_id: u64, cmd: RaftCommand) -> Result<ApplyOutcome, ProposeError> {
+        self.send_proposal(range_id, cmd)?
+            .await
+            .unwrap_or(Err(ProposeError::Stopped))
+    }
+
+    /// Stamps `cmd` with this node's clock and hands it to the raft loop;
+    /// the receiver gets its outcome.
+    fn send_proposal(
+        &self,
+        range_id: u64,
+        mut cmd: RaftCommand,
+    ) -> Result<oneshot::Receiver<Result<ApplyOutcome, ProposeError>>, ProposeError> {
         let ts = self.clock.now().map_err(|e| ProposeError::Clock(e.to_string()))?;
         cmd.proposer_ts = Some(ts.into());
         let (reply, rx) = oneshot::channel();
@@ -280,7 +283,7 @@ impl StoreHandle {
                 reply,
             })
             .map_err(|_| ProposeError::Stopped)?;
-        rx.await.unwrap_or(Err(ProposeError::Stopped))
+        Ok(rx)
     }
 
     /// Waits until `range_id` may serve reads here, up to `timeout`.
@@ -375,7 +378,8 @@ impl Store {
             tombstones: Default::default(),
             ticks_taken: 0,
         };
-        let descs = rangestate::all_descriptors(&engine)?;
+        let mut descs = rangestate::all_descriptors(&engine)?;
+        let mut absorbed = Vec::new();
         for desc in &descs {
             // A frozen replica overlapping another one was absorbed by a
             // merge this store took through a snapshot, and the store
@@ -393,9 +397,11 @@ impl Store {
                     "removing a frozen replica its merged range absorbed"
                 );
                 crate::merge::remove_absorbed(&engine, desc.range_id)?;
+                absorbed.push(desc.range_id);
             }
         }
-        for desc in rangestate::all_descriptors(&engine)? {
+        descs.retain(|d| !absorbed.contains(&d.range_id));
+        for desc in descs {
             let Some(me) = desc.replicas.iter().find(|r| r.store_id == ident.store_id) else {
                 continue;
             };
