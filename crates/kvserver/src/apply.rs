@@ -43,6 +43,7 @@ impl Replica {
             })?;
         }
         self.raw.on_applied(last);
+        self.raw.storage_mut().applied(last);
         Ok(())
     }
 

@@ -34,6 +34,7 @@ pub mod spanlatch;
 pub mod split;
 pub mod split_queue;
 pub mod store;
+pub mod store_liveness;
 pub mod ticker;
 pub mod transport;
 pub mod tscache;

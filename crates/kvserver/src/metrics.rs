@@ -118,6 +118,16 @@ pub struct Metrics {
     pub raft_frames_sent: Counter,
     pub raft_messages_received: Counter,
     pub raft_ticks: Counter,
+    /// Replicas ticked (a quiesced range's are not).
+    pub raft_replica_ticks: Counter,
+    /// Replicas not ticked at the last tick (quiesced leaders and their
+    /// fortified followers).
+    pub ranges_quiescent: Gauge,
+    /// Supports of other stores' epochs this store withdrew (or saw end).
+    pub support_withdrawn: Counter,
+    /// Store liveness messages sent (they are counted among the raft
+    /// messages too: they ride the same frames).
+    pub support_messages_sent: Counter,
     pub ranges: Gauge,
     pub applied_commands: Counter,
     pub snapshots_applied: Counter,
@@ -144,6 +154,10 @@ impl Default for Metrics {
             raft_frames_sent: Counter::default(),
             raft_messages_received: Counter::default(),
             raft_ticks: Counter::default(),
+            raft_replica_ticks: Counter::default(),
+            ranges_quiescent: Gauge::default(),
+            support_withdrawn: Counter::default(),
+            support_messages_sent: Counter::default(),
             ranges: Gauge::default(),
             applied_commands: Counter::default(),
             snapshots_applied: Counter::default(),
@@ -168,7 +182,22 @@ impl Metrics {
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &Counter); 16] = [
+        let counters: [(&str, &str, &Counter); 19] = [
+            (
+                "tardigrade_store_liveness_messages_sent_total",
+                "Store liveness requests and answers sent (also counted as raft messages).",
+                &self.support_messages_sent,
+            ),
+            (
+                "tardigrade_raft_replica_ticks_total",
+                "Replica ticks (quiesced ranges take none).",
+                &self.raft_replica_ticks,
+            ),
+            (
+                "tardigrade_store_support_withdrawn_total",
+                "Supports of other stores' epochs withdrawn by this store.",
+                &self.support_withdrawn,
+            ),
             (
                 "tardigrade_raft_frames_sent_total",
                 "Frames of raft messages sent (one per destination store per scheduler cycle).",
@@ -257,6 +286,11 @@ impl Metrics {
             out,
             "# HELP tardigrade_ranges Ranges with a replica on this node.\n# TYPE tardigrade_ranges gauge\ntardigrade_ranges {}",
             self.ranges.get()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tardigrade_ranges_quiescent Replicas not ticked at the last tick (quiesced).\n# TYPE tardigrade_ranges_quiescent gauge\ntardigrade_ranges_quiescent {}",
+            self.ranges_quiescent.get()
         );
         let _ = writeln!(
             out,

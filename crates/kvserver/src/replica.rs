@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use parking_lot::RwLock;
 use prost::Message as _;
@@ -98,8 +98,10 @@ pub struct ReplicaStatus {
     pub applied: AppliedState,
     /// The leader applied an entry of its own term: it may evaluate requests.
     pub leader_ready: bool,
-    /// Reads may be served locally until then (leader lease).
-    pub lease_until: Option<Instant>,
+    /// What this leader's lease rests on (`store_liveness` says until when).
+    pub lease: Option<Arc<crate::store_liveness::Lease>>,
+    /// The store's liveness, to check the lease with.
+    pub liveness: Option<Arc<crate::store_liveness::StoreLiveness>>,
     /// Latches and timestamp cache of requests evaluated before proposal.
     pub conc: Arc<crate::concurrency::Concurrency>,
     /// Frozen for a merge: serves nothing until merged away or unfrozen.
@@ -109,7 +111,11 @@ pub struct ReplicaStatus {
 impl ReplicaStatus {
     /// Whether this replica may serve a read now.
     pub fn can_serve(&self, now: Instant) -> bool {
-        self.leader_ready && self.lease_until.is_some_and(|t| now < t)
+        self.leader_ready
+            && match (&self.lease, &self.liveness) {
+                (Some(l), Some(sl)) => sl.lease_valid(l, now),
+                _ => false,
+            }
     }
 }
 
@@ -125,12 +131,10 @@ pub struct Replica {
     /// Proposals waiting for their entry: index -> (term, reply).
     pub(crate) pending: BTreeMap<u64, (u64, Reply)>,
     proposed_lai: u64,
-    /// Heartbeat round -> when its messages were sent (monotonic clock).
-    hb_times: BTreeMap<u64, Instant>,
     /// Whether the status readers see may let them serve (a lease or a
     /// ready leader): `publish_lease_loss` needs no lock when it is not.
     serving_published: bool,
-    lease_duration: Duration,
+    liveness: Arc<crate::store_liveness::StoreLiveness>,
     pub status: Arc<RwLock<ReplicaStatus>>,
     /// Term and vote of the last hard state written with a sync.
     pub synced_term_vote: (u64, u64),
@@ -158,7 +162,7 @@ impl Replica {
         name: String,
         replica_id: u64,
         raft_cfg: raft::Config,
-        lease_duration: Duration,
+        liveness: Arc<crate::store_liveness::StoreLiveness>,
     ) -> Result<Replica, crate::StoreError> {
         let range_id = desc.range_id;
         let applied = rangestate::applied_state(&engine, range_id)?;
@@ -171,7 +175,8 @@ impl Replica {
         let st = ReplicaStorage::open(engine.clone(), range_id, conf)?;
         let mut cfg = raft_cfg;
         cfg.applied = applied.index;
-        let raw = RawNode::new(cfg, st).map_err(|e| crate::StoreError::Raft(e.to_string()))?;
+        let mut raw = RawNode::new(cfg, st).map_err(|e| crate::StoreError::Raft(e.to_string()))?;
+        raw.set_store_epoch(liveness.epoch());
         let hs = raw.hard_state();
         let synced_term_vote = (hs.term, hs.vote);
         let peers = desc.replicas.iter().map(|r| (r.replica_id, r.store_id)).collect();
@@ -180,6 +185,7 @@ impl Replica {
             name: name.clone(),
             applied,
             frozen,
+            liveness: Some(liveness.clone()),
             ..Default::default()
         }));
         Ok(Replica {
@@ -193,9 +199,8 @@ impl Replica {
             rev,
             pending: BTreeMap::new(),
             proposed_lai: applied.lease_applied_index,
-            hb_times: BTreeMap::new(),
             serving_published: false,
-            lease_duration,
+            liveness,
             status,
             synced_term_vote,
             durable_applied: applied.index,
@@ -329,11 +334,6 @@ impl Replica {
         }
     }
 
-    /// A heartbeat round's messages leave now.
-    pub fn stamp_heartbeat(&mut self, seq: u64, at: Instant) {
-        self.hb_times.insert(seq, at);
-    }
-
     /// The descriptor after a membership change: entering a joint
     /// configuration carries it (with every replica of both halves); leaving
     /// one keeps the replicas still in the configuration.
@@ -357,21 +357,28 @@ impl Replica {
 
     /// Refreshes what readers see.
     pub fn publish_status(&mut self, now: Instant) {
-        let lease_until = self.raw.lease_round().and_then(|seq| {
-            let sent = self.hb_times.range(seq..).next().map(|(_, &t)| t);
-            // Rounds before the acknowledged one are no longer needed.
-            let keep = self.hb_times.split_off(&seq);
-            self.hb_times = keep;
-            sent.map(|t| t + self.lease_duration)
-        });
+        let basis = self.raw.lease_basis();
         let mut s = self.status.write();
+        let unchanged = match (&s.lease, &basis) {
+            (Some(l), Some(b)) => l.basis == *b,
+            (None, None) => true,
+            _ => false,
+        };
+        if !unchanged {
+            s.lease = basis.map(|basis| {
+                let stores = basis
+                    .promised()
+                    .filter_map(|id| self.store_of(id).map(|st| (id, st)))
+                    .collect();
+                Arc::new(crate::store_liveness::Lease { basis, stores })
+            });
+        }
         s.leader = self.raw.leader();
         s.term = self.raw.term();
         s.commit = self.raw.committed();
         s.applied = self.applied;
         s.leader_ready = self.raw.leader_ready();
-        s.lease_until = lease_until;
-        self.serving_published = s.leader_ready || s.lease_until.is_some();
+        self.serving_published = s.leader_ready || s.lease.is_some();
         let _ = now;
     }
 
@@ -384,14 +391,19 @@ impl Replica {
             return; // nothing readers could serve under (every follower)
         }
         let ready = self.raw.leader_ready();
-        if ready && self.raw.lease_round().is_some() {
+        if ready && self.raw.may_claim_lease() {
             return;
         }
         // Only ever lowers what readers see; gains wait for `publish_status`.
         let mut s = self.status.write();
-        s.lease_until = None;
+        s.lease = None;
         s.leader_ready &= ready;
         self.serving_published = s.leader_ready;
+    }
+
+    /// The store's liveness (for the raft loop).
+    pub fn liveness(&self) -> &Arc<crate::store_liveness::StoreLiveness> {
+        &self.liveness
     }
 
     /// Starts moving leadership (and so the lease) to replica `to`.

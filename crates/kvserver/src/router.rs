@@ -64,10 +64,17 @@ impl Outbox {
         }
     }
 
+    /// Files a message that belongs to no replica (store liveness).
+    pub fn push(&mut self, store: u64, m: RaftMsg) {
+        self.frames.entry(store).or_default().push(m);
+    }
+
     /// Sends one frame per destination store.
     pub fn flush(&mut self, transport: &dyn Transport, metrics: &Metrics) {
-        for (store, msgs) in std::mem::take(&mut self.frames) {
+        for (store, mut msgs) in std::mem::take(&mut self.frames) {
             metrics.raft_messages_sent.add(msgs.len() as u64);
+            // Every range's heartbeat to that store: one packed message.
+            crate::transport::coalesce_heartbeats(&mut msgs);
             metrics.raft_frames_sent.inc();
             transport.send(store, msgs);
         }

@@ -41,8 +41,10 @@ const MAX_EVENTS_PER_CYCLE: usize = 4096;
 /// How often leaseholders look at their ranges' replication (and every
 /// replica at its log's length).
 const QUEUES_EVERY: Duration = Duration::from_millis(500);
-/// How often a store pings every other store it knows.
-const PING_EVERY: Duration = Duration::from_secs(1);
+/// How often a store asks every other store it knows for support (in
+/// ticks): several requests per support interval, so one lost message does
+/// not end a support.
+const SUPPORT_EVERY_TICKS: u32 = 2;
 
 pub(crate) struct Scheduler {
     pub cfg: StoreConfig,
@@ -58,7 +60,12 @@ pub(crate) struct Scheduler {
     pub last_heard: Arc<Mutex<HashMap<u64, Instant>>>,
     pub known_stores: Arc<RwLock<BTreeMap<u64, String>>>,
     pub next_queues: Instant,
-    pub next_ping: Instant,
+    pub next_support: Instant,
+    /// This store's liveness (leases rest on it).
+    pub liveness: Arc<crate::store_liveness::StoreLiveness>,
+    /// Messages of this cycle so far (store liveness, then raft), sent in one
+    /// frame per store when the cycle's readies are collected.
+    pub out: Outbox,
     /// To send events to itself (snapshot outcomes).
     pub events: crossbeam_channel::Sender<Event>,
     /// Set when the loop stops on an error: why.
@@ -99,15 +106,28 @@ impl Scheduler {
             // heard before this tick, never after it.
             let now = Instant::now();
             if ticker.take(now) {
+                // Support that expired first: a follower released by it may
+                // start its failover on this very tick.
+                let withdrawn = self.liveness.withdraw_expired(now);
+                for (store, epoch) in withdrawn {
+                    self.support_withdrawn(store, epoch);
+                }
+                // A quiesced leader and its fortified followers need no tick.
+                let mut ticked = 0u64;
                 for r in self.replicas.values_mut() {
-                    r.raw.tick();
+                    if r.raw.needs_tick() {
+                        r.raw.tick();
+                        ticked += 1;
+                    }
                 }
                 self.ticks_taken += 1;
                 self.metrics.raft_ticks.inc();
+                self.metrics.raft_replica_ticks.add(ticked);
+                self.metrics.ranges_quiescent.set(self.replicas.len() as u64 - ticked);
             }
-            if now >= self.next_ping {
-                self.next_ping = now + PING_EVERY;
-                self.ping();
+            if now >= self.next_support {
+                self.next_support = now + self.cfg.tick * SUPPORT_EVERY_TICKS;
+                self.request_support(now);
             }
             if now >= self.next_queues {
                 self.next_queues = now + QUEUES_EVERY;
@@ -135,7 +155,7 @@ impl Scheduler {
             r.fail_pending(ProposeError::Stopped);
             let mut s = r.status.write();
             s.leader_ready = false;
-            s.lease_until = None;
+            s.lease = None;
         }
     }
 
@@ -151,7 +171,15 @@ impl Scheduler {
             Event::RaftMessages { from_store, msgs } => {
                 self.metrics.raft_messages_received.add(msgs.len() as u64);
                 for m in msgs {
-                    self.step(from_store, m);
+                    if m.range_id != 0 {
+                        self.step(from_store, m);
+                    } else if let Some(proto::transport::raft_msg::Body::CoalescedHeartbeats(c)) = m.body {
+                        for hb in crate::transport::uncoalesce_heartbeats(c) {
+                            self.step(from_store, hb);
+                        }
+                    } else {
+                        self.step_support(from_store, m);
+                    }
                 }
             }
             Event::SnapshotDone { range_id, to, ok } => {
@@ -176,17 +204,55 @@ impl Scheduler {
         false
     }
 
-    /// An empty batch to every other known store: tells it this store is alive.
-    fn ping(&self) {
-        let stores: Vec<u64> = self
-            .known_stores
-            .read()
-            .keys()
-            .copied()
-            .filter(|&s| s != self.store_id)
-            .collect();
-        for s in stores {
-            self.transport.send(s, Vec::new());
+    /// Asks every other known store for support (it also tells each this
+    /// store is alive).
+    fn request_support(&mut self, now: Instant) {
+        let stores: Vec<u64> = self.known_stores.read().keys().copied().collect();
+        for m in self.liveness.requests(stores.into_iter(), now) {
+            self.metrics.support_messages_sent.inc();
+            self.out.push(m.to(), crate::transport::support_to_pb(&m));
+        }
+    }
+
+    /// A store liveness message from `from_store`.
+    fn step_support(&mut self, from_store: u64, m: RaftMsg) {
+        let Some(sm) = crate::transport::support_from_pb(&m) else {
+            tracing::warn!(from_store, "dropping a malformed store liveness message");
+            return;
+        };
+        if sm.from() != from_store || sm.to() != self.store_id {
+            return; // misaddressed: not this store's business
+        }
+        let before = self.liveness.epoch();
+        let (answer, ended) = self.liveness.handle(sm, Instant::now());
+        if let Some(a) = answer {
+            self.metrics.support_messages_sent.inc();
+            self.out.push(a.to(), crate::transport::support_to_pb(&a));
+        }
+        if let Some((store, epoch)) = ended {
+            self.support_withdrawn(store, epoch);
+        }
+        let after = self.liveness.epoch();
+        if after != before {
+            // Our epoch was withdrawn somewhere: every lease of ours must be
+            // fortified again under the new one.
+            tracing::info!(epoch = format_args!("{after:#x}"), "store liveness epoch raised");
+            for r in self.replicas.values_mut() {
+                r.raw.set_store_epoch(after);
+            }
+        }
+    }
+
+    /// This store no longer supports `store` at `epoch`: every replica here
+    /// that promised a leader there is released (and may start a failover).
+    fn support_withdrawn(&mut self, store: u64, epoch: u64) {
+        self.metrics.support_withdrawn.inc();
+        for r in self.replicas.values_mut() {
+            if let Some(f) = r.raw.fortification() {
+                if f.epoch == epoch && r.store_of(f.leader) == Some(store) {
+                    r.raw.support_withdrawn(f.leader, epoch);
+                }
+            }
         }
     }
 
@@ -231,6 +297,13 @@ impl Scheduler {
         };
         if msg.to != r.replica_id {
             return; // for a replica this store no longer (or never) had
+        }
+        if let raft::MessageBody::Fortify { epoch } = msg.body {
+            // A promise may only be made while this store supports the
+            // leader's store at that epoch (the leader asks again).
+            if !self.liveness.supports(from_store, epoch) {
+                return;
+            }
         }
         r.peers.insert(msg.from, from_store);
         r.raw.step(msg);
@@ -293,7 +366,7 @@ impl Scheduler {
             r.fail_pending(ProposeError::Ambiguous);
             let mut s = r.status.write();
             s.leader_ready = false;
-            s.lease_until = None;
+            s.lease = None;
         }
         self.statuses.write().remove(&range_id);
         self.tombstones.insert(range_id);
@@ -327,7 +400,7 @@ impl Scheduler {
             crate::keyspace::range_name(right.range_id),
             me.replica_id,
             rc,
-            self.cfg.lease_duration(),
+            self.liveness.clone(),
         )?;
         if predecessor_term.is_none_or(|t| t <= raft::BOOTSTRAP_TERM) {
             self.maybe_forgo_start_wait(&mut rep);
@@ -366,7 +439,7 @@ impl Scheduler {
             crate::keyspace::range_name(range_id),
             replica_id,
             rc,
-            self.cfg.lease_duration(),
+            self.liveness.clone(),
         )?;
         self.maybe_forgo_start_wait(&mut rep);
         self.statuses.write().insert(range_id, rep.status.clone());
@@ -398,7 +471,8 @@ impl Scheduler {
     }
 
     fn process_readies(&mut self) -> Result<(), StoreError> {
-        let mut out = Outbox::default();
+        // What events and ticks queued this cycle goes in the same frames.
+        let mut out = std::mem::take(&mut self.out);
         loop {
             let mut batch = self.engine.batch();
             let mut readies = Vec::new();
@@ -407,15 +481,11 @@ impl Scheduler {
             // a commit index alone may be lost in a crash (raft relearns it).
             let mut must_sync = false;
             let mut snapshotted: Vec<u64> = Vec::new();
-            let now = Instant::now();
             for (&id, r) in self.replicas.iter_mut() {
                 if !r.raw.has_ready() {
                     continue;
                 }
                 let mut rd = r.raw.ready();
-                if let Some(seq) = rd.heartbeat_round {
-                    r.stamp_heartbeat(seq, now);
-                }
                 // Before any of its messages leave (a TimeoutNow above all).
                 r.publish_lease_loss();
                 if let Some(snap) = &rd.snapshot {
@@ -481,9 +551,7 @@ impl Scheduler {
                     continue;
                 }
                 let Some(r) = self.replicas.get_mut(&id) else { continue };
-                if let Some(e) = rd.entries.last() {
-                    r.raw.storage_mut().appended(e.index);
-                }
+                r.raw.storage_mut().appended(&rd.entries);
                 r.raw.on_persisted(rd.number);
                 let msgs = std::mem::take(&mut rd.persisted_messages);
                 r.apply(rd.committed_entries, &self.clock, &self.metrics)?;

@@ -61,12 +61,12 @@ impl StoreConfig {
         }
     }
 
-    /// How long a lease lasts after the send time of its acknowledged round:
-    /// `(election_ticks - 1) * tick * (1 - r) / (1 + r)`.
-    pub fn lease_duration(&self) -> Duration {
-        let r = self.clock_rate_error;
-        self.tick
-            .mul_f64(self.election_ticks.saturating_sub(1) as f64 * (1.0 - r) / (1.0 + r))
+    /// How long a store's support of another lasts after each request
+    /// (`store_liveness`): `(election_ticks - 1) * tick`, within a restarted
+    /// replica's quiet period of `election_ticks` ticks, so every grant of a
+    /// forgotten process has expired before it may vote.
+    pub fn support_interval(&self) -> Duration {
+        self.tick * self.election_ticks.saturating_sub(1) as u32
     }
 }
 
@@ -358,7 +358,14 @@ impl Store {
         let (tx, rx) = crossbeam_channel::unbounded();
         let known_stores = Arc::new(RwLock::new(BTreeMap::new()));
         known_stores.write().insert(ident.store_id, String::new());
+        let liveness = Arc::new(crate::store_liveness::StoreLiveness::open(
+            &engine,
+            ident.store_id,
+            &cfg,
+        )?);
         let mut sched = Scheduler {
+            liveness: liveness.clone(),
+            out: Default::default(),
             cfg: cfg.clone(),
             engine: engine.clone(),
             rx,
@@ -371,7 +378,7 @@ impl Store {
             last_heard: Arc::new(Mutex::new(HashMap::new())),
             known_stores: known_stores.clone(),
             next_queues: Instant::now(),
-            next_ping: Instant::now(),
+            next_support: Instant::now(),
             events: tx.clone(),
             stopped: Arc::new(Mutex::new(None)),
             stepped_snapshots: Vec::new(),
@@ -407,14 +414,7 @@ impl Store {
             };
             let name = crate::keyspace::range_name(desc.range_id);
             let rc = crate::scheduler::raft_config(&cfg, clock.physical(), me.replica_id, desc.range_id);
-            let mut rep = Replica::new(
-                engine.clone(),
-                desc.clone(),
-                name,
-                me.replica_id,
-                rc,
-                cfg.lease_duration(),
-            )?;
+            let mut rep = Replica::new(engine.clone(), desc.clone(), name, me.replica_id, rc, liveness.clone())?;
             if rep.is_sole_voter() {
                 // Nobody else can hold a lease: no reason to wait out a timeout.
                 rep.raw.campaign();

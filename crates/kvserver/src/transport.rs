@@ -9,10 +9,11 @@
 use std::path::PathBuf;
 
 use proto::transport::{
-    entry, raft_msg, Append, AppendResponse, ConfState as PbConfState, Entry as PbEntry, Heartbeat, HeartbeatResponse,
-    RaftMsg, ReadIndex, ReadIndexResponse, Snapshot as PbSnapshot, SnapshotMeta as PbSnapshotMeta, TimeoutNow, Vote,
-    VoteResponse,
+    entry, raft_msg, Append, AppendResponse, ConfState as PbConfState, Defortify, Entry as PbEntry, Fortify,
+    FortifyResponse, Heartbeat, HeartbeatResponse, RaftMsg, ReadIndex, ReadIndexResponse, Snapshot as PbSnapshot,
+    SnapshotMeta as PbSnapshotMeta, SupportRequest, SupportResponse, TimeoutNow, Vote, VoteResponse,
 };
+use raft::support::SupportMsg;
 use raft::{ConfState, Entry, EntryPayload, Message, MessageBody, Snapshot, SnapshotMeta};
 
 use crate::command::{conf_change_from_proto, conf_change_to_proto};
@@ -172,7 +173,16 @@ pub fn message_to_pb(range_id: u64, m: &Message) -> RaftMsg {
             commit: *commit,
             seq: *seq,
         }),
-        MessageBody::HeartbeatResponse { seq } => Body::HeartbeatResponse(HeartbeatResponse { seq: *seq }),
+        MessageBody::HeartbeatResponse { seq, fortified } => Body::HeartbeatResponse(HeartbeatResponse {
+            seq: *seq,
+            fortified: *fortified,
+        }),
+        MessageBody::Fortify { epoch } => Body::Fortify(Fortify { epoch: *epoch }),
+        MessageBody::FortifyResponse { epoch, incarnation } => Body::FortifyResponse(FortifyResponse {
+            epoch: *epoch,
+            incarnation: *incarnation,
+        }),
+        MessageBody::Defortify { term } => Body::Defortify(Defortify { term: *term }),
         MessageBody::Snapshot { snapshot } => Body::Snapshot(snapshot_to_pb(snapshot)),
         MessageBody::TimeoutNow => Body::TimeoutNow(TimeoutNow {}),
         MessageBody::ReadIndex { ctx } => Body::ReadIndex(ReadIndex { ctx: ctx.clone() }),
@@ -220,7 +230,19 @@ pub fn message_from_pb(m: RaftMsg) -> Result<(u64, Message), String> {
             commit: h.commit,
             seq: h.seq,
         },
-        Body::HeartbeatResponse(h) => MessageBody::HeartbeatResponse { seq: h.seq },
+        Body::HeartbeatResponse(h) => MessageBody::HeartbeatResponse {
+            seq: h.seq,
+            fortified: h.fortified,
+        },
+        Body::Fortify(f) => MessageBody::Fortify { epoch: f.epoch },
+        Body::FortifyResponse(f) => MessageBody::FortifyResponse {
+            epoch: f.epoch,
+            incarnation: f.incarnation,
+        },
+        Body::Defortify(d) => MessageBody::Defortify { term: d.term },
+        Body::SupportRequest(_) | Body::SupportResponse(_) | Body::CoalescedHeartbeats(_) => {
+            return Err("a store-level message is not one range's raft message".into())
+        }
         Body::Snapshot(s) => MessageBody::Snapshot {
             snapshot: snapshot_from_pb(s),
         },
@@ -251,6 +273,124 @@ pub fn message_from_pb(m: RaftMsg) -> Result<(u64, Message), String> {
             body,
         },
     ))
+}
+
+/// Packs the heartbeats and heartbeat answers among `msgs` (the wire forms
+/// of one frame) into one message of range 0; the others stay as they are.
+pub fn coalesce_heartbeats(msgs: &mut Vec<RaftMsg>) {
+    use proto::transport::{CoalescedHeartbeats, PackedHeartbeat, PackedHeartbeatResponse};
+    use raft_msg::Body;
+    let mut packed = CoalescedHeartbeats::default();
+    msgs.retain(|m| match &m.body {
+        Some(Body::Heartbeat(h)) => {
+            packed.heartbeats.push(PackedHeartbeat {
+                range_id: m.range_id,
+                from: m.from,
+                to: m.to,
+                term: m.term,
+                commit: h.commit,
+                seq: h.seq,
+            });
+            false
+        }
+        Some(Body::HeartbeatResponse(h)) => {
+            packed.responses.push(PackedHeartbeatResponse {
+                range_id: m.range_id,
+                from: m.from,
+                to: m.to,
+                term: m.term,
+                seq: h.seq,
+                fortified: h.fortified,
+            });
+            false
+        }
+        _ => true,
+    });
+    if packed.heartbeats.len() + packed.responses.len() > 1 {
+        msgs.push(RaftMsg {
+            range_id: 0,
+            body: Some(Body::CoalescedHeartbeats(packed)),
+            ..Default::default()
+        });
+    } else {
+        // One alone travels as it is.
+        msgs.extend(uncoalesce_heartbeats(packed));
+    }
+}
+
+/// The per-range messages a coalesced heartbeat message carries.
+pub fn uncoalesce_heartbeats(c: proto::transport::CoalescedHeartbeats) -> Vec<RaftMsg> {
+    use raft_msg::Body;
+    let hbs = c.heartbeats.into_iter().map(|h| RaftMsg {
+        range_id: h.range_id,
+        from: h.from,
+        to: h.to,
+        term: h.term,
+        body: Some(Body::Heartbeat(Heartbeat {
+            commit: h.commit,
+            seq: h.seq,
+        })),
+    });
+    let resps = c.responses.into_iter().map(|h| RaftMsg {
+        range_id: h.range_id,
+        from: h.from,
+        to: h.to,
+        term: h.term,
+        body: Some(Body::HeartbeatResponse(HeartbeatResponse {
+            seq: h.seq,
+            fortified: h.fortified,
+        })),
+    });
+    hbs.chain(resps).filter(|m| m.range_id != 0).collect()
+}
+
+/// The wire form of a store liveness message: range 0, store ids.
+pub fn support_to_pb(m: &SupportMsg) -> RaftMsg {
+    use raft_msg::Body;
+    let body = match *m {
+        SupportMsg::Request { epoch, sent_at, .. } => Body::SupportRequest(SupportRequest { epoch, sent_at }),
+        SupportMsg::Response {
+            epoch,
+            granted,
+            sent_at,
+            incarnation,
+            ..
+        } => Body::SupportResponse(SupportResponse {
+            epoch,
+            granted,
+            sent_at,
+            incarnation,
+        }),
+    };
+    RaftMsg {
+        range_id: 0,
+        from: m.from(),
+        to: m.to(),
+        term: 0,
+        body: Some(body),
+    }
+}
+
+/// A store liveness message from its wire form (`None`: not one).
+pub fn support_from_pb(m: &RaftMsg) -> Option<SupportMsg> {
+    use raft_msg::Body;
+    match m.body.as_ref()? {
+        Body::SupportRequest(r) => Some(SupportMsg::Request {
+            from: m.from,
+            to: m.to,
+            epoch: r.epoch,
+            sent_at: r.sent_at,
+        }),
+        Body::SupportResponse(r) => Some(SupportMsg::Response {
+            from: m.from,
+            to: m.to,
+            epoch: r.epoch,
+            granted: r.granted,
+            sent_at: r.sent_at,
+            incarnation: r.incarnation,
+        }),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -307,7 +447,16 @@ mod tests {
                 reject: true,
             },
             MessageBody::Heartbeat { commit: 3, seq: 9 },
-            MessageBody::HeartbeatResponse { seq: 9 },
+            MessageBody::HeartbeatResponse {
+                seq: 9,
+                fortified: true,
+            },
+            MessageBody::Fortify { epoch: 1 << 32 },
+            MessageBody::FortifyResponse {
+                epoch: 1 << 32,
+                incarnation: 2,
+            },
+            MessageBody::Defortify { term: 4 },
             MessageBody::Snapshot {
                 snapshot: Snapshot {
                     meta: SnapshotMeta {
@@ -334,6 +483,73 @@ mod tests {
             };
             let (r, back) = message_from_pb(message_to_pb(7, &m)).unwrap();
             assert_eq!((r, back), (7, m));
+        }
+        // Heartbeats of many ranges pack into one message and come back
+        // unchanged, the other messages untouched.
+        let hb = |range_id, commit| {
+            message_to_pb(
+                range_id,
+                &Message {
+                    from: 1,
+                    to: 2,
+                    term: 3,
+                    body: MessageBody::Heartbeat { commit, seq: 9 },
+                },
+            )
+        };
+        let resp = message_to_pb(
+            8,
+            &Message {
+                from: 2,
+                to: 1,
+                term: 3,
+                body: MessageBody::HeartbeatResponse {
+                    seq: 9,
+                    fortified: false,
+                },
+            },
+        );
+        let vote = message_to_pb(
+            5,
+            &Message {
+                from: 1,
+                to: 2,
+                term: 3,
+                body: MessageBody::TimeoutNow,
+            },
+        );
+        let original = vec![hb(4, 10), vote.clone(), hb(6, 0), resp.clone()];
+        let mut frame = original.clone();
+        coalesce_heartbeats(&mut frame);
+        assert_eq!(frame.len(), 2, "the three heartbeats are one message");
+        assert_eq!(frame[0], vote);
+        let Some(raft_msg::Body::CoalescedHeartbeats(c)) = frame[1].body.clone() else {
+            panic!("not coalesced: {frame:?}");
+        };
+        assert_eq!(uncoalesce_heartbeats(c), vec![hb(4, 10), hb(6, 0), resp]);
+        let mut one = vec![hb(4, 10)];
+        coalesce_heartbeats(&mut one);
+        assert_eq!(one, vec![hb(4, 10)], "one heartbeat alone is not packed");
+        for m in [
+            SupportMsg::Request {
+                from: 1,
+                to: 2,
+                epoch: 5,
+                sent_at: 77,
+            },
+            SupportMsg::Response {
+                from: 2,
+                to: 1,
+                epoch: 5,
+                granted: true,
+                sent_at: 77,
+                incarnation: 3,
+            },
+        ] {
+            let pb = support_to_pb(&m);
+            assert_eq!(pb.range_id, 0);
+            assert_eq!(support_from_pb(&pb), Some(m));
+            assert!(message_from_pb(pb).is_err(), "not a raft message");
         }
         assert!(message_from_pb(RaftMsg {
             range_id: 1,

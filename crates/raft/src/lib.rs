@@ -16,6 +16,7 @@
 //! fault schedules reproducibly.
 
 mod confchange;
+mod fortify;
 mod log;
 mod node;
 mod progress;
@@ -25,6 +26,7 @@ mod read;
 mod replication;
 mod status;
 mod storage;
+pub mod support;
 mod types;
 
 #[cfg(test)]
@@ -33,6 +35,7 @@ mod sim;
 mod tests;
 
 pub use confchange::{apply_to as apply_conf_change_to, enter_joint, leave_joint, ConfChangeRefused};
+pub use fortify::{Fortification, LeaseBasis};
 pub use node::{RawNode, Ready};
 pub use progress::ProgressState;
 pub use raft::{Config, ProposeError, RaftCounters};

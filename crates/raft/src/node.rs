@@ -38,9 +38,6 @@ pub struct Ready {
     /// Apply, in order. They are durable locally.
     pub committed_entries: Vec<Entry>,
     pub read_states: Vec<ReadState>,
-    /// A heartbeat round started: the node records the monotonic time now as
-    /// that round's send time (for leases), before sending `messages`.
-    pub heartbeat_round: Option<u64>,
 }
 
 impl Ready {
@@ -154,7 +151,6 @@ impl<S: Storage> RawNode<S> {
             || r.log.snapshot_to_persist().is_some()
             || r.log.has_next_committed()
             || !r.read_states.is_empty()
-            || r.new_heartbeat_round.is_some()
     }
 
     /// Takes the pending outputs.
@@ -182,7 +178,6 @@ impl<S: Storage> RawNode<S> {
             persisted_messages: std::mem::take(&mut r.msgs_after_persist),
             committed_entries,
             read_states: std::mem::take(&mut r.read_states),
-            heartbeat_round: r.new_heartbeat_round.take(),
         };
         self.prev_hs = hs;
         self.prev_ss = ss;
@@ -247,8 +242,44 @@ impl<S: Storage> RawNode<S> {
         self.raft.leader_ready()
     }
 
-    /// See [`Raft::lease_round`].
-    pub fn lease_round(&self) -> Option<u64> {
-        self.raft.lease_round()
+    // ---- store liveness (see `fortify`) ----------------------------------------
+
+    /// The node's store epoch (`support`); 0, the default, means no store
+    /// liveness: no fortification, no lease.
+    pub fn set_store_epoch(&mut self, epoch: u64) {
+        self.raft.set_store_epoch(epoch);
+    }
+
+    /// The node's store withdrew its support of the store of `leader` at
+    /// `epoch`: a promise this member made to it ends.
+    pub fn support_withdrawn(&mut self, leader: NodeId, epoch: u64) {
+        self.raft.support_withdrawn(leader, epoch);
+    }
+
+    /// What a leader's lease rests on (`None`: no lease to claim).
+    pub fn lease_basis(&self) -> Option<crate::fortify::LeaseBasis> {
+        self.raft.lease_basis()
+    }
+
+    /// Whether this member is a leader that may claim a lease (cheap: no
+    /// [`crate::LeaseBasis`] is built).
+    pub fn may_claim_lease(&self) -> bool {
+        let r = &self.raft;
+        r.role == Role::Leader && r.store_epoch != 0 && r.lease_disabled_term != r.term
+    }
+
+    /// The promise this member holds to a fortified leader, if any.
+    pub fn fortification(&self) -> Option<crate::fortify::Fortification> {
+        self.raft.fortified
+    }
+
+    /// Whether the node must keep ticking this member (see `fortify`).
+    pub fn needs_tick(&self) -> bool {
+        self.raft.needs_tick()
+    }
+
+    /// A leader that stopped ticking and sending until something happens.
+    pub fn quiesced(&self) -> bool {
+        self.raft.quiesced
     }
 }

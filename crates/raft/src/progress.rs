@@ -71,6 +71,9 @@ pub struct Progress {
     pub is_learner: bool,
     /// The latest heartbeat round it acknowledged in this term.
     pub acked_seq: u64,
+    /// It promised (fortified) this leader's term for the store epoch in
+    /// force: the incarnation of its store that promised.
+    pub fortified: Option<u64>,
 }
 
 impl Progress {
@@ -84,6 +87,7 @@ impl Progress {
             recent_active: false,
             is_learner,
             acked_seq: 0,
+            fortified: None,
         }
     }
 

@@ -24,16 +24,16 @@ pub struct Mutations {
     pub skip_log_matching: bool,
     /// Answer votes before the vote is durable.
     pub vote_before_durable: bool,
-    /// Grant votes while the leader's lease may still be valid.
-    pub ignore_lease_on_vote: bool,
+    /// Grant votes while supporting a fortified leader.
+    pub vote_while_fortified: bool,
+    /// Heartbeats carry the leader's commit index, not min(commit, match).
+    pub heartbeat_full_commit: bool,
+    /// Not the core's: the simulated store liveness counts on a grant for
+    /// twice the supporter's interval (support extended past its interval).
+    pub support_past_interval: bool,
     /// Let a new leader propose a configuration change before its term's
     /// first entry is applied.
     pub early_conf_change: bool,
-    /// Not the core's: the simulated node's tick timer keeps its cadence
-    /// after a late tick, so the next tick comes less than a tick later (the
-    /// scheduler bug that let a follower's election timeout end before the
-    /// leader's lease).
-    pub catch_up_ticks: bool,
 }
 
 /// Settings of one Raft group member.
@@ -153,6 +153,8 @@ pub struct RaftCounters {
     pub invalid_conf_changes: u64,
     /// Vote and pre-vote requests ignored because a leader's lease may be valid.
     pub votes_ignored_in_lease: u64,
+    /// Times this leader quiesced.
+    pub quiesced: u64,
 }
 
 /// One member of a Raft group.
@@ -189,8 +191,6 @@ pub struct Raft<S: Storage> {
     pub(crate) lease_disabled_term: u64,
     /// The latest heartbeat round started by this leader.
     pub(crate) hb_seq: u64,
-    /// A heartbeat round started since the last `Ready`.
-    pub(crate) new_heartbeat_round: Option<u64>,
     pub(crate) read_states: Vec<ReadState>,
     pub(crate) pending_reads: Vec<PendingRead>,
     /// Reads that arrived before this leader committed an entry of its term.
@@ -202,6 +202,18 @@ pub struct Raft<S: Storage> {
     pub(crate) proposals_unsent: bool,
     /// Index of the empty entry this leader appended when elected.
     pub(crate) term_start_index: u64,
+    /// The node's store epoch (0: no store liveness, no leases).
+    pub(crate) store_epoch: u64,
+    /// This member's promise to a fortified leader (kept across a change of
+    /// term until released: see `fortify`).
+    pub(crate) fortified: Option<crate::fortify::Fortification>,
+    /// The term this member led (fortified) and stepped down from, until it
+    /// has released its followers' promises.
+    pub(crate) defortify_term: u64,
+    /// A quiesced leader: no ticks, no heartbeats.
+    pub(crate) quiesced: bool,
+    /// The heartbeat round (and last index) quiescence waits for.
+    pub(crate) quiesce_round: Option<(u64, u64)>,
     pub counters: RaftCounters,
 }
 
@@ -231,13 +243,17 @@ impl<S: Storage> Raft<S> {
             lead_transferee: NONE,
             lease_disabled_term: 0,
             hb_seq: 0,
-            new_heartbeat_round: None,
             read_states: Vec::new(),
             pending_reads: Vec::new(),
             reads_waiting_commit: Vec::new(),
             self_vote_pending: false,
             proposals_unsent: false,
             term_start_index: 0,
+            store_epoch: 0,
+            fortified: None,
+            defortify_term: 0,
+            quiesced: false,
+            quiesce_round: None,
             counters: RaftCounters::default(),
         };
         let next = r.log.last_index() + 1;
@@ -326,9 +342,15 @@ impl<S: Storage> Raft<S> {
         self.pending_conf_index = 0;
         self.pending_reads.clear();
         self.reads_waiting_commit.clear();
+        self.quiesced = false;
+        self.quiesce_round = None;
     }
 
     pub fn become_follower(&mut self, term: u64, leader: NodeId) {
+        if self.role == Role::Leader && self.store_epoch != 0 {
+            // Release the promises made to this leadership.
+            self.defortify_term = self.term;
+        }
         self.reset(term);
         self.leader = leader;
         self.role = Role::Follower;
@@ -363,6 +385,8 @@ impl<S: Storage> Raft<S> {
             p.become_replicate();
             p.recent_active = true;
         }
+        self.defortify_term = 0;
+        self.fortified = None;
         let index = self.log.last_index() + 1;
         self.log.append(&[Entry {
             term: self.term,
@@ -377,6 +401,7 @@ impl<S: Storage> Raft<S> {
             self.pending_conf_index = 0;
         }
         self.bcast_append();
+        self.bcast_fortify();
     }
 
     // ---- ticks ---------------------------------------------------------------
@@ -394,6 +419,13 @@ impl<S: Storage> Raft<S> {
 
     fn tick_election(&mut self) {
         self.election_elapsed += 1;
+        self.tick_defortify();
+        if self.fortified.is_some() {
+            // It promised not to campaign while its store supports the
+            // leader's; a withdrawal of that support releases it.
+            self.election_elapsed = 0;
+            return;
+        }
         if self.promotable() && self.election_elapsed >= self.randomized_timeout {
             self.election_elapsed = 0;
             let kind = if self.cfg.pre_vote {
@@ -406,6 +438,9 @@ impl<S: Storage> Raft<S> {
     }
 
     fn tick_heartbeat(&mut self) {
+        if self.quiesced {
+            return;
+        }
         self.heartbeat_elapsed += 1;
         self.election_elapsed += 1;
         if self.election_elapsed >= self.cfg.election_ticks {
@@ -431,7 +466,12 @@ impl<S: Storage> Raft<S> {
         }
         if self.heartbeat_elapsed >= self.cfg.heartbeat_ticks {
             self.heartbeat_elapsed = 0;
+            if self.maybe_quiesce() {
+                return;
+            }
             self.bcast_heartbeat();
+            self.bcast_fortify();
+            self.note_quiesce_round();
         }
     }
 
@@ -509,14 +549,20 @@ impl<S: Storage> Raft<S> {
     /// it may have heard from): until then it grants no vote but a leader
     /// transfer's.
     pub(crate) fn in_lease(&self) -> bool {
+        let heard_recently = self.lease_elapsed < self.cfg.election_ticks;
         #[cfg(test)]
-        if self.cfg.mutations.ignore_lease_on_vote {
-            return false;
+        if self.cfg.mutations.vote_while_fortified {
+            // The planted bug ignores the promise; the check-quorum rule
+            // below, which no lease rests on any more, would only hide it
+            // while the leader keeps talking.
+            return self.cfg.check_quorum && self.ticks_since_start < self.cfg.election_ticks;
         }
-        self.cfg.check_quorum
-            && (self.role == Role::Leader
-                || self.lease_elapsed < self.cfg.election_ticks
-                || self.ticks_since_start < self.cfg.election_ticks)
+        // The promise to a fortified leader (its lease rests on it); the
+        // restart quiet period (promises of a forgotten process); and, as
+        // etcd's check-quorum, a leader heard within an election timeout.
+        self.fortified.is_some()
+            || (self.cfg.check_quorum
+                && (self.role == Role::Leader || heard_recently || self.ticks_since_start < self.cfg.election_ticks))
     }
 
     // ---- messages ------------------------------------------------------------
@@ -525,6 +571,12 @@ impl<S: Storage> Raft<S> {
     pub fn step(&mut self, m: Message) {
         if m.term == 0 || m.from == NONE || m.from == self.id {
             return; // not a message any correct member sends
+        }
+        self.unquiesce();
+        if let MessageBody::Defortify { term } = m.body {
+            // Whatever the terms now: it names the leadership it ends.
+            self.handle_defortify(m.from, term);
+            return;
         }
         if m.term > self.term {
             if let MessageBody::Vote { transfer: false, .. } = &m.body {
@@ -539,7 +591,16 @@ impl<S: Storage> Raft<S> {
                     pre: true,
                     reject: false,
                 } => {}
-                MessageBody::Append { .. } | MessageBody::Heartbeat { .. } | MessageBody::Snapshot { .. } => {
+                MessageBody::Append { .. }
+                | MessageBody::Heartbeat { .. }
+                | MessageBody::Snapshot { .. }
+                | MessageBody::Fortify { .. } => {
+                    // A leader of a newer term was elected: any promise to
+                    // an older one was released for that (or its lease
+                    // given up by a transfer).
+                    if self.fortified.is_some_and(|f| f.leader != m.from || f.term < m.term) {
+                        self.fortified = None;
+                    }
                     self.become_follower(m.term, m.from)
                 }
                 _ => self.become_follower(m.term, NONE),
@@ -640,6 +701,11 @@ impl<S: Storage> Raft<S> {
                 self.lease_elapsed = 0;
                 self.handle_snapshot(m.from, snapshot);
             }
+            MessageBody::Fortify { epoch } => {
+                self.become_follower(m.term, m.from);
+                self.lease_elapsed = 0;
+                self.handle_fortify(m.from, epoch);
+            }
             MessageBody::VoteResponse { pre, reject } => {
                 if pre != (self.role == Role::PreCandidate) {
                     return; // a response to another phase
@@ -671,6 +737,12 @@ impl<S: Storage> Raft<S> {
                 self.leader = m.from;
                 self.handle_snapshot(m.from, snapshot);
             }
+            MessageBody::Fortify { epoch } => {
+                self.election_elapsed = 0;
+                self.lease_elapsed = 0;
+                self.leader = m.from;
+                self.handle_fortify(m.from, epoch);
+            }
             MessageBody::TimeoutNow => {
                 // Campaign at once, bypassing pre-vote and others' leases.
                 self.campaign(CampaignKind::Transfer);
@@ -697,7 +769,21 @@ impl<S: Storage> Raft<S> {
                 hint_index,
                 hint_term,
             } => self.handle_append_response(m.from, index, reject, hint_index, hint_term),
-            MessageBody::HeartbeatResponse { seq } => self.handle_heartbeat_response(m.from, seq),
+            MessageBody::HeartbeatResponse { seq, fortified } => {
+                self.handle_heartbeat_response(m.from, seq);
+                if !fortified && self.store_epoch != 0 && self.trk.is_voter(m.from) {
+                    // It does not hold this term's promise (it restarted, or
+                    // the fortification was lost or refused): ask again.
+                    if let Some(p) = self.trk.progress.get_mut(&m.from) {
+                        p.fortified = None;
+                    }
+                    let (t, epoch) = (self.term, self.store_epoch);
+                    self.send(m.from, t, MessageBody::Fortify { epoch });
+                }
+            }
+            MessageBody::FortifyResponse { epoch, incarnation } => {
+                self.handle_fortify_response(m.from, epoch, incarnation)
+            }
             MessageBody::ReadIndex { ctx } => self.handle_read_index(ctx, m.from),
             _ => {}
         }
@@ -712,6 +798,7 @@ impl<S: Storage> Raft<S> {
         if self.role != Role::Leader {
             return Err(ProposeError::NotLeader { leader: self.leader });
         }
+        self.unquiesce();
         if self.lead_transferee != NONE {
             return Err(ProposeError::TransferInProgress);
         }

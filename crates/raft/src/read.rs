@@ -1,7 +1,5 @@
 //! Linearizable reads without a log write: ReadIndex (confirm leadership with a
-//! heartbeat round acknowledged by a quorum) and the data for leader leases
-//! (the newest heartbeat round a quorum acknowledged; the node maps rounds to
-//! the monotonic time it sent them).
+//! heartbeat round acknowledged by a quorum). Leases are `fortify`'s.
 
 use crate::raft::{PendingRead, Raft};
 use crate::storage::Storage;
@@ -15,6 +13,7 @@ impl<S: Storage> Raft<S> {
     /// Asks for a read index on behalf of `ctx`; the answer comes back as a
     /// `ReadState` in a later `Ready` (or never, if leadership is lost).
     pub fn read_index(&mut self, ctx: Vec<u8>) {
+        self.unquiesce();
         match self.role {
             Role::Leader => self.handle_read_index(ctx, self.id),
             Role::Follower if self.leader != NONE => {
@@ -68,20 +67,6 @@ impl<S: Storage> Raft<S> {
         self.pending_reads = waiting;
         for r in ready {
             self.respond_read(r.ctx, r.index, r.from);
-        }
-    }
-
-    /// For a leader that may serve lease reads: the newest heartbeat round a
-    /// quorum acknowledged in this term. The node grants a lease until the
-    /// time it sent that round plus `(election_ticks - 1) * tick * (1 - r) / (1 + r)`.
-    /// `None` when not leader, or after a TimeoutNow was sent in this term.
-    pub fn lease_round(&self) -> Option<u64> {
-        if self.role != Role::Leader || self.lease_disabled_term == self.term {
-            return None;
-        }
-        match self.trk.quorum_acked_seq() {
-            0 => None,
-            s => Some(s),
         }
     }
 }

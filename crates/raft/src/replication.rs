@@ -110,17 +110,22 @@ impl<S: Storage> Raft<S> {
     pub(crate) fn bcast_heartbeat(&mut self) {
         self.hb_seq += 1;
         let seq = self.hb_seq;
-        self.new_heartbeat_round = Some(seq);
         if let Some(p) = self.trk.progress.get_mut(&self.id) {
             p.acked_seq = seq;
         }
         let commit = self.log.committed;
+        #[cfg(test)]
+        let full = self.cfg.mutations.heartbeat_full_commit;
+        #[cfg(not(test))]
+        let full = false;
+        // Never more than the follower is known to hold: it could otherwise
+        // commit entries of its own that the leader's log does not have.
         let targets: Vec<(NodeId, u64)> = self
             .trk
             .progress
             .iter()
             .filter(|(&id, _)| id != self.id)
-            .map(|(&id, p)| (id, p.matched.min(commit)))
+            .map(|(&id, p)| (id, if full { commit } else { p.matched.min(commit) }))
             .collect();
         let t = self.term;
         for (id, c) in targets {
@@ -198,7 +203,8 @@ impl<S: Storage> Raft<S> {
         let c = commit.min(self.log.last_index());
         self.log.commit_to(c);
         let t = self.term;
-        self.send(from, t, MessageBody::HeartbeatResponse { seq });
+        let fortified = self.fortified_by(from);
+        self.send(from, t, MessageBody::HeartbeatResponse { seq, fortified });
     }
 
     pub(crate) fn handle_snapshot(&mut self, from: NodeId, snap: Snapshot) {
@@ -417,6 +423,7 @@ impl<S: Storage> Raft<S> {
         if self.lead_transferee == to {
             return;
         }
+        self.unquiesce();
         self.lead_transferee = to;
         self.election_elapsed = 0;
         self.counters.transfers_started += 1;

@@ -17,8 +17,11 @@ struct Net {
     held: BTreeMap<NodeId, Vec<Ready>>,
     applied: BTreeMap<NodeId, Vec<Entry>>,
     reads: BTreeMap<NodeId, Vec<ReadState>>,
-    hb_rounds: BTreeMap<NodeId, u64>,
 }
+
+/// The store epoch every node of these tests has; their stores all support
+/// each other for good (the node would deliver `Fortify` only then).
+const EPOCH: u64 = 1;
 
 fn cfg(id: NodeId) -> Config {
     let mut c = Config::new(id);
@@ -40,7 +43,9 @@ impl Net {
             ..Default::default()
         };
         for &id in voters.iter().chain(learners) {
-            nodes.insert(id, RawNode::new(f(id), MemStorage::new_with_conf(cs.clone())).unwrap());
+            let mut raw = RawNode::new(f(id), MemStorage::new_with_conf(cs.clone())).unwrap();
+            raw.set_store_epoch(EPOCH);
+            nodes.insert(id, raw);
         }
         Net {
             nodes,
@@ -49,13 +54,21 @@ impl Net {
             held: BTreeMap::new(),
             applied: BTreeMap::new(),
             reads: BTreeMap::new(),
-            hb_rounds: BTreeMap::new(),
         }
     }
 
     fn add_node(&mut self, id: NodeId) {
-        self.nodes
-            .insert(id, RawNode::new(cfg(id), MemStorage::default()).unwrap());
+        let mut raw = RawNode::new(cfg(id), MemStorage::default()).unwrap();
+        raw.set_store_epoch(EPOCH);
+        self.nodes.insert(id, raw);
+    }
+
+    /// Whether `id` holds a lease, every store supporting every other.
+    fn has_lease(&mut self, id: NodeId) -> bool {
+        self.node(id)
+            .lease_basis()
+            .and_then(|b| b.expiration(EPOCH, |_| Some((u64::MAX, crate::support::incarnation(EPOCH)))))
+            .is_some()
     }
 
     fn node(&mut self, id: NodeId) -> &mut RawNode<MemStorage> {
@@ -86,9 +99,6 @@ impl Net {
                         break;
                     }
                     let mut rd = raw.ready();
-                    if let Some(s) = rd.heartbeat_round {
-                        self.hb_rounds.insert(id, s);
-                    }
                     msgs.append(&mut rd.messages);
                     self.reads.entry(id).or_default().append(&mut rd.read_states);
                     let committed = std::mem::take(&mut rd.committed_entries);
@@ -166,6 +176,7 @@ impl Net {
     /// `id` campaigns and wins, one round at a time, so the test can cut in
     /// right after it becomes leader (before its first entry goes out).
     fn win_in_rounds(&mut self, id: NodeId) {
+        self.release_promises();
         self.node(id).campaign();
         for _ in 0..4 {
             self.step_round();
@@ -213,7 +224,16 @@ impl Net {
 
     /// Lets `id` win an election: every other node is past its start-up quiet
     /// period and has not heard from a leader for an election timeout.
+    /// As if every store withdrew its support of every other's epoch: no
+    /// promise to a fortified leader holds any more.
+    fn release_promises(&mut self) {
+        for r in self.nodes.values_mut() {
+            r.raft.fortified = None;
+        }
+    }
+
     fn elect(&mut self, id: NodeId) {
+        self.release_promises();
         let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
         for &i in &ids {
             let r = &mut self.node(i).raft;
@@ -370,7 +390,7 @@ fn a_leader_that_loses_its_quorum_steps_down() {
     n.isolate(1);
     n.tick(1, 21);
     assert_eq!(n.node(1).role(), Role::Follower);
-    assert_eq!(n.node(1).lease_round(), None);
+    assert!(!n.has_lease(1));
 }
 
 /// A (non-pre) vote request from 3 to 2 for `term`, with a log that wins.
@@ -408,17 +428,17 @@ fn a_follower_in_lease_ignores_votes_but_not_a_transfer_campaign() {
 }
 
 #[test]
-fn a_follower_moved_to_a_new_term_without_a_leader_keeps_its_lease_promise() {
-    // Found by the simulator's lease-promise check: node 2 pre-campaigns,
-    // hears its leader again (and answers its heartbeat round, so it counts
-    // toward the lease), then a stale rejection of its pre-vote from a
-    // candidate of a higher term moves it to that term with no leader. It
-    // must still refuse that candidate's vote until its promise runs out.
+fn a_follower_moved_to_a_new_term_without_a_leader_keeps_its_promise() {
+    // Found by the simulator's lease-promise check (under the older lease
+    // rule): node 2 pre-campaigns, hears its leader again (and promises),
+    // then a stale rejection of its pre-vote from a candidate of a higher
+    // term moves it to that term with no leader. It must still refuse that
+    // candidate's vote while its store supports the leader's.
     let mut n = Net::new(&[1, 2, 3]);
     n.elect(1);
     n.tick_all(1);
     let term = n.node(1).term();
-    assert!(n.node(1).lease_round().is_some());
+    assert!(n.has_lease(1));
     n.node(2).step(Message {
         from: 3,
         to: 2,
@@ -432,11 +452,15 @@ fn a_follower_moved_to_a_new_term_without_a_leader_keeps_its_lease_promise() {
     assert_eq!(n.node(2).leader(), NONE);
     let vote = vote_3_to_2(term + 1, false);
     n.node(2).step(vote.clone());
-    assert_eq!(n.node(2).raft.vote, NONE, "no vote while the leader's lease may hold");
-    // Once an election timeout has passed since it heard the leader, it votes.
-    for _ in 0..10 {
+    assert_eq!(n.node(2).raft.vote, NONE, "no vote while it promised");
+    // Time alone does not release it: it promised for as long as its store
+    // supports the leader's.
+    for _ in 0..30 {
         n.node(2).tick();
     }
+    n.node(2).step(vote.clone());
+    assert_eq!(n.node(2).raft.vote, NONE);
+    n.node(2).support_withdrawn(1, EPOCH);
     n.node(2).step(vote);
     assert_eq!(n.node(2).raft.vote, 3);
 }
@@ -516,20 +540,120 @@ fn a_restarted_node_rejects_votes_for_one_election_timeout() {
 }
 
 #[test]
-fn the_lease_round_is_the_newest_round_a_quorum_acknowledged() {
+fn the_lease_rests_on_a_quorum_of_promises_still_supported() {
     let mut n = Net::new(&[1, 2, 3]);
     n.elect(1);
+    let basis = n.node(1).lease_basis().expect("a leader may claim a lease");
+    assert_eq!(basis.promised().count(), 3, "both followers promised");
+    let inc = crate::support::incarnation(EPOCH);
+    // Support from one follower is enough with the leader's own.
+    let one = basis.expiration(EPOCH, |id| (id == 2).then_some((500, inc)));
+    assert_eq!(one, Some(500));
+    let two = basis.expiration(EPOCH, |id| Some((if id == 2 { 500 } else { 700 }, inc)));
+    assert_eq!(two, Some(700), "the best quorum counts");
+    assert_eq!(basis.expiration(EPOCH, |_| None), None, "no support, no lease");
+    // Support from another incarnation (a restarted store) does not carry
+    // the promise its earlier process made.
+    assert_eq!(basis.expiration(EPOCH, |_| Some((500, inc + 1))), None);
+    // Nor does a lease survive a change of the leader's store epoch.
+    assert_eq!(basis.expiration(EPOCH + 1, |_| Some((500, inc))), None);
+    // Followers whose fortification was lost do not count, until the next
+    // heartbeat tick asks them again.
+    for id in [2, 3] {
+        n.node(1).raft.trk.progress.get_mut(&id).unwrap().fortified = None;
+        n.node(id).raft.fortified = None;
+    }
+    let b = n.node(1).lease_basis().expect("basis");
+    assert_eq!(b.promised().count(), 1);
+    assert_eq!(b.expiration(EPOCH, |_| Some((500, inc))), None);
     n.tick(1, 1);
-    let round = n.hb_rounds[&1];
-    assert_eq!(n.node(1).lease_round(), Some(round));
-    // Cut both followers: a new round starts but no quorum acknowledges it.
+    let b = n.node(1).lease_basis().expect("basis");
+    assert_eq!(b.expiration(EPOCH, |_| Some((500, inc))), Some(500));
+}
+
+#[test]
+fn a_fortified_follower_does_not_campaign_until_support_is_withdrawn() {
+    let mut n = Net::new(&[1, 2, 3]);
+    n.elect(1);
     n.isolate(1);
+    n.tick(2, 100);
+    assert_eq!(n.node(2).role(), Role::Follower, "it promised not to campaign");
+    assert!(!n.node(2).needs_tick());
+    n.node(2).support_withdrawn(1, EPOCH);
+    n.node(3).support_withdrawn(1, EPOCH);
+    assert!(n.node(2).needs_tick());
+    n.tick_all(20);
+    let leader = [2, 3].into_iter().find(|&id| n.node(id).role() == Role::Leader);
+    assert!(
+        leader.is_some(),
+        "a failover within an election timeout of the withdrawal"
+    );
+}
+
+#[test]
+fn a_leader_that_steps_down_releases_its_followers() {
+    let mut n = Net::new(&[1, 2, 3]);
+    n.elect(1);
+    assert!(n.node(2).fortification().is_some());
+    // Node 1 steps down: it hears of a higher term from a node it cannot
+    // otherwise reach (a pre-vote rejection), and releases its followers.
+    let term = n.node(1).term();
+    n.node(1).step(Message {
+        from: 3,
+        to: 1,
+        term: term + 1,
+        body: MessageBody::AppendResponse {
+            index: 0,
+            reject: false,
+            hint_index: 0,
+            hint_term: 0,
+        },
+    });
+    assert_eq!(n.node(1).role(), Role::Follower);
     n.tick(1, 1);
-    assert!(n.hb_rounds[&1] > round);
-    assert_eq!(n.node(1).lease_round(), Some(round));
-    n.heal();
-    n.tick(1, 1);
-    assert_eq!(n.node(1).lease_round(), Some(n.hb_rounds[&1]));
+    assert_eq!(n.node(2).fortification(), None, "released by Defortify");
+    assert_eq!(n.node(3).fortification(), None);
+    // A stale Defortify of an older term does not release a newer promise.
+    n.elect(1);
+    let t = n.node(1).term();
+    assert!(n.node(2).fortification().is_some_and(|f| f.term == t));
+    n.node(2).step(Message {
+        from: 1,
+        to: 2,
+        term: t,
+        body: MessageBody::Defortify { term: term },
+    });
+    assert!(
+        n.node(2).fortification().is_some(),
+        "a Defortify of term {term} leaves term {t}'s promise"
+    );
+}
+
+#[test]
+fn an_idle_leader_quiesces_and_a_proposal_wakes_it() {
+    let mut n = Net::new(&[1, 2, 3]);
+    n.elect(1);
+    n.tick_all(3);
+    assert!(n.node(1).quiesced(), "all caught up, all promised: quiesced");
+    assert!(!n.node(1).needs_tick());
+    assert!(!n.node(2).needs_tick() && !n.node(3).needs_tick());
+    n.tick_all(5);
+    assert!(!n.node(1).has_ready(), "a quiesced leader sends nothing");
+    n.node(1).propose(b"x".to_vec()).unwrap();
+    assert!(!n.node(1).quiesced());
+    n.settle();
+    let last = n.node(1).raft.log.last_index();
+    for id in [2, 3] {
+        assert_eq!(n.node(id).raft.log.committed, last, "node {id} knows the commit");
+    }
+    n.tick_all(3);
+    assert!(n.node(1).quiesced(), "quiesces again");
+    // A leader with a follower that does not answer does not quiesce.
+    n.node(1).propose(b"y".to_vec()).unwrap();
+    n.isolate(3);
+    n.settle();
+    n.tick(1, 5);
+    assert!(!n.node(1).quiesced());
 }
 
 #[test]
@@ -550,12 +674,12 @@ fn no_lease_after_sending_timeout_now() {
     let mut n = Net::new(&[1, 2, 3]);
     n.elect(1);
     n.tick(1, 1);
-    assert!(n.node(1).lease_round().is_some());
+    assert!(n.has_lease(1));
     n.cut.insert((1, 2)); // TimeoutNow is lost: node 1 stays leader
     n.node(1).transfer_leader(2);
     n.settle();
     assert_eq!(n.node(1).role(), Role::Leader);
-    assert_eq!(n.node(1).lease_round(), None);
+    assert!(!n.has_lease(1));
     // Without a lease for the rest of its term, it steps down after an
     // election timeout, and a later term has a leader with a lease again.
     n.cut.clear();
@@ -571,7 +695,7 @@ fn no_lease_after_sending_timeout_now() {
         .expect("a new leader");
     assert!(n.node(leader).term() > 2);
     n.tick(leader, 1);
-    assert!(n.node(leader).lease_round().is_some(), "the new term has a lease");
+    assert!(n.has_lease(leader), "the new term has a lease");
 }
 
 // ---- replication -----------------------------------------------------------------

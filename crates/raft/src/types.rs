@@ -163,8 +163,29 @@ pub enum MessageBody {
         commit: u64,
         seq: u64,
     },
+    /// `fortified`: the follower holds the sender's fortification of this
+    /// term (if not, a fortifying leader sends `Fortify` again).
     HeartbeatResponse {
         seq: u64,
+        fortified: bool,
+    },
+    /// A leader asks a follower to promise not to vote for anyone else while
+    /// the follower's store supports the leader's store at `epoch`. The node
+    /// delivers it only if its store does support that epoch.
+    Fortify {
+        epoch: u64,
+    },
+    /// The follower promised; `incarnation` is its store's (a promise counts
+    /// only while the support the leader's store has comes from that same
+    /// incarnation: a restarted store forgot it).
+    FortifyResponse {
+        epoch: u64,
+        incarnation: u64,
+    },
+    /// A leader of term `term` that stepped down releases its followers'
+    /// promises.
+    Defortify {
+        term: u64,
     },
     Snapshot {
         snapshot: Snapshot,
@@ -193,6 +214,9 @@ impl MessageBody {
             MessageBody::VoteResponse { .. } => "VoteResponse",
             MessageBody::Heartbeat { .. } => "Heartbeat",
             MessageBody::HeartbeatResponse { .. } => "HeartbeatResponse",
+            MessageBody::Fortify { .. } => "Fortify",
+            MessageBody::FortifyResponse { .. } => "FortifyResponse",
+            MessageBody::Defortify { .. } => "Defortify",
             MessageBody::Snapshot { .. } => "Snapshot",
             MessageBody::TimeoutNow => "TimeoutNow",
             MessageBody::ReadIndex { .. } => "ReadIndex",

@@ -21,12 +21,16 @@ use checker::{chain, Checker};
 use crate::node::{RawNode, Ready};
 use crate::raft::{Config, Mutations};
 use crate::storage::{MemStorage, Storage, StorageError};
+use crate::support::{first_epoch, SupportConfig, SupportManager, SupportMsg};
 use crate::types::*;
 
 /// Simulated time units per tick.
 pub const TICK: u64 = 3;
 /// The minimum election timeout in ticks.
 pub const ELECTION_TICKS: u64 = 6;
+/// How long a store's support lasts (time units): within the restart quiet
+/// period of `ELECTION_TICKS` ticks, as in the node.
+pub const SUPPORT_INTERVAL: u64 = (ELECTION_TICKS - 1) * TICK;
 /// Under faults, how often (per mille) a node's tick fires late.
 pub const LATE_TICK_PER_MILLE: u64 = 50;
 /// After faults stop, a leader must exist and a proposal must be applied by
@@ -52,6 +56,10 @@ pub struct Stats {
     /// Steps at which some node held a valid lease.
     pub lease_steps: u64,
     pub votes_ignored_in_lease: u64,
+    /// Times a leader quiesced.
+    pub quiesced: u64,
+    /// Supports withdrawn.
+    pub withdrawals: u64,
 }
 
 impl std::ops::AddAssign for Stats {
@@ -71,6 +79,8 @@ impl std::ops::AddAssign for Stats {
         self.compactions += o.compactions;
         self.lease_steps += o.lease_steps;
         self.votes_ignored_in_lease += o.votes_ignored_in_lease;
+        self.quiesced += o.quiesced;
+        self.withdrawals += o.withdrawals;
     }
 }
 
@@ -266,8 +276,8 @@ struct SimNode {
     paused: bool,
     /// The node's log as it sees it: index -> (term, prefix hash).
     chain: BTreeMap<u64, (u64, u64)>,
-    /// Heartbeat round -> time its messages were sent.
-    hb_times: BTreeMap<u64, u64>,
+    /// Its store's liveness (the node is its own store); gone while down.
+    sl: Option<SupportManager>,
     restarts: u64,
     was_leader_in: u64,
     /// The commit index when it last became leader.
@@ -307,6 +317,8 @@ pub struct World {
     step: u64,
     nodes: BTreeMap<NodeId, SimNode>,
     net: Vec<InFlightMsg>,
+    /// Store liveness messages in flight: (deliver at, message).
+    snet: Vec<(u64, SupportMsg)>,
     /// Directed links that drop everything.
     cut: BTreeSet<(NodeId, NodeId)>,
     checker: Checker,
@@ -345,6 +357,7 @@ impl World {
             step: 0,
             nodes: BTreeMap::new(),
             net: Vec::new(),
+            snet: Vec::new(),
             cut: BTreeSet::new(),
             checker: Checker::default(),
             next_cmd: 1,
@@ -382,7 +395,9 @@ impl World {
             }
             st.confs.insert(st.sm.applied, conf);
             let base = (st.sm.applied, if member { crate::storage::BOOTSTRAP_TERM } else { 0 });
-            let raw = w.make_raw(id, 0, st);
+            let mut raw = w.make_raw(id, 0, st);
+            let sl = w.make_support(id, 0);
+            raw.set_store_epoch(sl.epoch());
             w.nodes.insert(
                 id,
                 SimNode {
@@ -392,7 +407,7 @@ impl World {
                     pending: VecDeque::new(),
                     paused: false,
                     chain: BTreeMap::from([(base.0, (base.1, 0))]),
-                    hb_times: BTreeMap::new(),
+                    sl: Some(sl),
                     restarts: 0,
                     was_leader_in: 0,
                     commit_at_election: 0,
@@ -418,6 +433,16 @@ impl World {
             Ok(r) => r,
             Err(e) => panic!("sim node {id} cannot start: {e}"),
         }
+    }
+
+    fn make_support(&self, id: NodeId, restarts: u64) -> SupportManager {
+        let cfg = SupportConfig {
+            interval: SUPPORT_INTERVAL,
+            requester_interval: SUPPORT_INTERVAL,
+        };
+        let mut sl = SupportManager::new(id, first_epoch(restarts), cfg);
+        sl.mutations.extend_past_interval = self.cfg.mutations.support_past_interval;
+        sl
     }
 
     fn log(&mut self, s: String) {
@@ -532,6 +557,12 @@ impl World {
             .filter_map(|n| n.raw.as_ref())
             .map(|r| r.raft.counters.votes_ignored_in_lease)
             .sum();
+        self.stats.quiesced = self
+            .nodes
+            .values()
+            .filter_map(|n| n.raw.as_ref())
+            .map(|r| r.raft.counters.quiesced)
+            .sum();
         Ok(self.stats)
     }
 
@@ -611,6 +642,7 @@ impl World {
             self.process_readies()?;
         }
         self.deliver_some();
+        self.deliver_support_some();
         self.process_readies()?;
         self.persist_some();
         self.process_readies()?;
@@ -620,29 +652,39 @@ impl World {
     }
 
     /// Ticks a node and sets its timer as a store's scheduler does: the next
-    /// tick at least one tick after this one, however late this one fired
-    /// (the lease rule counts on it). Under faults a tick sometimes fires late.
+    /// tick one tick after this one, however late this one fired. Under
+    /// faults a tick sometimes fires late. Each tick the node's store
+    /// liveness withdraws expired support (releasing promises made to it)
+    /// and asks every other store for support; raft ticks only a member that
+    /// needs it (a quiesced leader and its fortified followers do not).
     fn tick_node(&mut self, id: NodeId) {
         let now = self.now;
         let late = self.faults && self.rng.chance(LATE_TICK_PER_MILLE);
         let delay = 1 + self.rng.below(2 * TICK);
-        let catch_up = self.cfg.mutations.catch_up_ticks;
+        let peers: Vec<NodeId> = self.nodes.keys().copied().filter(|&p| p != id).collect();
         let Some(n) = self.nodes.get_mut(&id) else { return };
-        let Some(r) = n.raw.as_mut() else { return };
-        r.tick();
-        n.tick_scheduled = if catch_up {
-            // The bug: keep the old cadence, so a late tick is followed by
-            // an on-time one less than a tick later.
-            let next = n.tick_scheduled + TICK;
-            if next < now {
-                now + TICK
-            } else {
-                next
-            }
-        } else {
-            now + TICK
+        let (Some(r), Some(sl)) = (n.raw.as_mut(), n.sl.as_mut()) else {
+            return;
         };
+        let withdrawn = sl.withdraw_expired(now);
+        for &(store, epoch) in &withdrawn {
+            r.support_withdrawn(store, epoch);
+        }
+        let requests: Vec<SupportMsg> = peers.iter().map(|&p| sl.request(p, now)).collect();
+        if r.needs_tick() {
+            r.tick();
+        }
+        n.tick_scheduled = now + TICK;
         n.tick_at = n.tick_scheduled + if late { delay } else { 0 };
+        self.stats.withdrawals += withdrawn.len() as u64;
+        for (store, epoch) in withdrawn {
+            self.log(format!(
+                "store {id} withdraws support of store {store} epoch {epoch:#x}"
+            ));
+        }
+        for m in requests {
+            self.enqueue_support(m);
+        }
         if late {
             self.log(format!("tick of {id} will be {delay} late"));
         }
@@ -761,6 +803,57 @@ impl World {
         });
     }
 
+    fn enqueue_support(&mut self, m: SupportMsg) {
+        let max = if !self.faults {
+            TICK
+        } else if self.rng.chance(self.profile.long_delay_per_mille) {
+            3 * ELECTION_TICKS * TICK
+        } else if self.rng.chance(100) {
+            4 * TICK
+        } else {
+            TICK
+        };
+        let delay = self.rng.below(max);
+        self.snet.push((self.now + delay, m));
+    }
+
+    /// Delivers due store liveness messages (same faults as raft's).
+    fn deliver_support_some(&mut self) {
+        let now = self.now;
+        let mut due = Vec::new();
+        let mut i = 0;
+        while i < self.snet.len() {
+            if self.snet[i].0 <= now && self.rng.chance(600) {
+                due.push(self.snet.swap_remove(i).1);
+            } else {
+                i += 1;
+            }
+        }
+        for m in due {
+            let (from, to) = (m.from(), m.to());
+            if self.nodes.get(&to).is_some_and(|n| n.paused) {
+                self.snet.push((now + 1, m));
+                continue;
+            }
+            if self.cut.contains(&(from, to)) || (self.faults && self.rng.chance(30)) {
+                continue;
+            }
+            let Some(n) = self.nodes.get_mut(&to) else { continue };
+            let (Some(r), Some(sl)) = (n.raw.as_mut(), n.sl.as_mut()) else {
+                continue;
+            };
+            let (answer, ended) = sl.handle(m, now);
+            if let Some((store, epoch)) = ended {
+                r.support_withdrawn(store, epoch);
+            }
+            // A refusal may have moved this store to a higher epoch.
+            r.set_store_epoch(sl.epoch());
+            if let Some(a) = answer {
+                self.enqueue_support(a);
+            }
+        }
+    }
+
     fn deliver(&mut self, m: Message) {
         let (from, to) = (m.from, m.to);
         let is_snap = matches!(m.body, MessageBody::Snapshot { .. });
@@ -771,6 +864,19 @@ impl World {
                 self.report_snapshot(from, to, false);
             }
             return;
+        }
+        if let MessageBody::Fortify { epoch } = m.body {
+            // The node delivers a fortification only if its store supports
+            // the leader's store at that epoch.
+            if !self
+                .nodes
+                .get(&to)
+                .and_then(|n| n.sl.as_ref())
+                .is_some_and(|sl| sl.supports(from, epoch))
+            {
+                self.log(format!("drop Fortify {from}->{to}: no support of epoch {epoch:#x}"));
+                return;
+            }
         }
         self.log(format!("deliver {} {from}->{to} term {}", m.body.name(), m.term));
         if let Some(r) = self.nodes.get_mut(&to).and_then(|n| n.raw.as_mut()) {
@@ -860,7 +966,7 @@ impl World {
         n.down_storage = Some(raw.storage().clone());
         n.pending.clear();
         n.paused = false;
-        n.hb_times.clear();
+        n.sl = None;
         self.stats.crashes += 1;
         self.log(format!("crash {id}"));
     }
@@ -893,11 +999,15 @@ impl World {
             h = checker::chain(h, e);
             chain.insert(e.index, (e.term, h));
         }
-        let raw = self.make_raw(id, restarts, st);
+        let mut raw = self.make_raw(id, restarts, st);
+        // A restarted store takes a new incarnation: a higher epoch.
+        let sl = self.make_support(id, restarts);
+        raw.set_store_epoch(sl.epoch());
         let now = self.now;
         let n = self.nodes.get_mut(&id).expect("node");
         n.chain = chain;
         n.raw = Some(raw);
+        n.sl = Some(sl);
         n.tick_scheduled = now + TICK;
         n.tick_at = now + TICK;
         self.log(format!("restart {id}"));
@@ -1101,10 +1211,6 @@ impl World {
     }
 
     fn handle_ready(&mut self, id: NodeId, rd: Ready) -> Result<(), String> {
-        let now = self.now;
-        if let Some(seq) = rd.heartbeat_round {
-            self.nodes.get_mut(&id).expect("node").hb_times.insert(seq, now);
-        }
         if let Some(ss) = rd.soft_state {
             if ss.role == Role::Leader {
                 self.on_new_leader(id)?;
@@ -1321,17 +1427,16 @@ impl World {
             return Err(e);
         }
         let mut holders = Vec::new();
-        let lease_len = (ELECTION_TICKS - 1) * TICK;
         let mut commits = Vec::new();
         for n in self.nodes.values() {
-            let Some(raw) = n.raw.as_ref() else { continue };
-            if let Some(seq) = raw.lease_round() {
-                // The send time of the round is that of the first stamp at or after it.
-                if let Some((_, &t0)) = n.hb_times.range(seq..).next() {
-                    if self.now < t0 + lease_len {
-                        holders.push(n.id);
-                        self.check_lease_promises(n.id, raw, seq, t0 + lease_len)?;
-                    }
+            let (Some(raw), Some(sl)) = (n.raw.as_ref(), n.sl.as_ref()) else {
+                continue;
+            };
+            if let Some(basis) = raw.lease_basis() {
+                let until = basis.expiration(sl.epoch(), |f| sl.support_from(f));
+                if until.is_some_and(|u| self.now < u) {
+                    holders.push(n.id);
+                    self.check_lease_promises(n.id, &basis, sl)?;
                 }
             }
             let c = raw.raft.log.committed;
@@ -1364,28 +1469,46 @@ impl World {
 }
 
 impl World {
-    /// The lease's premise, checked directly: every voter whose answer to
-    /// round `seq` (or a later one) counts toward the lease of `leader` still
-    /// refuses votes, as it promised, until the lease ends at `until`.
+    /// The lease's premise, checked directly: every voter whose promise
+    /// counts toward the lease of `leader` (its support still counted by the
+    /// leader's store) still holds that promise and still supports the
+    /// leader's store at that epoch, or is down or in its restart quiet
+    /// period (it forgot the promise and refuses votes for an interval).
     fn check_lease_promises(
         &self,
         leader: NodeId,
-        raw: &RawNode<SimStorage>,
-        seq: u64,
-        until: u64,
+        basis: &crate::LeaseBasis,
+        sl: &SupportManager,
     ) -> Result<(), String> {
-        let r = &raw.raft;
-        for (&f, p) in &r.trk.progress {
-            if f == leader || !r.trk.is_voter(f) || p.acked_seq < seq {
+        for f in basis.promised() {
+            // Counted: its support still runs, granted by the incarnation
+            // of its store that promised.
+            let counted = sl
+                .support_from(f)
+                .is_some_and(|(u, inc)| self.now < u && basis.promise_of(f) == Some(inc));
+            if f == leader || !counted {
                 continue;
             }
-            let Some(fr) = self.nodes.get(&f).and_then(|n| n.raw.as_ref()) else {
-                continue; // down: a restarted node refuses votes for a while
+            let Some(n) = self.nodes.get(&f) else { continue };
+            let (Some(fr), Some(fsl)) = (n.raw.as_ref(), n.sl.as_ref()) else {
+                continue; // down
             };
-            if !fr.raft.in_lease() {
+            if fr.raft.ticks_since_start < ELECTION_TICKS {
+                continue; // restarted: refuses every vote for now
+            }
+            let promise = crate::Fortification {
+                leader,
+                term: basis.term,
+                epoch: basis.epoch,
+            };
+            if fr.fortification() != Some(promise) || !fsl.supports(leader, basis.epoch) {
                 return Err(format!(
-                    "lease promise: node {f} answered round {} of leader {leader} (term {}), whose lease lasts until {until}, but would grant a vote at {}",
-                    p.acked_seq, r.term, self.now
+                    "lease promise: node {f} counts toward the lease of leader {leader} (term {}, epoch {:#x}) at {}, but holds promise {:?} and supports it: {}",
+                    basis.term,
+                    basis.epoch,
+                    self.now,
+                    fr.fortification(),
+                    fsl.supports(leader, basis.epoch)
                 ));
             }
         }

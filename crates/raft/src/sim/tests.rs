@@ -59,11 +59,12 @@ fn simulate_many_schedules() {
         }
     }
     println!(
-        "raft simulator: {} schedules ({per} x 3 nodes, {per} x 5 nodes), {} steps in {:.1}s\n  elections {}, snapshots {}, joint configurations {}, leader transfers {}, crashes {}, partitions {}, pauses {}, drops {}, duplicates {}, acknowledged proposals {}, reads {}, compactions {}",
+        "raft simulator: {} schedules ({per} x 3 nodes, {per} x 5 nodes), {} steps in {:.1}s\n  elections {}, snapshots {}, joint configurations {}, leader transfers {}, crashes {}, partitions {}, pauses {}, drops {}, duplicates {}, acknowledged proposals {}, reads {}, compactions {}\n  steps with a lease {}, quiesced leaders {}, supports withdrawn {}, votes refused on a promise {}",
         2 * per,
         s.steps,
         started.elapsed().as_secs_f64(),
-        s.elections, s.snapshots, s.joint_configs, s.transfers, s.crashes, s.partitions, s.pauses, s.drops, s.duplicates, s.proposals_acked, s.reads, s.compactions
+        s.elections, s.snapshots, s.joint_configs, s.transfers, s.crashes, s.partitions, s.pauses, s.drops, s.duplicates, s.proposals_acked, s.reads, s.compactions,
+        s.lease_steps, s.quiesced, s.withdrawals, s.votes_ignored_in_lease
     );
     for (what, n) in [
         ("elections", s.elections),
@@ -76,6 +77,9 @@ fn simulate_many_schedules() {
         ("acknowledged proposals", s.proposals_acked),
         ("reads", s.reads),
         ("compactions", s.compactions),
+        ("steps with a lease", s.lease_steps),
+        ("quiesced leaders", s.quiesced),
+        ("support withdrawals", s.withdrawals),
     ] {
         assert!(n > 0, "the schedules exercised no {what}");
     }
@@ -172,11 +176,33 @@ fn mutation_vote_before_durable_is_caught() {
 }
 
 #[test]
-fn mutation_ignore_lease_on_vote_is_caught() {
+fn mutation_vote_while_fortified_is_caught() {
     caught(
-        "vote while the leader's lease may be valid",
+        "a follower votes while it supports a fortified leader",
         Mutations {
-            ignore_lease_on_vote: true,
+            vote_while_fortified: true,
+            ..Default::default()
+        },
+    );
+}
+
+#[test]
+fn mutation_support_past_interval_is_caught() {
+    caught(
+        "a store counts on support past the supporter's interval",
+        Mutations {
+            support_past_interval: true,
+            ..Default::default()
+        },
+    );
+}
+
+#[test]
+fn mutation_heartbeat_full_commit_is_caught() {
+    caught(
+        "heartbeats carry the leader's commit, not min(commit, match)",
+        Mutations {
+            heartbeat_full_commit: true,
             ..Default::default()
         },
     );
@@ -188,17 +214,6 @@ fn mutation_early_conf_change_is_caught() {
         "new leader changes configuration before its first entry applies",
         Mutations {
             early_conf_change: true,
-            ..Default::default()
-        },
-    );
-}
-
-#[test]
-fn mutation_catch_up_ticks_is_caught() {
-    caught(
-        "a late tick is followed by an on-time one less than a tick later",
-        Mutations {
-            catch_up_ticks: true,
             ..Default::default()
         },
     );
@@ -216,9 +231,10 @@ fn one_seed_mutated() {
         "double_vote" => m.double_vote = true,
         "skip_log_matching" => m.skip_log_matching = true,
         "vote_before_durable" => m.vote_before_durable = true,
-        "ignore_lease_on_vote" => m.ignore_lease_on_vote = true,
+        "vote_while_fortified" => m.vote_while_fortified = true,
+        "support_past_interval" => m.support_past_interval = true,
+        "heartbeat_full_commit" => m.heartbeat_full_commit = true,
         "early_conf_change" => m.early_conf_change = true,
-        "catch_up_ticks" => m.catch_up_ticks = true,
         other => panic!("unknown mutation {other}"),
     }
     let cfg = SimConfig {
