@@ -356,7 +356,23 @@ async fn register_over_native_kv_under_splits_and_the_nemesis_is_linearizable() 
     }
     let out = workload.await.unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    // Group commit across ranges: syncs that carried several ranges' entries
+    // (read from every node's address, restarted processes included, before
+    // the restarted ones go).
+    let mut multi = 0u64;
+    for n in &c.nodes {
+        let (_, body) = http_get(&n.http, "/metrics").unwrap_or_default();
+        let val = |name: &str| -> u64 {
+            body.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        multi += val("tardigrade_raft_ranges_per_fsync_count")
+            .saturating_sub(val("tardigrade_raft_ranges_per_fsync_bucket{le=\"1\"}"));
+    }
     kill_restarted(&stdout);
+    println!("syncs carrying more than one range: {multi}");
+    assert!(multi > 0, "no sync carried more than one range's entries");
     println!(
         "{stdout}\n200 admin splits in {split_time:?}; {under_faults} of 40 more and {merges_under_faults} of 15 merges under the nemesis"
     );
@@ -398,6 +414,23 @@ async fn register_over_native_kv_under_splits_and_the_nemesis_is_linearizable() 
             }
             false
         };
+        if !ok {
+            // What the nodes say of leases nobody holds, for the report.
+            for n in 0..3 {
+                for r in c.ranges(n).await.unwrap_or_default() {
+                    if !r.lease_valid && (r.raft_leader == 0 || !r.lease.is_empty()) {
+                        let id = r.descriptor.as_ref().map_or(0, |d| d.range_id);
+                        eprintln!(
+                            "node {}: range {id} leader {} term {}: {}",
+                            n + 1,
+                            r.raft_leader,
+                            r.raft_term,
+                            r.lease
+                        );
+                    }
+                }
+            }
+        }
         assert!(ok, "merge at {key}: {last}");
         merged += 1;
     }

@@ -112,6 +112,12 @@ pub struct Metrics {
     pub raft_fsyncs: Counter,
     pub raft_entries_persisted: Counter,
     pub raft_entries_per_fsync: Histogram,
+    /// Ranges whose entries or hard state one synced write carried (group
+    /// commit across ranges).
+    pub raft_ranges_per_fsync: Histogram,
+    /// Scheduler cycles that had work, and how long each took (ready,
+    /// write, apply, send).
+    pub scheduler_cycle_seconds: Histogram,
     pub raft_messages_sent: Counter,
     /// Frames of raft messages handed to the transport (one per destination
     /// store per cycle that had messages for it).
@@ -150,6 +156,8 @@ impl Default for Metrics {
             raft_fsyncs: Counter::default(),
             raft_entries_persisted: Counter::default(),
             raft_entries_per_fsync: Histogram::new(COUNT_BUCKETS),
+            raft_ranges_per_fsync: Histogram::new(COUNT_BUCKETS),
+            scheduler_cycle_seconds: Histogram::new(LATENCY_BUCKETS),
             raft_messages_sent: Counter::default(),
             raft_frames_sent: Counter::default(),
             raft_messages_received: Counter::default(),
@@ -298,6 +306,18 @@ impl Metrics {
         );
         self.raft_entries_per_fsync
             .render(&mut out, "tardigrade_raft_entries_per_fsync", "");
+        let _ = writeln!(
+            out,
+            "# HELP tardigrade_raft_ranges_per_fsync Ranges whose raft state one synced write carried.\n# TYPE tardigrade_raft_ranges_per_fsync histogram"
+        );
+        self.raft_ranges_per_fsync
+            .render(&mut out, "tardigrade_raft_ranges_per_fsync", "");
+        let _ = writeln!(
+            out,
+            "# HELP tardigrade_scheduler_cycle_seconds Scheduler cycles with work: ready, write, apply and send.\n# TYPE tardigrade_scheduler_cycle_seconds histogram"
+        );
+        self.scheduler_cycle_seconds
+            .render(&mut out, "tardigrade_scheduler_cycle_seconds", "");
         let _ = writeln!(
             out,
             "# HELP tardigrade_request_duration_seconds Latency of etcd API requests.\n# TYPE tardigrade_request_duration_seconds histogram"

@@ -142,6 +142,11 @@ impl ReplicaStorage {
         }
     }
 
+    /// The log's bounds: `(truncated index, last index)`.
+    pub fn bounds(&self) -> (u64, u64) {
+        (self.truncated.index, self.last_index)
+    }
+
     /// The cached entry at `index`, if it is cached.
     fn cached(&self, index: u64) -> Option<&Entry> {
         let first = self.cache.front()?.index;

@@ -109,6 +109,15 @@ pub struct ReplicaStatus {
 }
 
 impl ReplicaStatus {
+    /// What this replica's lease rests on (see `StoreLiveness::describe`);
+    /// empty when it claims none.
+    pub fn lease_detail(&self, now: Instant) -> String {
+        match (&self.lease, &self.liveness) {
+            (Some(l), Some(sl)) => sl.describe(l, now),
+            _ => String::new(),
+        }
+    }
+
     /// Whether this replica may serve a read now.
     pub fn can_serve(&self, now: Instant) -> bool {
         self.leader_ready

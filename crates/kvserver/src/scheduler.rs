@@ -475,8 +475,10 @@ impl Scheduler {
         let mut out = std::mem::take(&mut self.out);
         loop {
             let mut batch = self.engine.batch();
+            let cycle_start = Instant::now();
             let mut readies = Vec::new();
             let mut entries = 0u64;
+            let mut synced_ranges = 0u64;
             // Only entries, a snapshot, or a new term or vote must be synced:
             // a commit index alone may be lost in a crash (raft relearns it).
             let mut must_sync = false;
@@ -495,15 +497,19 @@ impl Scheduler {
                     snapshotted.push(id);
                 }
                 out.add(r, std::mem::take(&mut rd.messages), &*self.transport, &self.events);
+                let ranges_before = synced_ranges;
                 if !rd.entries.is_empty() {
+                    synced_ranges += 1;
                     let es: Vec<_> = rd.entries.iter().map(command::encode_entry).collect();
-                    raftlog::append(&mut batch, id, &es)?;
+                    let (truncated, last) = r.raw.storage().bounds();
+                    raftlog::append_within(&mut batch, id, &es, truncated, last)?;
                     entries += es.len() as u64;
                     must_sync = true;
                 }
                 if let Some(hs) = rd.hard_state {
                     if (hs.term, hs.vote) != r.synced_term_vote {
                         must_sync = true;
+                        synced_ranges = synced_ranges.max(ranges_before + 1);
                         r.synced_term_vote = (hs.term, hs.vote);
                     }
                     raftlog::save_hard_state(
@@ -533,6 +539,7 @@ impl Scheduler {
                 self.metrics.raft_fsyncs.inc();
                 self.metrics.raft_entries_persisted.add(entries);
                 self.metrics.raft_entries_per_fsync.observe(entries as f64);
+                self.metrics.raft_ranges_per_fsync.observe(synced_ranges as f64);
             } else if !batch.is_empty() {
                 self.engine.write(batch, false)?;
             }
@@ -570,6 +577,9 @@ impl Scheduler {
                 self.start_right_hand(right, leader)?;
             }
             out.flush(&*self.transport, &self.metrics);
+            self.metrics
+                .scheduler_cycle_seconds
+                .observe(cycle_start.elapsed().as_secs_f64());
         }
     }
 }

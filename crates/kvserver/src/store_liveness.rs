@@ -87,6 +87,11 @@ impl StoreLiveness {
         self.sm.read().epoch()
     }
 
+    /// The support manager's whole state, for debugging.
+    pub fn dump(&self) -> String {
+        format!("{:?}", *self.sm.read())
+    }
+
     /// Requests for support to send to `peers` now.
     pub fn requests(&self, peers: impl Iterator<Item = u64>, now: Instant) -> Vec<SupportMsg> {
         let t = self.time(now);
@@ -110,6 +115,46 @@ impl StoreLiveness {
     /// Whether this store supports `store` at `epoch` now.
     pub fn supports(&self, store: u64, epoch: u64) -> bool {
         self.sm.read().supports(store, epoch)
+    }
+
+    /// What `lease` rests on at `now`, for operators: the epochs and, per
+    /// voter that promised, its store and how long that store's support
+    /// still runs (or why it does not count).
+    pub fn describe(&self, lease: &Lease, now: Instant) -> String {
+        let t = self.time(now);
+        let sm = self.sm.read();
+        let mut out = format!(
+            "term {} epoch {:#x} (store now {:#x});",
+            lease.basis.term,
+            lease.basis.epoch,
+            sm.epoch()
+        );
+        for r in lease.basis.promised() {
+            let Some(&store) = lease.stores.get(&r) else {
+                out.push_str(&format!(" r{r}: store unknown;"));
+                continue;
+            };
+            if r == lease.basis.leader {
+                out.push_str(&format!(" r{r}@s{store}: leader;"));
+                continue;
+            }
+            let promised = lease.basis.promise_of(r);
+            match sm.support_from(store) {
+                None => out.push_str(&format!(" r{r}@s{store}: no support;")),
+                Some((_, inc)) if Some(inc) != promised => out.push_str(&format!(
+                    " r{r}@s{store}: support from incarnation {inc}, promise from {promised:?};"
+                )),
+                Some((until, _)) if until <= t => out.push_str(&format!(
+                    " r{r}@s{store}: support ended {} ms ago;",
+                    (t - until) / 1_000_000
+                )),
+                Some((until, _)) => out.push_str(&format!(
+                    " r{r}@s{store}: supported for {} ms;",
+                    (until - t) / 1_000_000
+                )),
+            }
+        }
+        out
     }
 
     /// Whether `lease` holds at `now`.

@@ -97,6 +97,7 @@ fn a_store_behind_the_truncated_log_catches_up_by_snapshot() {
             me: down,
             handles: c.handles.clone(),
             timeout_now: c.timeout_now.clone(),
+            isolated: c.isolated.clone(),
         }),
         bootstrap: Bootstrap::Existing,
         ..Default::default()

@@ -158,3 +158,82 @@ fn a_leader_whose_store_restarts_never_blocks_an_election() {
     let h = leader(&c, ETCD_RANGE_ID);
     put(&h, "after-restart", "1").unwrap();
 }
+
+#[test]
+fn every_range_regains_its_lease_after_two_of_three_stores_restart() {
+    let mut c = start(3);
+    three_voters_everywhere(&c, 3);
+    let mut ranges = vec![1, ETCD_RANGE_ID, USER];
+    for i in 0..10u64 {
+        let h = leader(&c, USER);
+        wait_for("the user range's lease", Duration::from_secs(10), || {
+            h.status(USER).is_some_and(|s| s.can_serve(Instant::now()))
+        });
+        split_at(&h, USER, &[0x11, 0xf0 - i as u8], 100 + i);
+        ranges.push(100 + i);
+    }
+    three_voters_everywhere(&c, ranges.len());
+    wait_for("every range to quiesce", Duration::from_secs(30), || all_quiescent(&c));
+    // The store holding most leases stays; the other two die and come back.
+    let keep = leader_store(&c, USER).unwrap();
+    let others: Vec<u64> = (1..=3).filter(|&s| s != keep).collect();
+    for &s in &others {
+        c.stop(s);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for &s in &others {
+        c.restart(s);
+    }
+    wait_for("a leaseholder for every range", Duration::from_secs(20), || {
+        leaseholders_serving(&c, &ranges)
+    });
+    wait_for("quiet again", Duration::from_secs(20), || all_quiescent(&c));
+}
+
+#[test]
+fn leases_come_back_after_a_partition_raises_store_epochs() {
+    let c = start(3);
+    three_voters_everywhere(&c, 3);
+    let mut ranges = vec![1, ETCD_RANGE_ID, USER];
+    for i in 0..10u64 {
+        let h = leader(&c, USER);
+        wait_for("the user range's lease", Duration::from_secs(10), || {
+            h.status(USER).is_some_and(|s| s.can_serve(Instant::now()))
+        });
+        split_at(&h, USER, &[0x11, 0xf0 - i as u8], 100 + i);
+        ranges.push(100 + i);
+    }
+    three_voters_everywhere(&c, ranges.len());
+    wait_for("every range to quiesce", Duration::from_secs(30), || all_quiescent(&c));
+    // A follower store is cut off for longer than support lasts: it
+    // withdraws its support of the others' epochs, and when it comes back
+    // their requests are refused, so they move to new epochs and every
+    // leader must fortify its range again.
+    let keep = leader_store(&c, USER).unwrap();
+    let cut = (1..=3).find(|&s| s != keep).unwrap();
+    let epoch = |s: u64| {
+        c.handle(s)
+            .status(USER)
+            .and_then(|st| st.liveness.map(|l| l.epoch()))
+            .unwrap()
+    };
+    let before = epoch(keep);
+    c.isolated.write().insert(cut);
+    std::thread::sleep(Duration::from_millis(600));
+    c.isolated.write().clear();
+    wait_for(
+        "the leader's store to move to a new epoch",
+        Duration::from_secs(10),
+        || epoch(keep) > before,
+    );
+    wait_for("a leaseholder for every range", Duration::from_secs(20), || {
+        leaseholders_serving(&c, &ranges)
+    });
+    for r in &ranges {
+        let h = c.handle(keep);
+        if let Some(l) = h.status(*r).and_then(|s| s.lease) {
+            assert_eq!(l.basis.epoch, epoch(keep), "range {r}'s lease rests on the new epoch");
+        }
+    }
+    wait_for("quiet again", Duration::from_secs(20), || all_quiescent(&c));
+}

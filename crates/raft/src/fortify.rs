@@ -94,6 +94,7 @@ impl<S: Storage> Raft<S> {
             for p in self.trk.progress.values_mut() {
                 p.fortified = None;
             }
+            self.lease_changed = true;
             self.unquiesce();
             self.bcast_fortify();
         }
@@ -142,7 +143,11 @@ impl<S: Storage> Raft<S> {
             return; // for an epoch this store left
         }
         if let Some(p) = self.trk.progress.get_mut(&from) {
-            p.fortified = Some(inc);
+            if p.fortified != Some(inc) {
+                p.fortified = Some(inc);
+                // The node republishes what the lease rests on.
+                self.lease_changed = true;
+            }
         }
     }
 
@@ -184,7 +189,7 @@ impl<S: Storage> Raft<S> {
             self.defortify_term = 0;
             return;
         }
-        if self.election_elapsed % self.cfg.heartbeat_ticks.max(1) != 0 {
+        if !self.election_elapsed.is_multiple_of(self.cfg.heartbeat_ticks.max(1)) {
             return;
         }
         let (me, t, term) = (self.id, self.term, self.defortify_term);

@@ -151,6 +151,7 @@ impl<S: Storage> RawNode<S> {
             || r.log.snapshot_to_persist().is_some()
             || r.log.has_next_committed()
             || !r.read_states.is_empty()
+            || r.lease_changed
     }
 
     /// Takes the pending outputs.
@@ -164,6 +165,7 @@ impl<S: Storage> RawNode<S> {
         let entries = r.log.unstable_to_persist().to_vec();
         let snapshot = r.log.snapshot_to_persist().cloned();
         r.log.accept_unstable();
+        r.lease_changed = false;
         let committed_entries = r.log.next_committed(r.cfg.max_apply_bytes);
         if let Some(e) = committed_entries.last() {
             r.log.applying = e.index;

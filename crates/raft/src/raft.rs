@@ -214,6 +214,9 @@ pub struct Raft<S: Storage> {
     pub(crate) quiesced: bool,
     /// The heartbeat round (and last index) quiescence waits for.
     pub(crate) quiesce_round: Option<(u64, u64)>,
+    /// What the lease rests on changed since the last `Ready` (a promise
+    /// arrived or was lost): the next `Ready` tells the node, even if empty.
+    pub(crate) lease_changed: bool,
     pub counters: RaftCounters,
 }
 
@@ -254,6 +257,7 @@ impl<S: Storage> Raft<S> {
             defortify_term: 0,
             quiesced: false,
             quiesce_round: None,
+            lease_changed: false,
             counters: RaftCounters::default(),
         };
         let next = r.log.last_index() + 1;
@@ -775,7 +779,7 @@ impl<S: Storage> Raft<S> {
                     // It does not hold this term's promise (it restarted, or
                     // the fortification was lost or refused): ask again.
                     if let Some(p) = self.trk.progress.get_mut(&m.from) {
-                        p.fortified = None;
+                        self.lease_changed |= p.fortified.take().is_some();
                     }
                     let (t, epoch) = (self.term, self.store_epoch);
                     self.send(m.from, t, MessageBody::Fortify { epoch });

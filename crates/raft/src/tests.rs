@@ -572,6 +572,32 @@ fn the_lease_rests_on_a_quorum_of_promises_still_supported() {
 }
 
 #[test]
+fn a_promise_arriving_makes_a_ready_so_the_node_republishes_the_lease() {
+    // Found by the process tests: a leader whose last promise came in a
+    // cycle with nothing else to do never republished its lease basis, and
+    // served nothing though a quorum had promised.
+    let mut n = Net::new(&[1, 2, 3]);
+    n.elect(1);
+    n.node(1).raft.trk.progress.get_mut(&2).unwrap().fortified = None;
+    n.settle();
+    assert!(!n.node(1).has_ready());
+    let term = n.node(1).term();
+    n.node(1).step(Message {
+        from: 2,
+        to: 1,
+        term,
+        body: MessageBody::FortifyResponse {
+            epoch: EPOCH,
+            incarnation: 0,
+        },
+    });
+    assert!(n.node(1).has_ready(), "the node must learn the lease changed");
+    let _ = n.node(1).ready();
+    assert!(!n.node(1).has_ready());
+    assert_eq!(n.node(1).lease_basis().unwrap().promised().count(), 3);
+}
+
+#[test]
 fn a_fortified_follower_does_not_campaign_until_support_is_withdrawn() {
     let mut n = Net::new(&[1, 2, 3]);
     n.elect(1);
@@ -621,7 +647,7 @@ fn a_leader_that_steps_down_releases_its_followers() {
         from: 1,
         to: 2,
         term: t,
-        body: MessageBody::Defortify { term: term },
+        body: MessageBody::Defortify { term },
     });
     assert!(
         n.node(2).fortification().is_some(),

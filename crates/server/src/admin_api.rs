@@ -115,6 +115,7 @@ impl Admin for AdminApi {
             .into_iter()
             .map(|s| RangeInfo {
                 lease_valid: s.can_serve(now),
+                lease: s.lease_detail(now),
                 descriptor: Some(s.desc.clone()),
                 name: s.name.clone(),
                 raft_leader: s.leader,

@@ -214,6 +214,14 @@ pub fn entries(r: &dyn Reader, range_id: u64, lo: u64, hi: u64, max_bytes: u64) 
 /// Appends `entries` (contiguous indexes) to the log of `range_id`, replacing any
 /// existing entries from the first new index on: a conflicting suffix is removed.
 pub fn append(b: &mut Batch, range_id: u64, entries: &[RaftEntry]) -> Result<()> {
+    let t = truncated_state(b, range_id)?;
+    let last = last_index(b, range_id)?;
+    append_within(b, range_id, entries, t.index, last)
+}
+
+/// [`append`] for a caller that knows the log's bounds, `(truncated, last]`
+/// (the raft loop keeps them): no read of the log on the write path.
+pub fn append_within(b: &mut Batch, range_id: u64, entries: &[RaftEntry], truncated: u64, last: u64) -> Result<()> {
     let Some(first) = entries.first() else { return Ok(()) };
     for w in entries.windows(2) {
         if w[1].index != w[0].index + 1 {
@@ -223,12 +231,10 @@ pub fn append(b: &mut Batch, range_id: u64, entries: &[RaftEntry]) -> Result<()>
             )));
         }
     }
-    let t = truncated_state(b, range_id)?;
-    let last = last_index(b, range_id)?;
-    if first.index <= t.index || first.index > last + 1 {
+    if first.index <= truncated || first.index > last + 1 {
         return Err(Error::InvalidArgument(format!(
-            "range {range_id}: append at {} to a log holding ({}, {last}]",
-            first.index, t.index
+            "range {range_id}: append at {} to a log holding ({truncated}, {last}]",
+            first.index
         )));
     }
     let new_last = first.index + entries.len() as u64 - 1;

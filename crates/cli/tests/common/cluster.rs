@@ -59,7 +59,6 @@ impl Drop for Cluster {
         for (i, n) in self.nodes.iter().enumerate() {
             let log = std::fs::read_to_string(n.store.with_extension("log")).unwrap_or_default();
             let lines: Vec<&str> = log.lines().collect();
-            let _ = std::fs::write(format!("/tmp/nodelog-{}.log", i + 1), &log);
             eprintln!("---- node {} ({}) log, last 60 lines ----", i + 1, n.grpc);
             for l in &lines[lines.len().saturating_sub(60)..] {
                 eprintln!("{l}");

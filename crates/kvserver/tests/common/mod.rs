@@ -27,10 +27,20 @@ pub struct LocalTransport {
     pub me: u64,
     pub handles: Handles,
     pub timeout_now: TimeoutNowProbe,
+    /// Stores cut off from all others: nothing to or from them arrives.
+    pub isolated: Isolated,
 }
+
+pub type Isolated = Arc<RwLock<std::collections::HashSet<u64>>>;
 
 impl Transport for LocalTransport {
     fn send(&self, to_store: u64, msgs: Vec<RaftMsg>) {
+        {
+            let cut = self.isolated.read();
+            if cut.contains(&self.me) || cut.contains(&to_store) {
+                return;
+            }
+        }
         for m in &msgs {
             if let Some(raft_msg::Body::TimeoutNow(_)) = m.body {
                 let me = self.handles.read().get(&self.me).cloned();
@@ -81,6 +91,7 @@ pub struct Cluster {
     pub stores: HashMap<u64, Store>,
     pub handles: Handles,
     pub timeout_now: TimeoutNowProbe,
+    pub isolated: Isolated,
 }
 
 pub fn cfg(dir: &std::path::Path) -> StoreConfig {
@@ -96,6 +107,7 @@ pub fn start(n: u64) -> Cluster {
 pub fn start_with(n: u64, threshold: u64) -> Cluster {
     let handles: Handles = Arc::new(RwLock::new(HashMap::new()));
     let timeout_now = TimeoutNowProbe::default();
+    let isolated = Isolated::default();
     let mut stores = HashMap::new();
     let mut dirs = Vec::new();
     let mut cluster_id = String::new();
@@ -115,6 +127,7 @@ pub fn start_with(n: u64, threshold: u64) -> Cluster {
                 me: id,
                 handles: handles.clone(),
                 timeout_now: timeout_now.clone(),
+                isolated: isolated.clone(),
             }),
             bootstrap,
             ..Default::default()
@@ -141,6 +154,7 @@ pub fn start_with(n: u64, threshold: u64) -> Cluster {
         stores,
         handles,
         timeout_now,
+        isolated,
     }
 }
 
@@ -210,6 +224,7 @@ impl Cluster {
                 me: id,
                 handles: self.handles.clone(),
                 timeout_now: self.timeout_now.clone(),
+                isolated: self.isolated.clone(),
             }),
             bootstrap: Bootstrap::Existing,
             ..Default::default()
