@@ -208,9 +208,11 @@ pub async fn publish_loop(sender: impl MetaSender) {
         let now = std::time::Instant::now();
         let due: Vec<(u64, u64, RangeDescriptor)> = store
             .statuses_where(|st| {
-                st.can_serve(now)
+                // Cheap tests first: the lease check reads store liveness.
+                st.leader_ready
                     && !st.desc.end_key.is_empty()
                     && published.get(&st.desc.range_id) != Some(&(st.term, st.desc.generation))
+                    && st.can_serve(now)
             })
             .into_iter()
             .map(|st| (st.term, st.desc.generation, st.desc))

@@ -34,6 +34,13 @@ pub fn consider(r: &mut Replica, st: &Status, live: &[u64]) {
     }
 }
 
+/// Whether a range with configuration `cs` has nothing for the queue to do
+/// with `live` stores: as many voters as it should have, no learner, not
+/// joint (checked without building a `Status`).
+pub fn fully_replicated(cs: &raft::ConfState, live: usize) -> bool {
+    !cs.is_joint() && cs.learners.is_empty() && cs.voters.len() >= live.min(3)
+}
+
 /// The change a range needs, if it is led here and free to change: promote a
 /// caught-up learner, or add a learner while short of `target` voters.
 pub fn next_change(st: &Status, desc: &RangeDescriptor, live: &[u64], target: usize) -> Option<ConfChange> {

@@ -66,6 +66,10 @@ pub(crate) struct Scheduler {
     /// Messages of this cycle so far (store liveness, then raft), sent in one
     /// frame per store when the cycle's readies are collected.
     pub out: Outbox,
+    /// Replicas that may have a `Ready`: those an event, a tick or a queue
+    /// touched since their last one. A cycle asks only these, so an idle
+    /// range costs nothing however many there are.
+    pub dirty: std::collections::BTreeSet<u64>,
     /// To send events to itself (snapshot outcomes).
     pub events: crossbeam_channel::Sender<Event>,
     /// Set when the loop stops on an error: why.
@@ -114,9 +118,10 @@ impl Scheduler {
                 }
                 // A quiesced leader and its fortified followers need no tick.
                 let mut ticked = 0u64;
-                for r in self.replicas.values_mut() {
+                for (&id, r) in self.replicas.iter_mut() {
                     if r.raw.needs_tick() {
                         r.raw.tick();
+                        self.dirty.insert(id);
                         ticked += 1;
                     }
                 }
@@ -132,11 +137,22 @@ impl Scheduler {
             if now >= self.next_queues {
                 self.next_queues = now + QUEUES_EVERY;
                 let live = self.live_stores();
-                for r in self.replicas.values_mut() {
-                    // One status per replica for both queues.
+                let threshold = self.cfg.log_truncation_threshold;
+                for (&id, r) in self.replicas.iter_mut() {
+                    // A status (it copies the leader's progress) only for a
+                    // replica a queue may act on: a leader with replicas to
+                    // add or promote, or a log long enough to truncate.
+                    let replicate = r.raw.role() == raft::Role::Leader
+                        && !replicate_queue::fully_replicated(&r.raw.conf_state(), live.len());
+                    let (truncated, _) = r.raw.storage().bounds();
+                    let truncate = r.applied_index().saturating_sub(truncated) > threshold;
+                    if !replicate && !truncate {
+                        continue;
+                    }
                     let st = r.raw.status();
                     replicate_queue::consider(r, &st, &live);
-                    log_truncation::consider(r, &st, self.cfg.log_truncation_threshold);
+                    log_truncation::consider(r, &st, threshold);
+                    self.dirty.insert(id);
                 }
             }
             let processed = self.process_readies();
@@ -163,7 +179,10 @@ impl Scheduler {
     fn handle(&mut self, ev: Event) -> bool {
         match ev {
             Event::Propose { range_id, cmd, reply } => match self.replicas.get_mut(&range_id) {
-                Some(r) => r.propose(*cmd, reply, &self.metrics),
+                Some(r) => {
+                    r.propose(*cmd, reply, &self.metrics);
+                    self.dirty.insert(range_id);
+                }
                 None => {
                     let _ = reply.send(Err(ProposeError::NoSuchRange(range_id)));
                 }
@@ -185,6 +204,7 @@ impl Scheduler {
             Event::SnapshotDone { range_id, to, ok } => {
                 if let Some(r) = self.replicas.get_mut(&range_id) {
                     r.raw.report_snapshot(to, ok);
+                    self.dirty.insert(range_id);
                 }
             }
             Event::TransferLeader { range_id, to_store } => {
@@ -194,6 +214,7 @@ impl Scheduler {
                             let to = to.replica_id;
                             tracing::info!(range = range_id, to_store, "transferring leadership");
                             r.transfer_leader(to);
+                            self.dirty.insert(range_id);
                         }
                         None => tracing::warn!(range = range_id, to_store, "no replica there to transfer to"),
                     }
@@ -237,8 +258,9 @@ impl Scheduler {
             // Our epoch was withdrawn somewhere: every lease of ours must be
             // fortified again under the new one.
             tracing::info!(epoch = format_args!("{after:#x}"), "store liveness epoch raised");
-            for r in self.replicas.values_mut() {
+            for (&id, r) in self.replicas.iter_mut() {
                 r.raw.set_store_epoch(after);
+                self.dirty.insert(id);
             }
         }
     }
@@ -247,10 +269,11 @@ impl Scheduler {
     /// that promised a leader there is released (and may start a failover).
     fn support_withdrawn(&mut self, store: u64, epoch: u64) {
         self.metrics.support_withdrawn.inc();
-        for r in self.replicas.values_mut() {
+        for (&id, r) in self.replicas.iter_mut() {
             if let Some(f) = r.raw.fortification() {
                 if f.epoch == epoch && r.store_of(f.leader) == Some(store) {
                     r.raw.support_withdrawn(f.leader, epoch);
+                    self.dirty.insert(id);
                 }
             }
         }
@@ -307,6 +330,7 @@ impl Scheduler {
         }
         r.peers.insert(msg.from, from_store);
         r.raw.step(msg);
+        self.dirty.insert(range_id);
     }
 
     /// Another initialized replica here whose span overlaps the span a
@@ -411,6 +435,7 @@ impl Scheduler {
         rep.publish_status(Instant::now());
         self.statuses.write().insert(right.range_id, rep.status.clone());
         self.replicas.insert(right.range_id, rep);
+        self.dirty.insert(right.range_id);
         self.metrics.ranges.set(self.replicas.len() as u64);
         Ok(())
     }
@@ -444,6 +469,7 @@ impl Scheduler {
         self.maybe_forgo_start_wait(&mut rep);
         self.statuses.write().insert(range_id, rep.status.clone());
         self.replicas.insert(range_id, rep);
+        self.dirty.insert(range_id);
         self.metrics.ranges.set(self.replicas.len() as u64);
         tracing::info!(range_id, replica_id, "created a replica, awaiting a snapshot");
         Ok(())
@@ -473,6 +499,8 @@ impl Scheduler {
     fn process_readies(&mut self) -> Result<(), StoreError> {
         // What events and ticks queued this cycle goes in the same frames.
         let mut out = std::mem::take(&mut self.out);
+        // Only replicas something touched may have a Ready.
+        let mut candidates: Vec<u64> = std::mem::take(&mut self.dirty).into_iter().collect();
         loop {
             let mut batch = self.engine.batch();
             let cycle_start = Instant::now();
@@ -483,7 +511,8 @@ impl Scheduler {
             // a commit index alone may be lost in a crash (raft relearns it).
             let mut must_sync = false;
             let mut snapshotted: Vec<u64> = Vec::new();
-            for (&id, r) in self.replicas.iter_mut() {
+            for &id in &candidates {
+                let Some(r) = self.replicas.get_mut(&id) else { continue };
                 if !r.raw.has_ready() {
                     continue;
                 }
@@ -553,6 +582,9 @@ impl Scheduler {
             // Ranges merged away in this pass: their state is gone, nothing
             // of theirs may be written again.
             let mut gone: Vec<u64> = Vec::new();
+            // The next pass asks the replicas handled in this one (applying
+            // may give them more) and any touched since (new right halves).
+            candidates = readies.iter().map(|(id, _)| *id).collect();
             for (id, mut rd) in readies {
                 if gone.contains(&id) {
                     continue;
@@ -576,6 +608,9 @@ impl Scheduler {
             for (right, leader) in splits {
                 self.start_right_hand(right, leader)?;
             }
+            candidates.extend(std::mem::take(&mut self.dirty));
+            candidates.sort_unstable();
+            candidates.dedup();
             out.flush(&*self.transport, &self.metrics);
             self.metrics
                 .scheduler_cycle_seconds

@@ -366,6 +366,7 @@ impl Store {
         let mut sched = Scheduler {
             liveness: liveness.clone(),
             out: Default::default(),
+            dirty: Default::default(),
             cfg: cfg.clone(),
             engine: engine.clone(),
             rx,
@@ -423,6 +424,7 @@ impl Store {
             replicas.insert(desc.range_id, rep);
         }
         metrics.ranges.set(replicas.len() as u64);
+        sched.dirty = replicas.keys().copied().collect();
         sched.replicas = replicas;
         let handle = StoreHandle {
             tx,
