@@ -36,6 +36,8 @@ use crate::StoreError;
 const MAX_PER_UPDATE: usize = 256;
 /// How often leaseholders look for descriptors to publish.
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
+/// Every this many publishing passes, a scan even if no status changed.
+const FULL_SCAN_EVERY: u64 = 20;
 
 fn decode(key: &[u8], value: &[u8]) -> Result<RangeDescriptor, StoreError> {
     RangeDescriptor::decode(value).map_err(|e| StoreError::Corrupt(format!("meta record {key:?}: {e}")))
@@ -199,12 +201,23 @@ pub async fn publish_loop(sender: impl MetaSender) {
     // range id -> (term, generation) published.
     let mut published: HashMap<u64, (u64, u64)> = HashMap::new();
     let mut failing = false;
+    // Scans are skipped while no replica's status changed; a lease can
+    // become valid without one (support arriving), so a full scan still
+    // runs every FULL_SCAN_EVERY passes.
+    let mut scanned_version = None;
+    let mut passes = 0u64;
     loop {
         tokio::time::sleep(PUBLISH_EVERY).await;
         let Some(store) = sender.store() else { continue };
         if store.stopped().is_some() {
             continue;
         }
+        passes += 1;
+        let version = store.status_version();
+        if !failing && scanned_version == Some(version) && !passes.is_multiple_of(FULL_SCAN_EVERY) {
+            continue;
+        }
+        scanned_version = Some(version);
         let now = std::time::Instant::now();
         let due: Vec<(u64, u64, RangeDescriptor)> = store
             .statuses_where(|st| {

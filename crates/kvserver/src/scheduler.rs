@@ -70,6 +70,9 @@ pub(crate) struct Scheduler {
     /// touched since their last one. A cycle asks only these, so an idle
     /// range costs nothing however many there are.
     pub dirty: std::collections::BTreeSet<u64>,
+    /// Raised after every pass that handled a `Ready` (see
+    /// `StoreHandle::status_version`).
+    pub status_version: Arc<std::sync::atomic::AtomicU64>,
     /// To send events to itself (snapshot outcomes).
     pub events: crossbeam_channel::Sender<Event>,
     /// Set when the loop stops on an error: why.
@@ -558,6 +561,7 @@ impl Scheduler {
             if readies.is_empty() {
                 return Ok(());
             }
+            self.status_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if must_sync {
                 // ONE synced write for every range's entries and hard state;
                 // it also makes every applied state written before it durable.

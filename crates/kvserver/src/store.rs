@@ -137,6 +137,7 @@ pub struct StoreHandle {
     last_heard: Arc<Mutex<HashMap<u64, Instant>>>,
     known_stores: Arc<RwLock<BTreeMap<u64, String>>>,
     stopped: Arc<Mutex<Option<String>>>,
+    status_version: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl StoreHandle {
@@ -204,6 +205,13 @@ impl StoreHandle {
     /// The status of every range on this store for which `keep` holds,
     /// copying only those (the periodic loops look at every range often,
     /// and most are of no interest to them).
+    /// A number that changes whenever the raft loop handled a `Ready` (so
+    /// any replica's status may have changed): loops that scan every status
+    /// can skip a scan when it did not move.
+    pub fn status_version(&self) -> u64 {
+        self.status_version.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn statuses_where(&self, mut keep: impl FnMut(&ReplicaStatus) -> bool) -> Vec<ReplicaStatus> {
         self.statuses
             .read()
@@ -367,6 +375,7 @@ impl Store {
             liveness: liveness.clone(),
             out: Default::default(),
             dirty: Default::default(),
+            status_version: Default::default(),
             cfg: cfg.clone(),
             engine: engine.clone(),
             rx,
@@ -436,6 +445,7 @@ impl Store {
             last_heard: sched.last_heard.clone(),
             known_stores,
             stopped: sched.stopped.clone(),
+            status_version: sched.status_version.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("raft-scheduler".into())
