@@ -564,9 +564,13 @@ impl<S: Storage> Raft<S> {
         // The promise to a fortified leader (its lease rests on it); the
         // restart quiet period (promises of a forgotten process); and, as
         // etcd's check-quorum, a leader heard within an election timeout.
+        // The quiet period holds whenever leases may exist (store liveness
+        // on), even without check-quorum: a restarted store forgot promises
+        // a leader may still count.
+        let restarting = self.ticks_since_start < self.cfg.election_ticks;
         self.fortified.is_some()
-            || (self.cfg.check_quorum
-                && (self.role == Role::Leader || heard_recently || self.ticks_since_start < self.cfg.election_ticks))
+            || (restarting && (self.cfg.check_quorum || self.store_epoch != 0))
+            || (self.cfg.check_quorum && (self.role == Role::Leader || heard_recently))
     }
 
     // ---- messages ------------------------------------------------------------

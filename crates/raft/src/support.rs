@@ -232,6 +232,11 @@ impl SupportManager {
                 let len = self.cfg.requester_interval;
                 let until = sent_at + len;
                 let e = self.from.entry(from).or_insert((epoch, 0, inc));
+                if inc < e.2 {
+                    // A late answer of a process that has since restarted:
+                    // it must not displace the newer incarnation's support.
+                    return (None, None);
+                }
                 if e.2 != inc {
                     // A restarted supporter: nothing of its earlier grants
                     // carries over (it forgot them).
@@ -347,6 +352,22 @@ mod tests {
         assert_eq!(ended, Some((1, first_epoch(0))));
         assert!(b.supports(1, first_epoch(1)));
         assert_eq!(incarnation(a2.epoch()), 1);
+    }
+
+    #[test]
+    fn a_late_answer_of_a_restarted_supporter_does_not_displace_the_new_one() {
+        let mut a = SupportManager::new(1, first_epoch(0), CFG);
+        let mut old_b = SupportManager::new(2, first_epoch(0), CFG);
+        let late = old_b.handle(a.request(2, 0), 1).0.expect("answer");
+        let mut new_b = SupportManager::new(2, first_epoch(1), CFG);
+        exchange(&mut a, &mut new_b, 10, 11, 12);
+        assert_eq!(a.support_from(2), Some((100, 1)));
+        a.handle(late, 13);
+        assert_eq!(
+            a.support_from(2),
+            Some((100, 1)),
+            "the newer incarnation's support stays"
+        );
     }
 
     #[test]

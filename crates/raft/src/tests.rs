@@ -683,6 +683,26 @@ fn an_idle_leader_quiesces_and_a_proposal_wakes_it() {
 }
 
 #[test]
+fn with_store_liveness_a_restarted_node_keeps_its_quiet_period_even_without_check_quorum() {
+    // A leader may count a promise the restarted node's earlier process
+    // made: it must not vote until that support has surely run out.
+    fn no_cq(id: NodeId) -> Config {
+        let mut c = cfg(id);
+        c.check_quorum = false;
+        c
+    }
+    let mut n = Net::with(&[1, 2, 3], &[], no_cq);
+    let vote = vote_3_to_2(5, false);
+    n.node(2).step(vote);
+    assert_eq!(n.node(2).term(), crate::BOOTSTRAP_TERM, "in the quiet period");
+    for _ in 0..10 {
+        n.node(2).tick();
+    }
+    n.node(2).step(vote_3_to_2(5, false));
+    assert_eq!(n.node(2).raft.vote, 3);
+}
+
+#[test]
 fn a_new_leader_is_not_ready_until_it_applies_an_entry_of_its_term() {
     let mut n = Net::new(&[1, 2, 3]);
     for id in [1, 2, 3] {
