@@ -60,13 +60,13 @@ fn leader(c: &Cluster, range: u64) -> StoreHandle {
     c.handle(id)
 }
 
-#[test]
-fn idle_ranges_quiesce_keep_their_leases_and_wake_on_a_proposal() {
+/// A 3-store cluster with `splits` more ranges split off the user range,
+/// every range replicated on every store and quiesced; and every range id.
+fn quiet_cluster(splits: u64) -> (Cluster, Vec<u64>) {
     let c = start(3);
     three_voters_everywhere(&c, 3);
-    // Twenty more ranges, split off the user range.
     let mut ranges = vec![1, ETCD_RANGE_ID, USER];
-    for i in 0..20u64 {
+    for i in 0..splits {
         let h = leader(&c, USER);
         wait_for("the user range's lease", Duration::from_secs(10), || {
             h.status(USER).is_some_and(|s| s.can_serve(Instant::now()))
@@ -76,6 +76,13 @@ fn idle_ranges_quiesce_keep_their_leases_and_wake_on_a_proposal() {
     }
     three_voters_everywhere(&c, ranges.len());
     wait_for("every range to quiesce", Duration::from_secs(30), || all_quiescent(&c));
+    (c, ranges)
+}
+
+#[test]
+fn idle_ranges_quiesce_keep_their_leases_and_wake_on_a_proposal() {
+    // Twenty more ranges, split off the user range, all quiet.
+    let (c, ranges) = quiet_cluster(20);
     // Quiet: no range sends anything for a second, and every lease holds
     // throughout on store liveness alone.
     let before = range_messages(&c);
@@ -161,19 +168,7 @@ fn a_leader_whose_store_restarts_never_blocks_an_election() {
 
 #[test]
 fn every_range_regains_its_lease_after_two_of_three_stores_restart() {
-    let mut c = start(3);
-    three_voters_everywhere(&c, 3);
-    let mut ranges = vec![1, ETCD_RANGE_ID, USER];
-    for i in 0..10u64 {
-        let h = leader(&c, USER);
-        wait_for("the user range's lease", Duration::from_secs(10), || {
-            h.status(USER).is_some_and(|s| s.can_serve(Instant::now()))
-        });
-        split_at(&h, USER, &[0x11, 0xf0 - i as u8], 100 + i);
-        ranges.push(100 + i);
-    }
-    three_voters_everywhere(&c, ranges.len());
-    wait_for("every range to quiesce", Duration::from_secs(30), || all_quiescent(&c));
+    let (mut c, ranges) = quiet_cluster(10);
     // The store holding most leases stays; the other two die and come back.
     let keep = leader_store(&c, USER).unwrap();
     let others: Vec<u64> = (1..=3).filter(|&s| s != keep).collect();
@@ -192,19 +187,7 @@ fn every_range_regains_its_lease_after_two_of_three_stores_restart() {
 
 #[test]
 fn leases_come_back_after_a_partition_raises_store_epochs() {
-    let c = start(3);
-    three_voters_everywhere(&c, 3);
-    let mut ranges = vec![1, ETCD_RANGE_ID, USER];
-    for i in 0..10u64 {
-        let h = leader(&c, USER);
-        wait_for("the user range's lease", Duration::from_secs(10), || {
-            h.status(USER).is_some_and(|s| s.can_serve(Instant::now()))
-        });
-        split_at(&h, USER, &[0x11, 0xf0 - i as u8], 100 + i);
-        ranges.push(100 + i);
-    }
-    three_voters_everywhere(&c, ranges.len());
-    wait_for("every range to quiesce", Duration::from_secs(30), || all_quiescent(&c));
+    let (c, ranges) = quiet_cluster(10);
     // A follower store is cut off for longer than support lasts: it
     // withdraws its support of the others' epochs, and when it comes back
     // their requests are refused, so they move to new epochs and every

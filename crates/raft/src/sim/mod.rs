@@ -782,11 +782,11 @@ impl World {
 
     // ---- network -------------------------------------------------------------
 
-    fn enqueue(&mut self, msg: Message) {
-        // Under faults a message may take up to 4 ticks; when calm, at most one
-        // (a round trip well inside the election timeout, as in a real network).
-        // Usually under a tick, as on a real network; under faults, some
-        // messages are slow, and some stall for longer than an election timeout.
+    /// How long the next message takes. Usually under a tick, as on a real
+    /// network (when calm, at most one: a round trip well inside the
+    /// election timeout); under faults some take up to 4 ticks, and some
+    /// stall for longer than an election timeout.
+    fn delay(&mut self) -> u64 {
         let max = if !self.faults {
             TICK
         } else if self.rng.chance(self.profile.long_delay_per_mille) {
@@ -796,7 +796,11 @@ impl World {
         } else {
             TICK
         };
-        let delay = self.rng.below(max);
+        self.rng.below(max)
+    }
+
+    fn enqueue(&mut self, msg: Message) {
+        let delay = self.delay();
         self.net.push(InFlightMsg {
             deliver_at: self.now + delay,
             msg,
@@ -804,16 +808,7 @@ impl World {
     }
 
     fn enqueue_support(&mut self, m: SupportMsg) {
-        let max = if !self.faults {
-            TICK
-        } else if self.rng.chance(self.profile.long_delay_per_mille) {
-            3 * ELECTION_TICKS * TICK
-        } else if self.rng.chance(100) {
-            4 * TICK
-        } else {
-            TICK
-        };
-        let delay = self.rng.below(max);
+        let delay = self.delay();
         self.snet.push((self.now + delay, m));
     }
 
