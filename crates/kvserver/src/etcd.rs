@@ -608,8 +608,8 @@ pub enum EtcdWriteResponse {
 }
 
 /// Applies one write in log order. On error the batch may hold part of the
-/// write: the caller discards it (each command is applied in a batch of its
-/// own) and `state` is left unchanged. Only `EtcdFailure::Refused` is an
+/// write (a transaction's; a put or delete is refused before it writes): the
+/// caller discards it and `state` is left unchanged. Only `EtcdFailure::Refused` is an
 /// answer; any other failure means the write could not be applied at all.
 pub fn apply(
     batch: &mut Batch,

@@ -1,7 +1,7 @@
 //! The node's router: every node is a gateway, and this sends a request for
 //! a range (by range id) to that range's leaseholder, wherever it is:
 //! evaluated in place when the leaseholder is local, over the internal
-//! `Internal.Batch` RPC otherwise. The native API's key-based DistSender
+//! `Internal.BatchStream` stream to its node otherwise (`forward`). The native API's key-based DistSender
 //! (`kv::DistSender`) finds ranges by key and sends each part through this.
 //!
 //! It keeps a cache of leaseholders (and of the descriptors other nodes or
@@ -20,10 +20,10 @@ use std::time::{Duration, Instant};
 use kvserver::evaluator::{self, EvalOptions};
 use kvserver::StoreHandle;
 use parking_lot::Mutex;
-use proto::kvserver::internal_client::InternalClient;
 use proto::kvserver::{batch_error, batch_request, batch_response, BatchRequest, EtcdError};
 use proto::storage::RangeDescriptor;
 
+use crate::forward::ForwardError;
 use crate::Shared;
 
 /// How long a read waits on one leaseholder before looking again (it may be
@@ -242,19 +242,17 @@ impl Shared {
                         continue;
                     }
                 };
-                let mut client = InternalClient::new(ch)
-                    .max_decoding_message_size(64 << 20)
-                    .max_encoding_message_size(64 << 20);
                 let left = deadline.saturating_duration_since(Instant::now());
                 let (leader, term) = local.map_or((0, 0), |(_, l, t)| (l, t));
+                let call = self.forwarder.call(&addr, ch, req);
                 let sent = if read {
-                    match tokio::time::timeout(left.min(READ_ATTEMPT), client.batch(req)).await {
-                        Ok(r) => r.map_err(|s| s.message().to_string()),
-                        Err(_) => Err(format!("{addr} did not answer")),
+                    match tokio::time::timeout(left.min(READ_ATTEMPT), call).await {
+                        Ok(r) => r,
+                        Err(_) => Err(ForwardError::NotSent(format!("{addr} did not answer"))),
                     }
                 } else {
                     tokio::select! {
-                        r = client.batch(req) => r.map_err(|s| s.message().to_string()),
+                        r = call => r,
                         () = leader_moved(&store, range_id, leader, term), if leader != 0 => {
                             self.ranges.forget(range_id);
                             return Err(SendError::Ambiguous);
@@ -266,15 +264,15 @@ impl Shared {
                     }
                 };
                 match sent {
-                    Ok(r) => r.into_inner(),
+                    Ok(r) => r,
                     Err(e) => {
                         self.ranges.forget(range_id);
                         self.drop_channel(&addr);
-                        if !read {
-                            // It may have arrived before the connection broke.
+                        if !read && matches!(e, ForwardError::Broken(_)) {
+                            // It may have arrived before the stream broke.
                             return Err(SendError::Ambiguous);
                         }
-                        last = e;
+                        last = e.to_string();
                         tokio::time::sleep(BACKOFF).await;
                         continue;
                     }

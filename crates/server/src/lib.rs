@@ -11,6 +11,7 @@ pub mod clock_check;
 pub mod dist_sender;
 pub mod errors;
 pub mod etcd_api;
+pub mod forward;
 pub mod http;
 pub mod internal_api;
 pub mod kv_api;
@@ -113,6 +114,8 @@ pub struct Shared {
     /// Set when the node must stop serving for good (e.g. a store of another cluster).
     pub fatal: Mutex<Option<String>>,
     channels: Mutex<HashMap<String, Channel>>,
+    /// Streams to other nodes for the requests this gateway forwards.
+    pub forwarder: forward::Forwarder,
     /// The DistSender's leaseholder and descriptor cache.
     pub ranges: dist_sender::RangeCache,
     /// What the native API's DistSender counts (range cache misses).
@@ -261,6 +264,7 @@ impl Node {
             start_lock: tokio::sync::Mutex::new(()),
             fatal: Mutex::new(None),
             channels: Mutex::new(HashMap::new()),
+            forwarder: forward::Forwarder::default(),
             ranges: Default::default(),
             kv_metrics: Default::default(),
             cfg: cfg.clone(),

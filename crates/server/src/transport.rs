@@ -20,7 +20,7 @@ use prost::Message as _;
 use proto::transport::raft_transport_client::RaftTransportClient;
 use proto::transport::raft_transport_server::RaftTransport;
 use proto::transport::{raft_msg, BatchAck, RaftMessageBatch, RaftMsg, SnapshotAck, SnapshotChunk, SnapshotHandle};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
@@ -34,11 +34,25 @@ pub struct Local {
     pub addr: String,
 }
 
-/// Outgoing side: queues per destination store, drained by one task each.
+/// Outgoing side: one stream per destination store, which the raft loop
+/// pushes its frames straight into (built on its own thread: no task
+/// between it and the stream), and a task per destination that (re)connects.
 pub struct GrpcTransport {
     local: Arc<OnceLock<Local>>,
-    queues: Mutex<HashMap<u64, mpsc::Sender<Vec<RaftMsg>>>>,
+    peers: Mutex<HashMap<u64, Arc<Peer>>>,
     rt: tokio::runtime::Handle,
+}
+
+/// The way to one other store.
+#[derive(Default)]
+struct Peer {
+    /// The open stream's sending half, once connected.
+    stream: Mutex<Option<mpsc::Sender<RaftMessageBatch>>>,
+    /// Messages sent while no stream was open, for the next one (bounded:
+    /// raft sends again what is dropped).
+    backlog: Mutex<Vec<Vec<RaftMsg>>>,
+    /// Wakes the connecting task: something waits to be sent.
+    wake: Notify,
 }
 
 const QUEUE: usize = 1024;
@@ -63,11 +77,27 @@ pub(crate) async fn connect(addr: &str) -> Result<Channel, String> {
         .map_err(|e| e.to_string())
 }
 
+/// One frame of messages to `to_store`, stamped with this node's identity,
+/// address and clock now.
+fn frame(l: &Local, to_store: u64, messages: Vec<RaftMsg>) -> RaftMessageBatch {
+    let ident = l.store.ident();
+    RaftMessageBatch {
+        cluster_id: ident.cluster_id.clone(),
+        from_node: ident.node_id,
+        from_store: ident.store_id,
+        from_addr: l.addr.clone(),
+        to_store,
+        sender_clock: Some(l.store.clock().last().into()),
+        sender_physical_nanos: l.store.clock().physical(),
+        messages,
+    }
+}
+
 impl GrpcTransport {
     pub fn new(local: Arc<OnceLock<Local>>, rt: tokio::runtime::Handle) -> Self {
         GrpcTransport {
             local,
-            queues: Mutex::new(HashMap::new()),
+            peers: Mutex::new(HashMap::new()),
             rt,
         }
     }
@@ -82,24 +112,26 @@ impl GrpcTransport {
             .cloned()
     }
 
-    /// The task that owns the stream to `to_store`.
-    async fn drain(local: Arc<OnceLock<Local>>, to_store: u64, mut rx: mpsc::Receiver<Vec<RaftMsg>>) {
+    /// The task that keeps a stream open to `to_store` while there is
+    /// something to send to it.
+    async fn connect_loop(local: Arc<OnceLock<Local>>, to_store: u64, peer: Arc<Peer>) {
         let mut backoff = Duration::from_millis(50);
         loop {
+            peer.wake.notified().await;
             let Some(l) = local.get().cloned() else {
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                peer.backlog.lock().clear();
                 continue;
             };
             let Some(addr) = Self::addr_of(&l, to_store) else {
-                // Unknown address: drop what is queued (raft retries) and wait.
-                while rx.try_recv().is_ok() {}
+                // Unknown address: drop what waits (raft retries).
+                peer.backlog.lock().clear();
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             };
             let ch = match connect(&addr).await {
                 Ok(c) => c,
                 Err(_) => {
-                    while rx.try_recv().is_ok() {}
+                    peer.backlog.lock().clear();
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                     continue;
@@ -108,34 +140,21 @@ impl GrpcTransport {
             let mut client = RaftTransportClient::new(ch);
             let (tx, out) = mpsc::channel::<RaftMessageBatch>(QUEUE);
             l.store.metrics().raft_streams_opened.inc();
+            for msgs in std::mem::take(&mut *peer.backlog.lock()) {
+                let _ = tx.try_send(frame(&l, to_store, msgs));
+            }
+            *peer.stream.lock() = Some(tx);
+            backoff = Duration::from_millis(50);
             // The call lives as long as the stream: its response resolves as
             // soon as the peer accepts, so read the peer's answers until it
-            // closes or refuses (another cluster) before calling it over.
-            let call = tokio::spawn(async move {
+            // closes or refuses (another cluster).
+            let call = async {
                 let mut answers = client.raft_messages(ReceiverStream::new(out)).await?.into_inner();
                 while answers.message().await?.is_some() {}
                 Ok::<(), Status>(())
-            });
-            backoff = Duration::from_millis(50);
-            // Forward batches until the stream breaks.
-            loop {
-                let Some(msgs) = rx.recv().await else { return };
-                let ident = l.store.ident();
-                let batch = RaftMessageBatch {
-                    cluster_id: ident.cluster_id.clone(),
-                    from_node: ident.node_id,
-                    from_store: ident.store_id,
-                    from_addr: l.addr.clone(),
-                    to_store,
-                    sender_clock: Some(l.store.clock().last().into()),
-                    sender_physical_nanos: l.store.clock().physical(),
-                    messages: msgs,
-                };
-                if tx.send(batch).await.is_err() || call.is_finished() {
-                    break;
-                }
-            }
-            call.abort();
+            };
+            let _ = call.await;
+            *peer.stream.lock() = None;
             tokio::time::sleep(backoff).await;
         }
     }
@@ -195,15 +214,46 @@ impl GrpcTransport {
     }
 }
 
+impl GrpcTransport {
+    /// Keeps `msgs` for the stream being opened to `peer` (bounded: raft
+    /// sends again what is dropped) and wakes its connecting task.
+    fn park(&self, peer: &Peer, msgs: Vec<RaftMsg>) {
+        let mut backlog = peer.backlog.lock();
+        if backlog.len() < QUEUE {
+            backlog.push(msgs);
+        }
+        drop(backlog);
+        peer.wake.notify_one();
+    }
+}
+
 impl Transport for GrpcTransport {
     fn send(&self, to_store: u64, msgs: Vec<RaftMsg>) {
-        let mut q = self.queues.lock();
-        let tx = q.entry(to_store).or_insert_with(|| {
-            let (tx, rx) = mpsc::channel(QUEUE);
-            self.rt.spawn(Self::drain(self.local.clone(), to_store, rx));
-            tx
-        });
-        let _ = tx.try_send(msgs); // full: dropped, raft sends again
+        let peer = {
+            let mut peers = self.peers.lock();
+            peers
+                .entry(to_store)
+                .or_insert_with(|| {
+                    let peer = Arc::new(Peer::default());
+                    self.rt
+                        .spawn(Self::connect_loop(self.local.clone(), to_store, peer.clone()));
+                    peer
+                })
+                .clone()
+        };
+        let stream = peer.stream.lock().clone();
+        match (stream, self.local.get()) {
+            (Some(tx), Some(l)) => match tx.try_send(frame(l, to_store, msgs)) {
+                Ok(()) => {}
+                // Full: dropped, raft sends again.
+                Err(mpsc::error::TrySendError::Full(_)) => {}
+                Err(mpsc::error::TrySendError::Closed(b)) => {
+                    *peer.stream.lock() = None;
+                    self.park(&peer, b.messages);
+                }
+            },
+            _ => self.park(&peer, msgs),
+        }
     }
 
     fn send_snapshot(
@@ -286,11 +336,15 @@ impl RaftTransport for RaftService {
                 if batch.to_store != ident.store_id {
                     continue;
                 }
-                if !batch.from_addr.is_empty() {
-                    let mut book = local.store.known_stores().write();
-                    if book.get(&batch.from_store) != Some(&batch.from_addr) {
-                        book.insert(batch.from_store, batch.from_addr.clone());
-                    }
+                // The address book changes rarely: look under the shared lock.
+                if !batch.from_addr.is_empty()
+                    && local.store.known_stores().read().get(&batch.from_store) != Some(&batch.from_addr)
+                {
+                    local
+                        .store
+                        .known_stores()
+                        .write()
+                        .insert(batch.from_store, batch.from_addr.clone());
                 }
                 let mut trusted = true;
                 if batch.sender_physical_nanos > 0 {
