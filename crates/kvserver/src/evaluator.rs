@@ -162,15 +162,17 @@ pub async fn evaluate(store: &StoreHandle, req: BatchRequest, opts: &EvalOptions
         Some(batch_request::Request::ResolveMerge(r)) => crate::merge::resolve(store, range_id, r, opts).await,
         Some(batch_request::Request::Unfreeze(r)) => crate::merge::unfreeze(store, range_id, r, opts).await,
         Some(batch_request::Request::Write(cmd)) => {
-            let Some(st) = store.status(range_id) else {
+            let me = store.ident().store_id;
+            let Some(here) = store.with_status(range_id, |st| {
+                st.leader != 0
+                    && st
+                        .desc
+                        .replicas
+                        .iter()
+                        .any(|r| r.replica_id == st.leader && r.store_id == me)
+            }) else {
                 return error(batch_error::Kind::RangeNotFound(range_id));
             };
-            let here = st.leader != 0
-                && st
-                    .desc
-                    .replicas
-                    .iter()
-                    .any(|r| r.replica_id == st.leader && r.store_id == store.ident().store_id);
             if !here {
                 return not_leaseholder(store, range_id);
             }
@@ -228,16 +230,22 @@ fn read(
     r: &proto::etcdserverpb::RangeRequest,
     opts: &EvalOptions,
 ) -> BatchResponse {
-    let Some(st) = store.status(range_id) else {
+    let Some((applied, term, serving)) =
+        store.with_status(range_id, |st| (st.applied.index, st.term, st.can_serve(Instant::now())))
+    else {
         return error(batch_error::Kind::RangeNotFound(range_id));
     };
-    let unsafe_reads = opts.unsafe_follower_reads && st.applied.index > 1;
-    if !unsafe_reads && !st.can_serve(Instant::now()) {
+    let unsafe_reads = opts.unsafe_follower_reads && applied > 1;
+    if !unsafe_reads && !serving {
         return not_leaseholder(store, range_id);
     }
     let snap = store.engine().snapshot();
     // The lease must still hold now that the view is taken.
-    if !unsafe_reads && !store.status(range_id).is_some_and(|s| s.can_serve(Instant::now())) {
+    if !unsafe_reads
+        && !store
+            .with_status(range_id, |s| s.can_serve(Instant::now()))
+            .unwrap_or(false)
+    {
         return not_leaseholder(store, range_id);
     }
     let rev = match store.rev_state(&snap) {
@@ -246,7 +254,7 @@ fn read(
     };
     match etcd::range(&snap, &rev, r) {
         Ok(mut resp) => {
-            resp.header = Some(header(store, rev.rev, st.term));
+            resp.header = Some(header(store, rev.rev, term));
             BatchResponse {
                 response: Some(batch_response::Response::EtcdRange(resp)),
             }

@@ -505,7 +505,8 @@ impl Scheduler {
         // Only replicas something touched may have a Ready.
         let mut candidates: Vec<u64> = std::mem::take(&mut self.dirty).into_iter().collect();
         loop {
-            let mut batch = self.engine.batch();
+            // Nothing reads the log writes before they land: no index.
+            let mut batch = self.engine.write_only_batch();
             let cycle_start = Instant::now();
             let mut readies = Vec::new();
             let mut entries = 0u64;

@@ -237,6 +237,12 @@ impl StoreHandle {
         self.statuses.read().get(&range_id).map(|s| s.read().clone())
     }
 
+    /// Looks at `range_id`'s status in place (no copy: the request path
+    /// asks several times per request), if this store has the range.
+    pub fn with_status<R>(&self, range_id: u64, f: impl FnOnce(&ReplicaStatus) -> R) -> Option<R> {
+        self.statuses.read().get(&range_id).map(|s| f(&s.read()))
+    }
+
     /// Proposes `cmd` on `range_id` (stamped with this node's clock) and waits
     /// until it applies, `timeout` passes (outcome unknown) or it is refused.
     ///

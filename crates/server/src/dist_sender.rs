@@ -100,13 +100,16 @@ impl RangeCache {
 
 /// The store of `range_id`'s leader replica as the local replica knows it.
 fn local_leader(store: &StoreHandle, range_id: u64) -> Option<(u64, u64, u64)> {
-    let st = store.status(range_id)?;
-    let rep = st
-        .desc
-        .replicas
-        .iter()
-        .find(|r| st.leader != 0 && r.replica_id == st.leader)?;
-    Some((rep.store_id, st.leader, st.term))
+    store
+        .with_status(range_id, |st| {
+            let rep = st
+                .desc
+                .replicas
+                .iter()
+                .find(|r| st.leader != 0 && r.replica_id == st.leader)?;
+            Some((rep.store_id, st.leader, st.term))
+        })
+        .flatten()
 }
 
 /// Resolves once the local replica sees a leader other than `leader` in a
@@ -116,8 +119,8 @@ fn local_leader(store: &StoreHandle, range_id: u64) -> Option<(u64, u64, u64)> {
 async fn leader_moved(store: &StoreHandle, range_id: u64, leader: u64, term: u64) {
     loop {
         if store
-            .status(range_id)
-            .is_some_and(|st| st.term > term && st.leader != 0 && st.leader != leader)
+            .with_status(range_id, |st| st.term > term && st.leader != 0 && st.leader != leader)
+            .unwrap_or(false)
         {
             return;
         }
@@ -172,16 +175,16 @@ impl Shared {
             let store = self.store().map_err(|s| SendError::NotReady(s.message().to_string()))?;
             let me = store.ident().store_id;
             let local = local_leader(&store, range_id);
-            let local_term = store.status(range_id).map_or(0, |st| st.term);
+            let local_term = store.with_status(range_id, |st| st.term).unwrap_or(0);
             // Where to send: the cached leaseholder, else the local replica's
             // leader, else (no replica here) the known stores in turn.
-            let target = if read && opts.unsafe_follower_reads && store.status(range_id).is_some() {
+            let target = if read && opts.unsafe_follower_reads && store.has_range(range_id) {
                 me
             } else if let Some(t) = self.ranges.fresh_leaseholder(range_id, local_term) {
                 t
             } else if let Some((s, ..)) = local {
                 s
-            } else if store.status(range_id).is_some() {
+            } else if store.has_range(range_id) {
                 // A replica here that knows no leader: an election is on.
                 last = "no leader".into();
                 tokio::time::sleep(BACKOFF).await;
@@ -289,14 +292,14 @@ impl Shared {
                             tokio::time::sleep(BACKOFF).await;
                         }
                         if let Some(d) = nl.descriptor {
-                            if store.status(range_id).is_none() {
+                            if !store.has_range(range_id) {
                                 self.ranges.descriptors.lock().insert(range_id, d);
                             }
                         }
                         last = format!("store {target} does not hold the lease");
                     }
                     Some(Kind::RangeKeyMismatch(m)) => return Err(SendError::KeyMismatch(m.descriptors)),
-                    Some(Kind::RangeNotFound(_)) if kv && store.status(range_id).is_none() => {
+                    Some(Kind::RangeNotFound(_)) if kv && !store.has_range(range_id) => {
                         self.ranges.forget(range_id);
                         return Err(SendError::RangeNotFound);
                     }

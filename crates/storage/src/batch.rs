@@ -6,6 +6,10 @@
 //! sees what earlier operations of the same batch wrote (RocksDB's
 //! WriteBatchWithIndex is not exposed by the Rust bindings).
 //!
+//! A write-only batch ([`Engine::write_only_batch`]) keeps no such index: for
+//! writes nothing reads before they land (a raft log append), it saves a
+//! copy of every key and value; reading through it is refused.
+//!
 //! A batch holds no lock: callers serialise writers to the same keys.
 
 use std::collections::BTreeMap;
@@ -29,6 +33,8 @@ pub struct Batch {
     overlay: [Overlay; 3],
     range_dels: [Vec<(Vec<u8>, Vec<u8>)>; 3],
     ops: usize,
+    /// Write-only: no index of its own writes is kept, and reads are refused.
+    write_only: bool,
 }
 
 impl Batch {
@@ -39,6 +45,14 @@ impl Batch {
             overlay: Default::default(),
             range_dels: Default::default(),
             ops: 0,
+            write_only: false,
+        }
+    }
+
+    pub(crate) fn new_write_only(engine: Engine) -> Batch {
+        Batch {
+            write_only: true,
+            ..Batch::new(engine)
         }
     }
 
@@ -49,14 +63,18 @@ impl Batch {
 
     pub fn put(&mut self, cf: Cf, key: &[u8], value: &[u8]) -> Result<()> {
         self.wb.put_cf(self.engine.cf(cf)?, key, value);
-        self.overlay[cf.idx()].insert(key.to_vec(), Some(value.to_vec()));
+        if !self.write_only {
+            self.overlay[cf.idx()].insert(key.to_vec(), Some(value.to_vec()));
+        }
         self.ops += 1;
         Ok(())
     }
 
     pub fn delete(&mut self, cf: Cf, key: &[u8]) -> Result<()> {
         self.wb.delete_cf(self.engine.cf(cf)?, key);
-        self.overlay[cf.idx()].insert(key.to_vec(), None);
+        if !self.write_only {
+            self.overlay[cf.idx()].insert(key.to_vec(), None);
+        }
         self.ops += 1;
         Ok(())
     }
@@ -96,10 +114,11 @@ impl Batch {
 
     /// The puts (`Some`) and deletes (`None`) this batch holds for `cf`, in
     /// key order, each key once with its last write; `None` if the batch also
-    /// deletes a span of `cf` (a range delete cannot be listed as keys).
+    /// deletes a span of `cf` (a range delete cannot be listed as keys) or
+    /// is write-only.
     /// Lets a leaseholder ship what its evaluation wrote to every replica.
     pub fn writes(&self, cf: Cf) -> Option<Vec<Write>> {
-        if !self.range_dels[cf.idx()].is_empty() {
+        if self.write_only || !self.range_dels[cf.idx()].is_empty() {
             return None;
         }
         Some(
@@ -123,8 +142,20 @@ impl Batch {
     }
 }
 
+impl Batch {
+    fn readable(&self) -> Result<()> {
+        if self.write_only {
+            return Err(crate::error::Error::InvalidArgument(
+                "a write-only batch cannot be read through".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Reader for Batch {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.readable()?;
         if let Some(v) = self.overlay[cf.idx()].get(key) {
             return Ok(v.clone());
         }
@@ -135,6 +166,7 @@ impl Reader for Batch {
     }
 
     fn cursor(&self, cf: Cf, lower: &[u8], upper: Option<&[u8]>) -> Result<Box<dyn Cursor + '_>> {
+        self.readable()?;
         let base = self.engine.cursor(cf, lower, upper)?;
         if self.overlay[cf.idx()].is_empty() && self.range_dels[cf.idx()].is_empty() {
             return Ok(base);
@@ -328,5 +360,29 @@ impl Cursor for BatchCursor<'_> {
 
     fn entry(&self) -> Option<(&[u8], &[u8])> {
         self.cur.as_ref().map(|(k, v)| (&k[..], &v[..]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::cursor::Reader;
+    use crate::engine::{Cf, Engine, EngineOptions};
+
+    #[test]
+    fn a_write_only_batch_writes_the_same_and_refuses_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Engine::open(dir.path(), EngineOptions::default()).unwrap();
+        let mut b = e.write_only_batch();
+        b.put(Cf::Raft, b"a", b"1").unwrap();
+        b.put(Cf::Raft, b"b", b"2").unwrap();
+        b.delete(Cf::Raft, b"a").unwrap();
+        b.delete_range(Cf::Raft, b"c", b"d").unwrap();
+        assert_eq!(b.len(), 4);
+        assert!(b.get(Cf::Raft, b"b").is_err(), "its writes are not indexed: no read");
+        assert!(b.cursor(Cf::Raft, b"", None).is_err());
+        assert!(b.writes(Cf::Raft).is_none());
+        e.write(b, true).unwrap();
+        assert_eq!(e.get(Cf::Raft, b"a").unwrap(), None);
+        assert_eq!(e.get(Cf::Raft, b"b").unwrap(), Some(b"2".to_vec()));
     }
 }

@@ -137,6 +137,12 @@ impl Engine {
         Batch::new(self.clone())
     }
 
+    /// A batch that keeps no index of its own writes (and cannot be read
+    /// through): for writes nothing reads before they are written.
+    pub fn write_only_batch(&self) -> Batch {
+        Batch::new_write_only(self.clone())
+    }
+
     /// Writes `batch` atomically. With `sync`, returns only after the WAL is fsynced.
     pub fn write(&self, batch: Batch, sync: bool) -> Result<()> {
         let mut wo = WriteOptions::default();
