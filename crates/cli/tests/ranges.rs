@@ -360,6 +360,7 @@ async fn register_over_native_kv_under_splits_and_the_nemesis_is_linearizable() 
     // (read from every node's address, restarted processes included, before
     // the restarted ones go).
     let mut multi = 0u64;
+    let mut pipelined = 0u64;
     for n in &c.nodes {
         let (_, body) = http_get(&n.http, "/metrics").unwrap_or_default();
         let val = |name: &str| -> u64 {
@@ -369,10 +370,14 @@ async fn register_over_native_kv_under_splits_and_the_nemesis_is_linearizable() 
         };
         multi += val("tardigrade_raft_ranges_per_fsync_count")
             .saturating_sub(val("tardigrade_raft_ranges_per_fsync_bucket{le=\"1\"}"));
+        // Batches the raft loop handed to its log writer and went on.
+        pipelined += val("tardigrade_raft_writes_in_flight_count");
     }
     kill_restarted(&stdout);
     println!("syncs carrying more than one range: {multi}");
     assert!(multi > 0, "no sync carried more than one range's entries");
+    println!("batches written through the commit pipeline: {pipelined}");
+    assert!(pipelined > 0, "the commit pipeline never took a batch");
     println!(
         "{stdout}\n200 admin splits in {split_time:?}; {under_faults} of 40 more and {merges_under_faults} of 15 merges under the nemesis"
     );

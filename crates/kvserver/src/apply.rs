@@ -59,13 +59,52 @@ fn applies_alone(e: &Entry, cmd: Option<&Result<RaftCommand, prost::DecodeError>
     }
 }
 
+/// A committed entry with its command decoded (once: the raft loop looks
+/// at it before applying, see `any_alone`).
+pub(crate) struct Decoded {
+    entry: Entry,
+    cmd: Option<Result<RaftCommand, prost::DecodeError>>,
+    alone: bool,
+}
+
+/// Decodes committed entries for `Replica::apply_decoded`.
+pub(crate) fn decode(entries: Vec<Entry>) -> Vec<Decoded> {
+    entries
+        .into_iter()
+        .map(|entry| {
+            let cmd = match &entry.payload {
+                EntryPayload::Normal(data) => Some(RaftCommand::decode(&data[..])),
+                _ => None,
+            };
+            let alone = applies_alone(&entry, cmd.as_ref());
+            Decoded { entry, cmd, alone }
+        })
+        .collect()
+}
+
+/// Whether any of `entries` is applied in a batch of its own (it may change
+/// the replica's or another range's state, not only the data).
+pub(crate) fn any_alone(entries: &[Decoded]) -> bool {
+    entries.iter().any(|d| d.alone)
+}
+
 impl Replica {
+    /// Applies committed entries, in order (see `apply_decoded`).
+    pub fn apply(&mut self, entries: Vec<Entry>, clock: &Clock, metrics: &Metrics) -> Result<(), StoreError> {
+        self.apply_decoded(decode(entries), clock, metrics)
+    }
+
     /// Applies committed entries, in order: the entries of the write path
     /// share one batch (one engine write for all of them, with the applied
     /// state once), every other entry gets a batch of its own; proposers are
     /// answered once their entry's batch is written.
-    pub fn apply(&mut self, entries: Vec<Entry>, clock: &Clock, metrics: &Metrics) -> Result<(), StoreError> {
-        let Some(last) = entries.last().map(|e| e.index) else {
+    pub(crate) fn apply_decoded(
+        &mut self,
+        entries: Vec<Decoded>,
+        clock: &Clock,
+        metrics: &Metrics,
+    ) -> Result<(), StoreError> {
+        let Some(last) = entries.last().map(|d| d.entry.index) else {
             return Ok(());
         };
         let mut batch = self.engine.batch();
@@ -73,13 +112,8 @@ impl Replica {
         let mut rev_written = self.rev;
         // The applied index as last written (for the error below).
         let mut written = self.applied.index;
-        for e in entries {
+        for Decoded { entry: e, cmd, alone } in entries {
             let index = e.index;
-            let cmd = match &e.payload {
-                EntryPayload::Normal(data) => Some(RaftCommand::decode(&data[..])),
-                _ => None,
-            };
-            let alone = applies_alone(&e, cmd.as_ref());
             if alone && !effects.is_empty() {
                 self.write_applied(&mut batch, &mut effects, &mut rev_written)?;
                 written = self.applied.index;

@@ -21,6 +21,7 @@ pub mod keyspace;
 pub mod kv_batch;
 pub mod liveness;
 pub mod log_truncation;
+mod log_writer;
 pub mod merge;
 pub mod meta;
 pub mod metrics;

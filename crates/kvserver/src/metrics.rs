@@ -118,6 +118,11 @@ pub struct Metrics {
     /// Scheduler cycles that had work, and how long each took (ready,
     /// write, apply, send).
     pub scheduler_cycle_seconds: Histogram,
+    /// How long each synced write of the log writer took.
+    pub raft_sync_seconds: Histogram,
+    /// Batches handed to the log writer (written there, not inline: work was
+    /// waiting), by how many were in flight already.
+    pub raft_writes_in_flight: Histogram,
     pub raft_messages_sent: Counter,
     /// Frames of raft messages handed to the transport (one per destination
     /// store per cycle that had messages for it).
@@ -158,6 +163,8 @@ impl Default for Metrics {
             raft_entries_per_fsync: Histogram::new(COUNT_BUCKETS),
             raft_ranges_per_fsync: Histogram::new(COUNT_BUCKETS),
             scheduler_cycle_seconds: Histogram::new(LATENCY_BUCKETS),
+            raft_sync_seconds: Histogram::new(LATENCY_BUCKETS),
+            raft_writes_in_flight: Histogram::new(COUNT_BUCKETS),
             raft_messages_sent: Counter::default(),
             raft_frames_sent: Counter::default(),
             raft_messages_received: Counter::default(),
@@ -318,6 +325,18 @@ impl Metrics {
         );
         self.scheduler_cycle_seconds
             .render(&mut out, "tardigrade_scheduler_cycle_seconds", "");
+        let _ = writeln!(
+            out,
+            "# HELP tardigrade_raft_sync_seconds Synced writes of the raft log writer.\n# TYPE tardigrade_raft_sync_seconds histogram"
+        );
+        self.raft_sync_seconds
+            .render(&mut out, "tardigrade_raft_sync_seconds", "");
+        let _ = writeln!(
+            out,
+            "# HELP tardigrade_raft_writes_in_flight Batches handed to the log writer while work waited, by how many were in flight already.\n# TYPE tardigrade_raft_writes_in_flight histogram"
+        );
+        self.raft_writes_in_flight
+            .render(&mut out, "tardigrade_raft_writes_in_flight", "");
         let _ = writeln!(
             out,
             "# HELP tardigrade_request_duration_seconds Latency of etcd API requests.\n# TYPE tardigrade_request_duration_seconds histogram"

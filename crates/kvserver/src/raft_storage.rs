@@ -105,8 +105,19 @@ impl ReplicaStorage {
         Ok(s)
     }
 
-    /// Re-reads the log bounds (after a snapshot replaced the log, or a
-    /// truncation); the cache keeps only what is still in the log.
+    /// Re-reads the log's start after a truncation. Its end stays as the
+    /// appends left it: appends may still be on their way to the engine.
+    pub fn truncated_again(&mut self) -> Result<(), storage::Error> {
+        self.truncated = raftlog::truncated_state(&self.engine, self.range_id)?;
+        let first = self.truncated.index + 1;
+        while self.cache.len() > 1 && self.cache.front().is_some_and(|e| e.index < first) {
+            self.cache.pop_front();
+        }
+        Ok(())
+    }
+
+    /// Re-reads the log bounds (after a snapshot replaced the log); the
+    /// cache keeps only what is still in the log.
     pub fn reload(&mut self) -> Result<(), storage::Error> {
         self.truncated = raftlog::truncated_state(&self.engine, self.range_id)?;
         self.last_index = raftlog::last_index(&self.engine, self.range_id)?;

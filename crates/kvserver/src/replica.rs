@@ -131,6 +131,10 @@ impl ReplicaStatus {
 pub struct Replica {
     pub range_id: u64,
     pub replica_id: u64,
+    /// Unique to this object in the process: a `Ready` taken from a replica
+    /// that was replaced since (an uninitialized one by a split's right
+    /// half) is not reported to its successor.
+    pub(crate) uid: u64,
     pub raw: RawNode<ReplicaStorage>,
     pub desc: RangeDescriptor,
     pub name: String,
@@ -197,9 +201,11 @@ impl Replica {
             liveness: Some(liveness.clone()),
             ..Default::default()
         }));
+        static NEXT_UID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Ok(Replica {
             range_id,
             replica_id,
+            uid: NEXT_UID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             raw,
             desc,
             name,
@@ -360,7 +366,7 @@ impl Replica {
         let mut b = self.engine.batch();
         storage::raftlog::truncate(&mut b, self.range_id, index)?;
         self.engine.write(b, false)?;
-        self.raw.storage_mut().reload()?;
+        self.raw.storage_mut().truncated_again()?;
         Ok(())
     }
 

@@ -1,33 +1,45 @@
 //! The MultiRaft scheduler: one thread that drives every replica of a store.
 //!
 //! Its cycle: take every event waiting (proposals, raft messages from other
-//! stores, snapshot outcomes, leader transfers), tick every replica when the
-//! store's one timer (`ticker`) says so, run the periodic queues
-//! (`replicate_queue`, `log_truncation`) and the liveness ping, then collect a
-//! `Ready` from every replica with work: write all their entries and hard
-//! states in ONE batch (synced if it holds entries or a new term or vote),
-//! hand their messages to the transport grouped per destination store
-//! (`router`), report them persisted, and apply committed entries (`apply`).
-//! One thread owns all replicas, so no replica needs a lock. Requests queue
-//! while a sync is in flight and share the next one (group commit).
+//! stores, snapshot outcomes, leader transfers) and every batch the log
+//! writer reports landed, tick every replica that needs it when the store's
+//! one timer (`ticker`) says so, run the periodic queues (`replicate_queue`,
+//! `log_truncation`) and the store liveness requests, then:
+//! - *finish* the cycles whose batch landed, oldest first: report them
+//!   persisted to raft, send the answers that promise durable state, apply
+//!   committed entries (`apply`), start split halves, drop merged replicas;
+//! - *collect* a `Ready` from every replica something touched: their entries
+//!   and hard states go into ONE batch (synced if it holds entries or a new
+//!   term or vote), their messages to the transport grouped per destination
+//!   store (`router`), and the batch to the commit pipeline (`log_writer`),
+//!   which writes it while this loop goes on. What arrives during a sync
+//!   joins the next batch (group commit across ranges), and that batch is
+//!   handed over at once, up to `log_writer::MAX_IN_FLIGHT` deep.
 //!
-//! This module is the loop and nothing else: what a queue decides, how an
-//! entry applies and where a message goes live in their own modules.
+//! Writes that replace a replica's raft state wholesale (a snapshot) or write
+//! another range's (splits, merges, subsumption) wait until every batch in
+//! flight has landed, so no older batch lands over them.
+//!
+//! One thread owns all replicas, so no replica needs a lock. This module is
+//! the loop and nothing else: what a queue decides, how an entry applies and
+//! where a message goes live in their own modules.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::Receiver;
 use parking_lot::{Mutex, RwLock};
 use proto::storage::RangeDescriptor;
 use proto::transport::RaftMsg;
 use storage::raftlog::{self, HardState};
 use storage::Engine;
 
+use crate::apply;
 use crate::command;
 use crate::hlc::Clock;
 use crate::liveness;
+use crate::log_writer::{LogWriter, MAX_IN_FLIGHT};
 use crate::metrics::Metrics;
 use crate::replica::{ProposeError, Replica, ReplicaStatus};
 use crate::router::Outbox;
@@ -83,6 +95,25 @@ pub(crate) struct Scheduler {
     pub tombstones: std::collections::HashSet<u64>,
     /// Ticks taken since this process started the store.
     pub ticks_taken: u64,
+    /// The commit pipeline.
+    pub writer: LogWriter,
+    /// Cycles handed to the writer and not finished yet, oldest first.
+    pub cycles: std::collections::VecDeque<Cycle>,
+    /// Replicas that applied entries since the last synced batch was handed
+    /// over (that batch makes what they applied durable).
+    pub applied_unsynced: Vec<u64>,
+}
+
+/// The `Ready`s of one collection, handed to the writer as one batch.
+pub(crate) struct Cycle {
+    seq: u64,
+    /// (range, replica uid, its Ready).
+    readies: Vec<(u64, u64, raft::Ready)>,
+    /// Applied indexes this cycle's synced write makes durable.
+    durable: Vec<(u64, u64)>,
+    /// Replicas that installed a snapshot in this cycle.
+    snapshotted: Vec<u64>,
+    started: Instant,
 }
 
 impl Scheduler {
@@ -92,13 +123,30 @@ impl Scheduler {
         for r in self.replicas.values_mut() {
             r.publish_status(now);
         }
+        let rx = self.rx.clone();
+        let done = self.writer().done().clone();
         loop {
-            let wait = ticker.wait(Instant::now());
+            // Replicas waiting for a collection the pipeline has room for,
+            // or landed batches to finish: no sleeping.
+            let busy = (!self.dirty.is_empty() && self.cycles.len() < MAX_IN_FLIGHT) || self.writer().has_landed();
+            let wait = if busy {
+                Duration::ZERO
+            } else {
+                ticker.wait(Instant::now())
+            };
             let mut stop = false;
-            match self.rx.recv_timeout(wait) {
-                Ok(ev) => stop |= self.handle(ev),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => stop = true,
+            crossbeam_channel::select! {
+                recv(rx) -> ev => match ev {
+                    Ok(ev) => stop |= self.handle(ev),
+                    Err(_) => stop = true,
+                },
+                recv(done) -> l => match l {
+                    Ok(l) => self.writer_mut().record(l),
+                    // The writer stopped after a failed write, reported
+                    // before this: finishing it stops the store below.
+                    Err(_) => stop = !self.writer().has_landed(),
+                },
+                default(wait) => {}
             }
             for _ in 0..MAX_EVENTS_PER_CYCLE {
                 match self.rx.try_recv() {
@@ -106,6 +154,7 @@ impl Scheduler {
                     Err(_) => break,
                 }
             }
+            self.writer_mut().poll();
             if stop {
                 break;
             }
@@ -159,8 +208,6 @@ impl Scheduler {
                 }
             }
             let processed = self.process_readies();
-            // Every snapshot stepped is applied (or was refused by raft) now.
-            self.stepped_snapshots.clear();
             if let Err(e) = processed {
                 tracing::error!(
                     error = %e,
@@ -170,12 +217,25 @@ impl Scheduler {
                 break;
             }
         }
+        // What was handed over lands and is finished before the stop: its
+        // proposers hear how it went.
+        if let Err(e) = self.drain() {
+            tracing::warn!(error = %e, "stopping with batches that did not land");
+        }
         for r in self.replicas.values_mut() {
             r.fail_pending(ProposeError::Stopped);
             let mut s = r.status.write();
             s.leader_ready = false;
             s.lease = None;
         }
+    }
+
+    fn writer(&self) -> &LogWriter {
+        &self.writer
+    }
+
+    fn writer_mut(&mut self) -> &mut LogWriter {
+        &mut self.writer
     }
 
     /// Returns whether to stop.
@@ -499,128 +559,229 @@ impl Scheduler {
         live
     }
 
+    /// Finishes the cycles whose batch landed, then collects the next one
+    /// if the pipeline has room.
     fn process_readies(&mut self) -> Result<(), StoreError> {
+        self.finish_landed()?;
+        if self.cycles.len() < MAX_IN_FLIGHT {
+            self.collect()?;
+        }
+        // Store liveness messages queued this cycle, if no Ready took them.
+        let mut out = std::mem::take(&mut self.out);
+        out.flush(&*self.transport, &self.metrics);
+        Ok(())
+    }
+
+    /// Waits for every batch in flight to land and finishes them all.
+    fn drain(&mut self) -> Result<(), StoreError> {
+        self.writer.wait_all_landed().map_err(StoreError::Io)?;
+        self.finish_landed()
+    }
+
+    fn finish_landed(&mut self) -> Result<(), StoreError> {
+        while let Some(l) = self.writer.take_landed() {
+            l.result?;
+            let cycle = self
+                .cycles
+                .pop_front()
+                .ok_or_else(|| StoreError::Io(format!("batch {} landed, but no cycle waits for it", l.seq)))?;
+            debug_assert_eq!(cycle.seq, l.seq, "batches land in the order handed over");
+            self.finish(cycle)?;
+        }
+        Ok(())
+    }
+
+    /// Takes a `Ready` from every replica something touched, sends their
+    /// messages and hands their writes to the log writer as one batch.
+    fn collect(&mut self) -> Result<(), StoreError> {
+        if self.dirty.is_empty() {
+            return Ok(());
+        }
+        // A snapshot's install writes the replica's raft state itself: no
+        // batch of before it may land after it, nor be finished after it.
+        if self
+            .dirty
+            .iter()
+            .any(|id| self.replicas.get(id).is_some_and(|r| r.raw.has_pending_snapshot()))
+        {
+            self.drain()?;
+        }
+        let candidates: Vec<u64> = std::mem::take(&mut self.dirty).into_iter().collect();
         // What events and ticks queued this cycle goes in the same frames.
         let mut out = std::mem::take(&mut self.out);
-        // Only replicas something touched may have a Ready.
-        let mut candidates: Vec<u64> = std::mem::take(&mut self.dirty).into_iter().collect();
-        loop {
-            // Nothing reads the log writes before they land: no index.
-            let mut batch = self.engine.write_only_batch();
-            let cycle_start = Instant::now();
-            let mut readies = Vec::new();
-            let mut entries = 0u64;
-            let mut synced_ranges = 0u64;
-            // Only entries, a snapshot, or a new term or vote must be synced:
-            // a commit index alone may be lost in a crash (raft relearns it).
-            let mut must_sync = false;
-            let mut snapshotted: Vec<u64> = Vec::new();
-            for &id in &candidates {
-                let Some(r) = self.replicas.get_mut(&id) else { continue };
-                if !r.raw.has_ready() {
-                    continue;
-                }
-                let mut rd = r.raw.ready();
-                // Before any of its messages leave (a TimeoutNow above all).
-                r.publish_lease_loss();
-                if let Some(snap) = &rd.snapshot {
-                    let hs = rd.hard_state.unwrap_or_else(|| r.raw.hard_state());
-                    r.apply_snapshot(snap, hs)?;
-                    self.metrics.snapshots_applied.inc();
-                    snapshotted.push(id);
-                }
-                out.add(r, std::mem::take(&mut rd.messages), &*self.transport, &self.events);
-                let ranges_before = synced_ranges;
-                if !rd.entries.is_empty() {
-                    synced_ranges += 1;
-                    let es: Vec<_> = rd.entries.iter().map(command::encode_entry).collect();
-                    let (truncated, last) = r.raw.storage().bounds();
-                    raftlog::append_within(&mut batch, id, &es, truncated, last)?;
-                    entries += es.len() as u64;
+        // Nothing reads the log writes before they land: no index.
+        let mut batch = self.engine.write_only_batch();
+        let started = Instant::now();
+        let mut readies = Vec::new();
+        let mut entries = 0u64;
+        let mut synced_ranges = 0u64;
+        // Only entries, a snapshot, or a new term or vote must be synced: a
+        // commit index alone may be lost in a crash (raft relearns it).
+        let mut must_sync = false;
+        let mut snapshotted: Vec<u64> = Vec::new();
+        for &id in &candidates {
+            let Some(r) = self.replicas.get_mut(&id) else { continue };
+            if !r.raw.has_ready() {
+                continue;
+            }
+            let mut rd = r.raw.ready();
+            // Before any of its messages leave (a TimeoutNow above all).
+            r.publish_lease_loss();
+            if let Some(snap) = &rd.snapshot {
+                let hs = rd.hard_state.unwrap_or_else(|| r.raw.hard_state());
+                r.apply_snapshot(snap, hs)?;
+                self.metrics.snapshots_applied.inc();
+                snapshotted.push(id);
+            }
+            out.add(r, std::mem::take(&mut rd.messages), &*self.transport, &self.events);
+            let ranges_before = synced_ranges;
+            if !rd.entries.is_empty() {
+                synced_ranges += 1;
+                let es: Vec<_> = rd.entries.iter().map(command::encode_entry).collect();
+                let (truncated, last) = r.raw.storage().bounds();
+                raftlog::append_within(&mut batch, id, &es, truncated, last)?;
+                // The next append (maybe before this batch lands) starts
+                // from these bounds; raft reads these entries from its own
+                // unstable log until it hears they are persisted.
+                r.raw.storage_mut().appended(&rd.entries);
+                entries += es.len() as u64;
+                must_sync = true;
+            }
+            if let Some(hs) = rd.hard_state {
+                if (hs.term, hs.vote) != r.synced_term_vote {
                     must_sync = true;
+                    synced_ranges = synced_ranges.max(ranges_before + 1);
+                    r.synced_term_vote = (hs.term, hs.vote);
                 }
-                if let Some(hs) = rd.hard_state {
-                    if (hs.term, hs.vote) != r.synced_term_vote {
-                        must_sync = true;
-                        synced_ranges = synced_ranges.max(ranges_before + 1);
-                        r.synced_term_vote = (hs.term, hs.vote);
-                    }
-                    raftlog::save_hard_state(
-                        &mut batch,
-                        id,
-                        HardState {
-                            term: hs.term,
-                            vote: hs.vote,
-                            commit: hs.commit,
-                        },
-                    )?;
-                }
-                readies.push((id, rd));
+                raftlog::save_hard_state(
+                    &mut batch,
+                    id,
+                    HardState {
+                        term: hs.term,
+                        vote: hs.vote,
+                        commit: hs.commit,
+                    },
+                )?;
             }
-            // Leaders' appends and heartbeats leave before the sync.
-            out.flush(&*self.transport, &self.metrics);
-            if readies.is_empty() {
-                return Ok(());
+            readies.push((id, r.uid, rd));
+        }
+        // Every snapshot stepped is installed (or was refused by raft) now:
+        // every replica touched was asked.
+        self.stepped_snapshots.clear();
+        // Leaders' appends and heartbeats leave before the sync.
+        out.flush(&*self.transport, &self.metrics);
+        if readies.is_empty() {
+            return Ok(());
+        }
+        self.status_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // A synced write makes durable every applied state written before
+        // it (the WAL is ordered): that is, before it is handed over.
+        let durable = if must_sync {
+            let mut ids = std::mem::take(&mut self.applied_unsynced);
+            ids.sort_unstable();
+            ids.dedup();
+            ids.into_iter()
+                .filter_map(|id| self.replicas.get(&id).map(|r| (id, r.applied_index())))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if must_sync {
+            self.metrics.raft_fsyncs.inc();
+            self.metrics.raft_entries_persisted.add(entries);
+            self.metrics.raft_entries_per_fsync.observe(entries as f64);
+            self.metrics.raft_ranges_per_fsync.observe(synced_ranges as f64);
+        }
+        let cycle = |seq| Cycle {
+            seq,
+            readies,
+            durable,
+            snapshotted,
+            started,
+        };
+        let write = (!batch.is_empty()).then_some(batch);
+        if self.cycles.is_empty() && self.rx.is_empty() {
+            // Nothing in flight and nothing waiting: handing the batch over
+            // would only add two thread hops to this cycle's latency.
+            if let Some(b) = write {
+                self.engine.write(b, must_sync)?;
             }
-            self.status_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if must_sync {
-                // ONE synced write for every range's entries and hard state;
-                // it also makes every applied state written before it durable.
-                for r in self.replicas.values_mut() {
-                    r.durable_applied = r.applied_index();
-                }
-                self.engine.write(batch, true)?;
-                self.metrics.raft_fsyncs.inc();
-                self.metrics.raft_entries_persisted.add(entries);
-                self.metrics.raft_entries_per_fsync.observe(entries as f64);
-                self.metrics.raft_ranges_per_fsync.observe(synced_ranges as f64);
-            } else if !batch.is_empty() {
-                self.engine.write(batch, false)?;
+            return self.finish(cycle(0));
+        }
+        self.metrics.raft_writes_in_flight.observe(self.writer.pending() as f64);
+        let seq = self.writer.submit(write, must_sync).map_err(StoreError::Io)?;
+        self.cycles.push_back(cycle(seq));
+        Ok(())
+    }
+
+    /// A cycle whose batch landed: raft hears it is durable, the answers
+    /// that promise durable state leave, committed entries apply.
+    fn finish(&mut self, cycle: Cycle) -> Result<(), StoreError> {
+        for (id, applied) in cycle.durable {
+            if let Some(r) = self.replicas.get_mut(&id) {
+                r.durable_applied = r.durable_applied.max(applied);
             }
+        }
+        if !cycle.snapshotted.is_empty() {
             // A snapshot of a merged range subsumes the replicas frozen for
             // that merge here (the merge trigger is inside the snapshot);
-            // after the cycle's write, which may hold their last raft state.
-            for id in std::mem::take(&mut snapshotted) {
+            // after every batch handed over, which may hold their raft state.
+            self.writer.wait_all_landed().map_err(StoreError::Io)?;
+            for &id in &cycle.snapshotted {
                 self.remove_subsumed(id)?;
             }
-            let mut splits = Vec::new();
-            // Ranges merged away in this pass: their state is gone, nothing
-            // of theirs may be written again.
-            let mut gone: Vec<u64> = Vec::new();
-            // The next pass asks the replicas handled in this one (applying
-            // may give them more) and any touched since (new right halves).
-            candidates = readies.iter().map(|(id, _)| *id).collect();
-            for (id, mut rd) in readies {
-                if gone.contains(&id) {
-                    continue;
-                }
-                let Some(r) = self.replicas.get_mut(&id) else { continue };
-                r.raw.storage_mut().appended(&rd.entries);
-                r.raw.on_persisted(rd.number);
-                let msgs = std::mem::take(&mut rd.persisted_messages);
-                r.apply(rd.committed_entries, &self.clock, &self.metrics)?;
-                r.publish_status(Instant::now());
-                out.add(r, msgs, &*self.transport, &self.events);
-                let leader = r.raw.role() == raft::Role::Leader;
-                splits.extend(std::mem::take(&mut r.split_out).into_iter().map(|d| (d, leader)));
-                gone.extend(std::mem::take(&mut r.merged_out));
-            }
-            for id in gone {
-                self.remove_merged(id);
-            }
-            // Only now: a right-hand replica may replace an uninitialized
-            // one whose `Ready` this cycle handled above.
-            for (right, leader) in splits {
-                self.start_right_hand(right, leader)?;
-            }
-            candidates.extend(std::mem::take(&mut self.dirty));
-            candidates.sort_unstable();
-            candidates.dedup();
-            out.flush(&*self.transport, &self.metrics);
-            self.metrics
-                .scheduler_cycle_seconds
-                .observe(cycle_start.elapsed().as_secs_f64());
         }
+        let mut out = std::mem::take(&mut self.out);
+        let mut splits = Vec::new();
+        // Ranges merged away here: their state is gone, nothing of theirs
+        // may be written again.
+        let mut gone: Vec<u64> = Vec::new();
+        let now = Instant::now();
+        for (id, uid, mut rd) in cycle.readies {
+            if gone.contains(&id) {
+                continue;
+            }
+            let committed = apply::decode(std::mem::take(&mut rd.committed_entries));
+            if apply::any_alone(&committed) {
+                // Splits and merges write other ranges' raft state, and the
+                // rest change the replica: after everything in flight.
+                self.writer.wait_all_landed().map_err(StoreError::Io)?;
+            }
+            let Some(r) = self.replicas.get_mut(&id) else { continue };
+            let msgs = std::mem::take(&mut rd.persisted_messages);
+            if r.uid != uid {
+                // Taken from a replica replaced since (an uninitialized one
+                // by a split's right half): its answers still hold.
+                out.add(r, msgs, &*self.transport, &self.events);
+                continue;
+            }
+            r.raw.on_persisted(rd.number);
+            if !committed.is_empty() {
+                r.apply_decoded(committed, &self.clock, &self.metrics)?;
+                self.applied_unsynced.push(id);
+            }
+            r.publish_status(now);
+            out.add(r, msgs, &*self.transport, &self.events);
+            let leader = r.raw.role() == raft::Role::Leader;
+            splits.extend(std::mem::take(&mut r.split_out).into_iter().map(|d| (d, leader)));
+            gone.extend(std::mem::take(&mut r.merged_out));
+            // Applying may give it more to do.
+            self.dirty.insert(id);
+        }
+        for id in gone {
+            self.remove_merged(id);
+            self.dirty.remove(&id);
+        }
+        // Only now: a right-hand replica may replace an uninitialized one
+        // whose `Ready` this cycle handled above.
+        for (right, leader) in splits {
+            self.start_right_hand(right, leader)?;
+        }
+        out.flush(&*self.transport, &self.metrics);
+        self.metrics
+            .scheduler_cycle_seconds
+            .observe(cycle.started.elapsed().as_secs_f64());
+        Ok(())
     }
 }
 

@@ -400,6 +400,10 @@ impl Store {
             stepped_snapshots: Vec::new(),
             tombstones: Default::default(),
             ticks_taken: 0,
+            writer: crate::log_writer::LogWriter::start(engine.clone(), metrics.clone())
+                .map_err(|e| StoreError::Io(format!("cannot start the raft log writer: {e}")))?,
+            cycles: Default::default(),
+            applied_unsynced: Vec::new(),
         };
         let mut descs = rangestate::all_descriptors(&engine)?;
         let mut absorbed = Vec::new();

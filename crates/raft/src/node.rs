@@ -275,6 +275,12 @@ impl<S: Storage> RawNode<S> {
         self.raft.fortified
     }
 
+    /// Whether the next `Ready` will carry a snapshot to install (a node
+    /// that pipelines its writes lets earlier ones land first).
+    pub fn has_pending_snapshot(&self) -> bool {
+        self.raft.log.snapshot_to_persist().is_some()
+    }
+
     /// Whether the node must keep ticking this member (see `fortify`).
     pub fn needs_tick(&self) -> bool {
         self.raft.needs_tick()
