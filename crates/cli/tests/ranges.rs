@@ -262,7 +262,16 @@ async fn admin_merge(host: &str, key: &[u8]) -> Result<(), String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_over_native_kv_under_splits_and_the_nemesis_is_linearizable() {
     // Small ranges: the workload's writes split them by size as it runs.
-    let c = Cluster::start(3, &["--range-max-bytes", "65536"]);
+    // Every batch through the commit pipeline while work waits (by default
+    // only once syncs are slow, which this machine's are not).
+    let c = Cluster::start(
+        3,
+        &[
+            "--range-max-bytes",
+            "65536",
+            "env:TARDIGRADE_RAFT_PIPELINE_MIN_SYNC_US=0",
+        ],
+    );
     c.wait_replicated().await;
     let hosts: Vec<String> = c.nodes.iter().map(|n| n.grpc.clone()).collect();
     // 200 admin splits at two-hex-digit keys (the workload's keys are spread

@@ -17,9 +17,28 @@ use storage::{Batch, Engine};
 
 use crate::metrics::Metrics;
 
-/// Batches in flight at most: beyond this the raft loop stops handing over
-/// and lets work gather for the next one.
-pub(crate) const MAX_IN_FLIGHT: usize = 4;
+/// Writes `batch`, synced if `sync`, and says how long the sync took
+/// (recorded in `tardigrade_raft_sync_seconds`); `delay` is a testing knob
+/// that makes every sync that much slower (a slow disk).
+pub(crate) fn write(
+    engine: &Engine,
+    batch: Batch,
+    sync: bool,
+    delay: std::time::Duration,
+    metrics: &Metrics,
+) -> Result<Option<f64>, storage::Error> {
+    let start = std::time::Instant::now();
+    engine.write(batch, sync)?;
+    if !sync {
+        return Ok(None);
+    }
+    if !delay.is_zero() {
+        std::thread::sleep(delay);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    metrics.raft_sync_seconds.observe(secs);
+    Ok(Some(secs))
+}
 
 struct Job {
     seq: u64,
@@ -31,6 +50,8 @@ struct Job {
 pub(crate) struct Landed {
     pub seq: u64,
     pub result: Result<(), storage::Error>,
+    /// How long its synced write took (`None`: not synced).
+    pub sync_secs: Option<f64>,
 }
 
 pub(crate) struct LogWriter {
@@ -45,26 +66,31 @@ pub(crate) struct LogWriter {
 }
 
 impl LogWriter {
-    pub fn start(engine: Engine, metrics: std::sync::Arc<Metrics>) -> std::io::Result<LogWriter> {
+    pub fn start(
+        engine: Engine,
+        metrics: std::sync::Arc<Metrics>,
+        sync_delay: std::time::Duration,
+    ) -> std::io::Result<LogWriter> {
         let (tx, rx) = crossbeam_channel::unbounded::<Job>();
         let (done_tx, done) = crossbeam_channel::unbounded();
         let thread = std::thread::Builder::new()
             .name("raft-log-writer".into())
             .spawn(move || {
                 for job in rx {
-                    let result = match job.batch {
-                        Some(b) => {
-                            let start = std::time::Instant::now();
-                            let r = engine.write(b, job.sync);
-                            if job.sync {
-                                metrics.raft_sync_seconds.observe(start.elapsed().as_secs_f64());
-                            }
-                            r
-                        }
-                        None => Ok(()),
+                    let (result, sync_secs) = match job.batch {
+                        Some(b) => match write(&engine, b, job.sync, sync_delay, &metrics) {
+                            Ok(secs) => (Ok(()), secs),
+                            Err(e) => (Err(e), None),
+                        },
+                        None => (Ok(()), None),
                     };
                     let failed = result.is_err();
-                    if done_tx.send(Landed { seq: job.seq, result }).is_err() || failed {
+                    let landed = Landed {
+                        seq: job.seq,
+                        result,
+                        sync_secs,
+                    };
+                    if done_tx.send(landed).is_err() || failed {
                         // Nothing after a failed write may land: the raft
                         // loop stops the store when it hears of it.
                         return;
@@ -158,7 +184,7 @@ mod tests {
     fn batches_land_in_the_order_handed_over_and_say_so_in_that_order() {
         let dir = tempfile::tempdir().unwrap();
         let e = Engine::open(dir.path(), EngineOptions::default()).unwrap();
-        let mut w = LogWriter::start(e.clone(), Arc::new(Metrics::default())).unwrap();
+        let mut w = LogWriter::start(e.clone(), Arc::new(Metrics::default()), Default::default()).unwrap();
         let mut seqs = Vec::new();
         for i in 0..20u8 {
             // Every batch overwrites one key: the last one handed over wins.

@@ -39,7 +39,7 @@ use crate::apply;
 use crate::command;
 use crate::hlc::Clock;
 use crate::liveness;
-use crate::log_writer::{LogWriter, MAX_IN_FLIGHT};
+use crate::log_writer::LogWriter;
 use crate::metrics::Metrics;
 use crate::replica::{ProposeError, Replica, ReplicaStatus};
 use crate::router::Outbox;
@@ -82,6 +82,10 @@ pub(crate) struct Scheduler {
     /// touched since their last one. A cycle asks only these, so an idle
     /// range costs nothing however many there are.
     pub dirty: std::collections::BTreeSet<u64>,
+    /// Replicas that needed ticks when last looked at. A replica's need
+    /// only arises from an input, which puts it in `dirty`: a tick visits
+    /// these and the dirty ones, not every replica.
+    pub ticking: std::collections::BTreeSet<u64>,
     /// Raised after every pass that handled a `Ready` (see
     /// `StoreHandle::status_version`).
     pub status_version: Arc<std::sync::atomic::AtomicU64>,
@@ -97,14 +101,35 @@ pub(crate) struct Scheduler {
     pub ticks_taken: u64,
     /// The commit pipeline.
     pub writer: LogWriter,
-    /// Cycles handed to the writer and not finished yet, oldest first.
+    /// The cycle handed to the writer and not finished yet (one at most).
     pub cycles: std::collections::VecDeque<Cycle>,
+    /// What was collected while a batch was in flight: the next batch.
+    pub gathering: Option<Gathering>,
+    /// A cycle is being finished (see `finish`).
+    pub finishing: bool,
     /// Replicas that applied entries since the last synced batch was handed
     /// over (that batch makes what they applied durable).
     pub applied_unsynced: Vec<u64>,
+    /// Moving average of how long a synced write takes, in seconds: the
+    /// pipeline is used only when it is at least `cfg.pipeline_min_sync`.
+    pub sync_average: f64,
 }
 
-/// The `Ready`s of one collection, handed to the writer as one batch.
+/// Weight of each new sync in `sync_average`.
+const SYNC_AVERAGE_WEIGHT: f64 = 0.1;
+
+/// `Ready`s collected and not yet handed over, with their writes.
+pub(crate) struct Gathering {
+    batch: storage::Batch,
+    readies: Vec<(u64, u64, raft::Ready)>,
+    snapshotted: Vec<u64>,
+    must_sync: bool,
+    entries: u64,
+    synced_ranges: u64,
+    started: Instant,
+}
+
+/// The `Ready`s of one batch, handed to the writer (or written inline).
 pub(crate) struct Cycle {
     seq: u64,
     /// (range, replica uid, its Ready).
@@ -128,7 +153,7 @@ impl Scheduler {
         loop {
             // Replicas waiting for a collection the pipeline has room for,
             // or landed batches to finish: no sleeping.
-            let busy = (!self.dirty.is_empty() && self.cycles.len() < MAX_IN_FLIGHT) || self.writer().has_landed();
+            let busy = !self.dirty.is_empty() || self.writer().has_landed();
             let wait = if busy {
                 Duration::ZERO
             } else {
@@ -170,11 +195,18 @@ impl Scheduler {
                 }
                 // A quiesced leader and its fortified followers need no tick.
                 let mut ticked = 0u64;
-                for (&id, r) in self.replicas.iter_mut() {
-                    if r.raw.needs_tick() {
-                        r.raw.tick();
-                        self.dirty.insert(id);
-                        ticked += 1;
+                let visit: Vec<u64> = self.ticking.union(&self.dirty).copied().collect();
+                for id in visit {
+                    match self.replicas.get_mut(&id) {
+                        Some(r) if r.raw.needs_tick() => {
+                            r.raw.tick();
+                            self.ticking.insert(id);
+                            self.dirty.insert(id);
+                            ticked += 1;
+                        }
+                        _ => {
+                            self.ticking.remove(&id);
+                        }
                     }
                 }
                 self.ticks_taken += 1;
@@ -559,28 +591,41 @@ impl Scheduler {
         live
     }
 
-    /// Finishes the cycles whose batch landed, then collects the next one
-    /// if the pipeline has room.
+    /// Finishes the cycle whose batch landed, collects what replicas have
+    /// now, and hands the next batch over if none is in flight.
     fn process_readies(&mut self) -> Result<(), StoreError> {
         self.finish_landed()?;
-        if self.cycles.len() < MAX_IN_FLIGHT {
-            self.collect()?;
-        }
+        self.collect()?;
+        self.hand_over(false)?;
         // Store liveness messages queued this cycle, if no Ready took them.
         let mut out = std::mem::take(&mut self.out);
         out.flush(&*self.transport, &self.metrics);
         Ok(())
     }
 
-    /// Waits for every batch in flight to land and finishes them all.
+    fn observe_sync(&mut self, secs: f64) {
+        self.sync_average += SYNC_AVERAGE_WEIGHT * (secs - self.sync_average);
+    }
+
+    /// Hands what was gathered to the writer and waits until every batch
+    /// handed over has landed (without finishing them).
+    fn land_everything(&mut self) -> Result<(), StoreError> {
+        self.hand_over(true)?;
+        self.writer.wait_all_landed().map_err(StoreError::Io)
+    }
+
+    /// Lands and finishes everything collected so far.
     fn drain(&mut self) -> Result<(), StoreError> {
-        self.writer.wait_all_landed().map_err(StoreError::Io)?;
+        self.land_everything()?;
         self.finish_landed()
     }
 
     fn finish_landed(&mut self) -> Result<(), StoreError> {
         while let Some(l) = self.writer.take_landed() {
             l.result?;
+            if let Some(secs) = l.sync_secs {
+                self.observe_sync(secs);
+            }
             let cycle = self
                 .cycles
                 .pop_front()
@@ -592,7 +637,8 @@ impl Scheduler {
     }
 
     /// Takes a `Ready` from every replica something touched, sends their
-    /// messages and hands their writes to the log writer as one batch.
+    /// messages (also while a batch is in flight: a leader's appends leave
+    /// at once) and gathers their writes into the next batch.
     fn collect(&mut self) -> Result<(), StoreError> {
         if self.dirty.is_empty() {
             return Ok(());
@@ -609,18 +655,22 @@ impl Scheduler {
         let candidates: Vec<u64> = std::mem::take(&mut self.dirty).into_iter().collect();
         // What events and ticks queued this cycle goes in the same frames.
         let mut out = std::mem::take(&mut self.out);
-        // Nothing reads the log writes before they land: no index.
-        let mut batch = self.engine.write_only_batch();
-        let started = Instant::now();
-        let mut readies = Vec::new();
-        let mut entries = 0u64;
-        let mut synced_ranges = 0u64;
-        // Only entries, a snapshot, or a new term or vote must be synced: a
-        // commit index alone may be lost in a crash (raft relearns it).
-        let mut must_sync = false;
-        let mut snapshotted: Vec<u64> = Vec::new();
+        let mut g = self.gathering.take().unwrap_or_else(|| Gathering {
+            // Nothing reads the log writes before they land: no index.
+            batch: self.engine.write_only_batch(),
+            readies: Vec::new(),
+            snapshotted: Vec::new(),
+            must_sync: false,
+            entries: 0,
+            synced_ranges: 0,
+            started: Instant::now(),
+        });
+        let before = g.readies.len();
         for &id in &candidates {
             let Some(r) = self.replicas.get_mut(&id) else { continue };
+            if r.raw.needs_tick() {
+                self.ticking.insert(id);
+            }
             if !r.raw.has_ready() {
                 continue;
             }
@@ -631,30 +681,30 @@ impl Scheduler {
                 let hs = rd.hard_state.unwrap_or_else(|| r.raw.hard_state());
                 r.apply_snapshot(snap, hs)?;
                 self.metrics.snapshots_applied.inc();
-                snapshotted.push(id);
+                g.snapshotted.push(id);
             }
             out.add(r, std::mem::take(&mut rd.messages), &*self.transport, &self.events);
-            let ranges_before = synced_ranges;
+            let ranges_before = g.synced_ranges;
             if !rd.entries.is_empty() {
-                synced_ranges += 1;
+                g.synced_ranges += 1;
                 let es: Vec<_> = rd.entries.iter().map(command::encode_entry).collect();
                 let (truncated, last) = r.raw.storage().bounds();
-                raftlog::append_within(&mut batch, id, &es, truncated, last)?;
+                raftlog::append_within(&mut g.batch, id, &es, truncated, last)?;
                 // The next append (maybe before this batch lands) starts
                 // from these bounds; raft reads these entries from its own
                 // unstable log until it hears they are persisted.
                 r.raw.storage_mut().appended(&rd.entries);
-                entries += es.len() as u64;
-                must_sync = true;
+                g.entries += es.len() as u64;
+                g.must_sync = true;
             }
             if let Some(hs) = rd.hard_state {
                 if (hs.term, hs.vote) != r.synced_term_vote {
-                    must_sync = true;
-                    synced_ranges = synced_ranges.max(ranges_before + 1);
+                    g.must_sync = true;
+                    g.synced_ranges = g.synced_ranges.max(ranges_before + 1);
                     r.synced_term_vote = (hs.term, hs.vote);
                 }
                 raftlog::save_hard_state(
-                    &mut batch,
+                    &mut g.batch,
                     id,
                     HardState {
                         term: hs.term,
@@ -663,20 +713,37 @@ impl Scheduler {
                     },
                 )?;
             }
-            readies.push((id, r.uid, rd));
+            g.readies.push((id, r.uid, rd));
         }
         // Every snapshot stepped is installed (or was refused by raft) now:
         // every replica touched was asked.
         self.stepped_snapshots.clear();
         // Leaders' appends and heartbeats leave before the sync.
         out.flush(&*self.transport, &self.metrics);
-        if readies.is_empty() {
-            return Ok(());
+        if g.readies.len() > before {
+            self.status_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        self.status_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if !g.readies.is_empty() {
+            self.gathering = Some(g);
+        }
+        Ok(())
+    }
+
+    /// Hands the gathered batch over once nothing is in flight. Written
+    /// inline, and finished at once, when nothing waits or syncs are too
+    /// short to be worth two thread hops. `force`: handed to the writer now,
+    /// behind what is in flight, and never finished here (the caller may be
+    /// finishing an earlier cycle: cycles finish in order).
+    fn hand_over(&mut self, force: bool) -> Result<(), StoreError> {
+        if !force && !self.cycles.is_empty() {
+            return Ok(()); // joins the next batch: the one in flight lands first
+        }
+        let Some(g) = self.gathering.take() else {
+            return Ok(());
+        };
         // A synced write makes durable every applied state written before
         // it (the WAL is ordered): that is, before it is handed over.
-        let durable = if must_sync {
+        let durable = if g.must_sync {
             let mut ids = std::mem::take(&mut self.applied_unsynced);
             ids.sort_unstable();
             ids.dedup();
@@ -686,12 +753,20 @@ impl Scheduler {
         } else {
             Vec::new()
         };
-        if must_sync {
+        if g.must_sync {
             self.metrics.raft_fsyncs.inc();
-            self.metrics.raft_entries_persisted.add(entries);
-            self.metrics.raft_entries_per_fsync.observe(entries as f64);
-            self.metrics.raft_ranges_per_fsync.observe(synced_ranges as f64);
+            self.metrics.raft_entries_persisted.add(g.entries);
+            self.metrics.raft_entries_per_fsync.observe(g.entries as f64);
+            self.metrics.raft_ranges_per_fsync.observe(g.synced_ranges as f64);
         }
+        let Gathering {
+            batch,
+            readies,
+            snapshotted,
+            must_sync,
+            started,
+            ..
+        } = g;
         let cycle = |seq| Cycle {
             seq,
             readies,
@@ -700,11 +775,15 @@ impl Scheduler {
             started,
         };
         let write = (!batch.is_empty()).then_some(batch);
-        if self.cycles.is_empty() && self.rx.is_empty() {
-            // Nothing in flight and nothing waiting: handing the batch over
-            // would only add two thread hops to this cycle's latency.
+        let pays = self.sync_average >= self.cfg.pipeline_min_sync.as_secs_f64();
+        if !force && self.cycles.is_empty() && (self.rx.is_empty() || !pays) {
+            // Nothing in flight, and nothing waiting or syncs too short to
+            // be worth two thread hops: written here and now.
             if let Some(b) = write {
-                self.engine.write(b, must_sync)?;
+                let delay = self.cfg.testing_sync_delay;
+                if let Some(secs) = crate::log_writer::write(&self.engine, b, must_sync, delay, &self.metrics)? {
+                    self.observe_sync(secs);
+                }
             }
             return self.finish(cycle(0));
         }
@@ -717,6 +796,19 @@ impl Scheduler {
     /// A cycle whose batch landed: raft hears it is durable, the answers
     /// that promise durable state leave, committed entries apply.
     fn finish(&mut self, cycle: Cycle) -> Result<(), StoreError> {
+        // Cycles finish one at a time, in the order collected: finishing one
+        // inside another would report and apply a later `Ready` before an
+        // earlier one (acknowledged writes were lost that way).
+        if self.finishing {
+            return Err(StoreError::Raft("a cycle was finished inside another".into()));
+        }
+        self.finishing = true;
+        let r = self.finish_inner(cycle);
+        self.finishing = false;
+        r
+    }
+
+    fn finish_inner(&mut self, cycle: Cycle) -> Result<(), StoreError> {
         for (id, applied) in cycle.durable {
             if let Some(r) = self.replicas.get_mut(&id) {
                 r.durable_applied = r.durable_applied.max(applied);
@@ -725,8 +817,8 @@ impl Scheduler {
         if !cycle.snapshotted.is_empty() {
             // A snapshot of a merged range subsumes the replicas frozen for
             // that merge here (the merge trigger is inside the snapshot);
-            // after every batch handed over, which may hold their raft state.
-            self.writer.wait_all_landed().map_err(StoreError::Io)?;
+            // after every batch collected, which may hold their raft state.
+            self.land_everything()?;
             for &id in &cycle.snapshotted {
                 self.remove_subsumed(id)?;
             }
@@ -744,8 +836,8 @@ impl Scheduler {
             let committed = apply::decode(std::mem::take(&mut rd.committed_entries));
             if apply::any_alone(&committed) {
                 // Splits and merges write other ranges' raft state, and the
-                // rest change the replica: after everything in flight.
-                self.writer.wait_all_landed().map_err(StoreError::Io)?;
+                // rest change the replica: after everything collected.
+                self.land_everything()?;
             }
             let Some(r) = self.replicas.get_mut(&id) else { continue };
             let msgs = std::mem::take(&mut rd.persisted_messages);

@@ -181,21 +181,29 @@ pub async fn split_loop(sender: impl SplitSender, policy: SplitPolicy) {
         // Only the ranges this store leads that are too large or too loaded
         // are copied out (the load sampler decides in place).
         let mut loaded: std::collections::HashMap<u64, Vec<u8>> = Default::default();
+        // Cheapest checks first: most ranges are idle, and the lease check
+        // (store liveness) is the dearest.
         let due = store.statuses_where(|st| {
-            if !splittable(st.desc.range_id) || !st.can_serve(now) || st.desc.end_key.is_empty() {
+            if !splittable(st.desc.range_id) || !st.leader_ready || st.desc.end_key.is_empty() {
                 return false;
             }
             let stats = st.applied.stats;
-            if (stats.key_bytes + stats.val_bytes).max(0) as u64 > policy.max_bytes {
-                return true;
+            let too_big = (stats.key_bytes + stats.val_bytes).max(0) as u64 > policy.max_bytes;
+            let load_key = if too_big {
+                None
+            } else {
+                st.conc.decide_load_split(now, policy.load_qps)
+            };
+            if !too_big && load_key.is_none() {
+                return false;
             }
-            match st.conc.decide_load_split(now, policy.load_qps) {
-                Some(k) => {
-                    loaded.insert(st.desc.range_id, k);
-                    true
-                }
-                None => false,
+            if !st.can_serve(now) {
+                return false;
             }
+            if let Some(k) = load_key {
+                loaded.insert(st.desc.range_id, k);
+            }
+            true
         });
         for st in due {
             let stats = st.applied.stats;

@@ -163,6 +163,13 @@ impl Shared {
         scfg.tick = self.cfg.tick;
         scfg.election_ticks = self.cfg.election_ticks;
         scfg.log_truncation_threshold = self.cfg.log_truncation_threshold;
+        if let Some(us) = env_u64("TARDIGRADE_RAFT_PIPELINE_MIN_SYNC_US") {
+            scfg.pipeline_min_sync = Duration::from_micros(us);
+        }
+        if let Some(us) = env_u64("TARDIGRADE_TESTING_SYNC_DELAY_US") {
+            tracing::warn!(delay_us = us, "testing knob: every synced raft write is slowed down");
+            scfg.testing_sync_delay = Duration::from_micros(us);
+        }
         let mut opts = StoreOptions {
             transport: self.transport.clone(),
             bootstrap: plan,
@@ -206,6 +213,15 @@ impl Shared {
     pub fn drop_channel(&self, addr: &str) {
         self.channels.lock().remove(addr);
     }
+}
+
+/// A number from the environment: `TARDIGRADE_RAFT_PIPELINE_MIN_SYNC_US=N`
+/// (tuning: the raft loop hands its batches to its log writer while work
+/// waits only once syncs take N microseconds on average; 0: always, as tests
+/// do) and `TARDIGRADE_TESTING_SYNC_DELAY_US=N` (testing knob, off by
+/// default: every synced raft write takes N microseconds longer).
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok()?.parse().ok()
 }
 
 /// `TARDIGRADE_TESTING_CLOCK_SKEW_MS=N` (testing knob, off by default) runs
