@@ -65,6 +65,9 @@ pub(crate) struct Decoded {
     entry: Entry,
     cmd: Option<Result<RaftCommand, prost::DecodeError>>,
     alone: bool,
+    /// A split or merge: it writes (or removes) another range's raft state,
+    /// so every raft write collected before must land first.
+    lands_first: bool,
 }
 
 /// Decodes committed entries for `Replica::apply_decoded`.
@@ -77,15 +80,27 @@ pub(crate) fn decode(entries: Vec<Entry>) -> Vec<Decoded> {
                 _ => None,
             };
             let alone = applies_alone(&entry, cmd.as_ref());
-            Decoded { entry, cmd, alone }
+            let lands_first = matches!(
+                &cmd,
+                Some(Ok(RaftCommand {
+                    op: Some(raft_command::Op::Split(_) | raft_command::Op::Merge(_)),
+                    ..
+                }))
+            );
+            Decoded {
+                entry,
+                cmd,
+                alone,
+                lands_first,
+            }
         })
         .collect()
 }
 
-/// Whether any of `entries` is applied in a batch of its own (it may change
-/// the replica's or another range's state, not only the data).
-pub(crate) fn any_alone(entries: &[Decoded]) -> bool {
-    entries.iter().any(|d| d.alone)
+/// Whether any of `entries` writes another range's raft state (see
+/// `Decoded::lands_first`).
+pub(crate) fn any_lands_first(entries: &[Decoded]) -> bool {
+    entries.iter().any(|d| d.lands_first)
 }
 
 impl Replica {
@@ -112,7 +127,10 @@ impl Replica {
         let mut rev_written = self.rev;
         // The applied index as last written (for the error below).
         let mut written = self.applied.index;
-        for Decoded { entry: e, cmd, alone } in entries {
+        for Decoded {
+            entry: e, cmd, alone, ..
+        } in entries
+        {
             let index = e.index;
             if alone && !effects.is_empty() {
                 self.write_applied(&mut batch, &mut effects, &mut rev_written)?;

@@ -150,6 +150,7 @@ impl Scheduler {
         }
         let rx = self.rx.clone();
         let done = self.writer().done().clone();
+        let mut failed = false;
         loop {
             // Replicas waiting for a collection the pipeline has room for,
             // or landed batches to finish: no sleeping.
@@ -246,13 +247,18 @@ impl Scheduler {
                     "the store stops: its raft loop can no longer persist or apply; nothing more is acknowledged or served from it"
                 );
                 *self.stopped.lock() = Some(format!("the store stopped: {e}"));
+                failed = true;
                 break;
             }
         }
-        // What was handed over lands and is finished before the stop: its
-        // proposers hear how it went.
-        if let Err(e) = self.drain() {
-            tracing::warn!(error = %e, "stopping with batches that did not land");
+        // Asked to stop: what was collected lands and is finished first, so
+        // its proposers hear how it went. Stopped by an error: nothing more
+        // is finished (a cycle the error cut short left entries unapplied;
+        // applying later ones would skip them).
+        if !failed {
+            if let Err(e) = self.drain() {
+                tracing::warn!(error = %e, "stopping with batches that did not land");
+            }
         }
         for r in self.replicas.values_mut() {
             r.fail_pending(ProposeError::Stopped);
@@ -665,7 +671,6 @@ impl Scheduler {
             synced_ranges: 0,
             started: Instant::now(),
         });
-        let before = g.readies.len();
         for &id in &candidates {
             let Some(r) = self.replicas.get_mut(&id) else { continue };
             if r.raw.needs_tick() {
@@ -720,9 +725,6 @@ impl Scheduler {
         self.stepped_snapshots.clear();
         // Leaders' appends and heartbeats leave before the sync.
         out.flush(&*self.transport, &self.metrics);
-        if g.readies.len() > before {
-            self.status_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
         if !g.readies.is_empty() {
             self.gathering = Some(g);
         }
@@ -834,9 +836,9 @@ impl Scheduler {
                 continue;
             }
             let committed = apply::decode(std::mem::take(&mut rd.committed_entries));
-            if apply::any_alone(&committed) {
-                // Splits and merges write other ranges' raft state, and the
-                // rest change the replica: after everything collected.
+            if apply::any_lands_first(&committed) {
+                // Splits and merges write or remove another range's raft
+                // state: after everything collected has landed.
                 self.land_everything()?;
             }
             let Some(r) = self.replicas.get_mut(&id) else { continue };
@@ -870,6 +872,8 @@ impl Scheduler {
             self.start_right_hand(right, leader)?;
         }
         out.flush(&*self.transport, &self.metrics);
+        // After the statuses moved (see `StoreHandle::status_version`).
+        self.status_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.metrics
             .scheduler_cycle_seconds
             .observe(cycle.started.elapsed().as_secs_f64());
