@@ -20,12 +20,14 @@ clients="${3:-64}"
 secs="${4:-8}"
 rounds="${5:-3}"
 tck=$(getconf CLK_TCK)
-one() { # BIN: prints "ops/s p50 cpu-ms/1k cs/write"
-    local T=$1 dir pids=()
+pids=()
+dir=""
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; [ -n "$dir" ] && rm -rf "$dir"; }
+trap cleanup EXIT
+. scripts/lib/clusters.sh
+one() { # prints "ops/s p50 cpu-ms/1k cs/write" for the build in $T
     dir="$(mktemp -d /tmp/compare-builds.XXXXXX)"
-    # shellcheck disable=SC2064
-    trap "kill \${pids[@]} 2>/dev/null || true; rm -rf '$dir'" RETURN
-    . scripts/lib/clusters.sh
+    pids=()
     start_tardigrade 271 >/dev/null
     local hosts; hosts="$(cluster_hosts 271)"
     "$T" workload kv --hosts "$hosts" --concurrency "$clients" --duration 3 >/dev/null 2>&1
@@ -37,12 +39,13 @@ one() { # BIN: prints "ops/s p50 cpu-ms/1k cs/write"
         sp=$!
     fi
     local out; out=$("$T" workload kv --hosts "$hosts" --concurrency "$clients" --duration "$secs" 2>/dev/null)
-    [ -n "$sp" ] && { wait "$sp" || true; }
+    if [ -n "$sp" ]; then wait "$sp" || true; fi
     for p in "${pids[@]}"; do c1=$((c1 + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done
-    kill "${pids[@]}" 2>/dev/null || true
-    wait "${pids[@]}" 2>/dev/null || true
     local cs=0
-    [ -s "$dir/cs" ] && cs=$(awk -F, '/context-switches/ {print $1}' "$dir/cs")
+    if [ -s "$dir/cs" ]; then cs=$(awk -F, '/context-switches/ {print $1}' "$dir/cs"); fi
+    stop_all
+    rm -rf "$dir"
+    dir=""
     echo "$out" | awk -v cpu=$(((c1 - c0) * 1000 / tck)) -v cs="$cs" '{
         for (i = 1; i <= NF; i++) {
             if ($i == "ops" && i == 1) ops = $(i+1)
@@ -54,10 +57,10 @@ one() { # BIN: prints "ops/s p50 cpu-ms/1k cs/write"
 }
 all=""
 for r in $(seq 1 "$rounds"); do
-    for bin in "$a" "$b"; do
-        line=$(one "$bin")
-        echo "round $r $bin: ops/s p50 cpu-ms/1k cs/w = $line"
-        all+="$bin $line"$'\n'
+    for T in "$a" "$b"; do
+        line=$(one)
+        echo "round $r $T: ops/s p50 cpu-ms/1k cs/w = $line"
+        all+="$T $line"$'\n'
     done
 done
 echo "$all" | awk 'NF { n[$1]++; r[$1] += $2; p[$1] += $3; c[$1] += $4; s[$1] += $5 }
