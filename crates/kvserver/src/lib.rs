@@ -14,6 +14,7 @@ mod apply;
 pub mod batcheval;
 pub mod command;
 pub mod concurrency;
+mod cycle;
 pub mod etcd;
 pub mod evaluator;
 pub mod hlc;
