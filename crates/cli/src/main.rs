@@ -198,6 +198,15 @@ enum WorkloadCmd {
         #[arg(long, default_value = "etcd")]
         api: workload::register::Api,
     },
+    /// Checks a list-append history (JSON lines in Elle's format, `{"type":
+    /// "invoke"|"ok"|"fail"|"info", "process": P, "value": [["append", k, v],
+    /// ["r", k, [..]]]}`) for serializability: dependency cycles (G0, G1c,
+    /// G-single, G2-item, the smallest of each), G1a, G1b, duplicated, lost
+    /// and unknown elements. Exits 1 when it finds an anomaly.
+    CheckAppend {
+        /// The history file.
+        history: std::path::PathBuf,
+    },
     /// Makes many ranges by administrative splits, checks every node lists
     /// them and random writes across them succeed, then measures each idle
     /// node's raft messages, fsyncs and CPU per second.
@@ -580,6 +589,19 @@ fn real_main() -> Result<()> {
                     r.quantile_ms(0.999),
                     r.latency.max() as f64 / 1000.0
                 );
+                Ok(())
+            }
+            Cmd::Workload {
+                cmd: WorkloadCmd::CheckAppend { history },
+            } => {
+                let text = std::fs::read_to_string(&history)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", history.display()))?;
+                let txns = workload::list_append::parse(&text)?;
+                let report = workload::list_append::check(&txns);
+                println!("{report}");
+                if !report.valid() {
+                    std::process::exit(1);
+                }
                 Ok(())
             }
             Cmd::Workload {

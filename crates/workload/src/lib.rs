@@ -6,6 +6,7 @@
 
 pub mod kv;
 pub mod linearizability;
+pub mod list_append;
 pub mod put;
 pub mod register;
 pub mod register_client;
