@@ -25,15 +25,6 @@ pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"; }
 trap cleanup EXIT
 . scripts/lib/clusters.sh
-tck=$(getconf CLK_TCK)
-cpu_ms() { # total user+system ms of the server pids
-    local t=0
-    for p in "${pids[@]}"; do
-        [ -r "/proc/$p/stat" ] || continue
-        t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat")))
-    done
-    echo $((t * 1000 / tck))
-}
 rows=("writes 1:1:0" "writes 16:16:0" "writes 64:64:0" "writes 256:256:0" "95% reads 64:64:95")
 declare -A result
 bench() { # system hosts
@@ -49,14 +40,8 @@ bench() { # system hosts
                 --duration "$secs" --seed "$r" 2>/dev/null)
             local c1; c1=$(cpu_ms)
             # ops, ops/s, p50, p99, cpu ms per 1,000 ops
-            all+=$(echo "$out" | awk -v cpu=$((c1 - c0)) '{
-                for (i = 1; i <= NF; i++) {
-                    if ($i == "ops" && i == 1) ops = $(i+1)
-                    if ($i == "ops/s;") rate = $(i-1)
-                    if ($i == "p50") p50 = $(i+1)
-                    if ($i == "p99") p99 = $(i+1)
-                }
-                printf "%s %s %s %s %.0f\n", ops, rate, p50, p99, (ops > 0 ? cpu * 1000 / ops : 0)
+            all+=$(echo "$out" | kv_summary | awk -v cpu=$((c1 - c0)) '{
+                printf "%s %s %s %s %.0f\n", $1, $2, $3, $4, ($1 > 0 ? cpu * 1000 / $1 : 0)
             }')$'\n'
         done
         result["$system|$label"]=$(echo "$all" | awk 'NF {

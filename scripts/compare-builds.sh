@@ -19,7 +19,6 @@ b="$2"
 clients="${3:-64}"
 secs="${4:-8}"
 rounds="${5:-3}"
-tck=$(getconf CLK_TCK)
 pids=()
 dir=""
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; [ -n "$dir" ] && rm -rf "$dir"; }
@@ -31,8 +30,7 @@ one() { # prints "ops/s p50 cpu-ms/1k cs/write" for the build in $T
     start_tardigrade 271 >/dev/null
     local hosts; hosts="$(cluster_hosts 271)"
     "$T" workload kv --hosts "$hosts" --concurrency "$clients" --duration 3 >/dev/null 2>&1
-    local c0=0 c1=0 p
-    for p in "${pids[@]}"; do c0=$((c0 + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done
+    local c0; c0=$(cpu_ms)
     local sp=""
     if command -v perf >/dev/null 2>&1; then
         perf stat -e context-switches -x, -o "$dir/cs" -p "$(IFS=,; echo "${pids[*]}")" -- sleep "$secs" >/dev/null 2>&1 &
@@ -40,19 +38,14 @@ one() { # prints "ops/s p50 cpu-ms/1k cs/write" for the build in $T
     fi
     local out; out=$("$T" workload kv --hosts "$hosts" --concurrency "$clients" --duration "$secs" 2>/dev/null)
     if [ -n "$sp" ]; then wait "$sp" || true; fi
-    for p in "${pids[@]}"; do c1=$((c1 + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done
+    local c1; c1=$(cpu_ms)
     local cs=0
     if [ -s "$dir/cs" ]; then cs=$(awk -F, '/context-switches/ {print $1}' "$dir/cs"); fi
     stop_all
     rm -rf "$dir"
     dir=""
-    echo "$out" | awk -v cpu=$(((c1 - c0) * 1000 / tck)) -v cs="$cs" '{
-        for (i = 1; i <= NF; i++) {
-            if ($i == "ops" && i == 1) ops = $(i+1)
-            if ($i == "ops/s;") rate = $(i-1)
-            if ($i == "p50") p50 = $(i+1)
-        }
-        printf "%s %s %.0f %.2f\n", rate, p50, cpu * 1000 / ops, cs / ops
+    echo "$out" | kv_summary | awk -v cpu=$((c1 - c0)) -v cs="$cs" '{
+        printf "%s %s %.0f %.2f\n", $2, $3, cpu * 1000 / $1, cs / $1
     }'
 }
 all=""

@@ -47,7 +47,7 @@ perfpid=$!
 out=$("$T" workload kv --hosts "$hosts" --concurrency "$clients" --duration "$secs" 2>/dev/null)
 snap b
 wait "$perfpid" || true
-ops=$(echo "$out" | awk '{ for (i = 1; i <= NF; i++) if ($i == "ops" && i == 1) print $(i+1) }')
+ops=$(echo "$out" | kv_summary | awk '{print $1}')
 echo "workload: $out"
 echo
 printf '%-6s %10s %10s %10s %10s %10s %12s\n' node msgs/w frames/w fsyncs/w props/w recv/w cpu-ms/1k-w

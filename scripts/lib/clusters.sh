@@ -52,6 +52,29 @@ start_etcd() {
     return 1
 }
 
+# cpu_ms: total user+system CPU milliseconds of the processes in `pids`.
+cpu_ms() {
+    local t=0 p
+    for p in "${pids[@]}"; do
+        [ -r "/proc/$p/stat" ] || continue
+        t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+    done
+    echo $((t * 1000 / $(getconf CLK_TCK)))
+}
+
+# kv_summary: reads `tardigrade workload kv`'s report on stdin and prints
+# "ops ops/s p50 p99".
+kv_summary() {
+    awk '{
+        for (i = 1; i <= NF; i++) {
+            if ($i == "ops" && i == 1) ops = $(i+1)
+            if ($i == "ops/s;") rate = $(i-1)
+            if ($i == "p50") p50 = $(i+1)
+            if ($i == "p99") p99 = $(i+1)
+        }
+    } END { print ops, rate, p50, p99 }'
+}
+
 # stop_all: stops every process started so far.
 stop_all() {
     kill "${pids[@]}" 2>/dev/null || true

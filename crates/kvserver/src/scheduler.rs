@@ -122,12 +122,12 @@ impl Scheduler {
             r.publish_status(now);
         }
         let rx = self.rx.clone();
-        let done = self.writer().done().clone();
+        let done = self.writer.done().clone();
         let mut failed = false;
         loop {
             // Replicas waiting for a collection the pipeline has room for,
             // or landed batches to finish: no sleeping.
-            let busy = !self.dirty.is_empty() || self.writer().has_landed();
+            let busy = !self.dirty.is_empty() || self.writer.has_landed();
             let wait = if busy {
                 Duration::ZERO
             } else {
@@ -140,10 +140,10 @@ impl Scheduler {
                     Err(_) => stop = true,
                 },
                 recv(done) -> l => match l {
-                    Ok(l) => self.writer_mut().record(l),
+                    Ok(l) => self.writer.record(l),
                     // The writer stopped after a failed write, reported
                     // before this: finishing it stops the store below.
-                    Err(_) => stop = !self.writer().has_landed(),
+                    Err(_) => stop = !self.writer.has_landed(),
                 },
                 default(wait) => {}
             }
@@ -153,7 +153,7 @@ impl Scheduler {
                     Err(_) => break,
                 }
             }
-            self.writer_mut().poll();
+            self.writer.poll();
             if stop {
                 break;
             }
@@ -239,14 +239,6 @@ impl Scheduler {
             s.leader_ready = false;
             s.lease = None;
         }
-    }
-
-    fn writer(&self) -> &LogWriter {
-        &self.writer
-    }
-
-    fn writer_mut(&mut self) -> &mut LogWriter {
-        &mut self.writer
     }
 
     /// Returns whether to stop.
