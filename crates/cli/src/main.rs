@@ -9,6 +9,7 @@
 
 mod kv;
 mod raw_kv;
+mod txn_workloads;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -198,6 +199,15 @@ enum WorkloadCmd {
         #[arg(long, default_value = "etcd")]
         api: workload::register::Api,
     },
+    /// Jepsen's bank test over transactions: transfers between accounts
+    /// (each on its own range, leases on every node) and reads of every
+    /// balance; every read and the final one must see the initial total.
+    /// Exits non-zero when one does not.
+    Bank(txn_workloads::BankArgs),
+    /// Elle's list-append workload over transactions: reads and appends on
+    /// a few keys, the history written in Elle's format and checked for
+    /// serializability (`check-append`). Exits non-zero on an anomaly.
+    Append(txn_workloads::AppendArgs),
     /// Checks a list-append history (JSON lines in Elle's format, `{"type":
     /// "invoke"|"ok"|"fail"|"info", "process": P, "value": [["append", k, v],
     /// ["r", k, [..]]]}`) for serializability: dependency cycles (G0, G1c,
@@ -591,6 +601,12 @@ fn real_main() -> Result<()> {
                 );
                 Ok(())
             }
+            Cmd::Workload {
+                cmd: WorkloadCmd::Bank(a),
+            } => txn_workloads::bank(a).await,
+            Cmd::Workload {
+                cmd: WorkloadCmd::Append(a),
+            } => txn_workloads::append(a).await,
             Cmd::Workload {
                 cmd: WorkloadCmd::CheckAppend { history },
             } => {

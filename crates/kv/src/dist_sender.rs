@@ -107,36 +107,16 @@ impl<S> Clone for DistSender<S> {
     }
 }
 
-/// A request's span: `(start, end)`, `end` empty for one key.
 fn span(r: &Req) -> (&[u8], &[u8]) {
-    match r {
-        Req::Get(x) => (&x.key, &[]),
-        Req::Put(x) => (&x.key, &[]),
-        Req::ConditionalPut(x) => (&x.key, &[]),
-        Req::Delete(x) => (&x.key, &[]),
-        Req::Increment(x) => (&x.key, &[]),
-        Req::DeleteRange(x) => (&x.start_key, &x.end_key),
-        Req::Scan(x) => (&x.start_key, &x.end_key),
-        Req::ReverseScan(x) => (&x.start_key, &x.end_key),
-    }
+    r.span()
 }
 
 fn is_span(r: &Req) -> bool {
-    matches!(r, Req::DeleteRange(_) | Req::Scan(_) | Req::ReverseScan(_))
+    r.is_span()
 }
 
-/// `r` with its span cut to `[start, end)`.
 fn clipped(r: &Req, start: &[u8], end: &[u8]) -> Req {
-    let mut r = r.clone();
-    let (s, e) = match &mut r {
-        Req::DeleteRange(x) => (&mut x.start_key, &mut x.end_key),
-        Req::Scan(x) => (&mut x.start_key, &mut x.end_key),
-        Req::ReverseScan(x) => (&mut x.start_key, &mut x.end_key),
-        _ => return r,
-    };
-    *s = start.to_vec();
-    *e = end.to_vec();
-    r
+    r.clipped(start, end)
 }
 
 fn key_after(k: &[u8]) -> Vec<u8> {
@@ -280,8 +260,78 @@ impl<S: RangeSender> DistSender<S> {
         Ok(parts.into_values().collect())
     }
 
-    /// Sends a batch: answers in request order, or why not.
+    /// Sends a batch: answers in request order, or why not. A
+    /// transaction's commit (EndTxn) in a batch that spans ranges is sent
+    /// only once the rest of the batch succeeded: a commit must never be
+    /// evaluated before the writes it commits were laid.
     pub async fn send(&self, req: kvpb::BatchRequest) -> Result<kvpb::BatchResponse, DistError> {
+        let in_txn = req.header.as_ref().is_some_and(|h| h.txn.is_some());
+        let end = req
+            .requests
+            .iter()
+            .position(|r| matches!(r.value, Some(Req::EndTxn(_))));
+        if let (true, Some(pos), true) = (in_txn, end, req.requests.len() > 1) {
+            let reqs: Vec<(usize, Req)> = req
+                .requests
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| r.value.clone().map(|v| (i, v)))
+                .collect();
+            if self.plan(&reqs).await?.len() > 1 {
+                return self.send_commit_last(req, pos).await;
+            }
+        }
+        self.send_parts(req).await
+    }
+
+    /// Sends `req` without its EndTxn (at `pos`), then the EndTxn with the
+    /// transaction as the first part left it.
+    async fn send_commit_last(
+        &self,
+        mut req: kvpb::BatchRequest,
+        pos: usize,
+    ) -> Result<kvpb::BatchResponse, DistError> {
+        let end = req.requests.remove(pos);
+        let header = req.header.clone().unwrap_or_default();
+        let first = self.send_parts(req).await?;
+        if first.error.is_some() {
+            return Ok(first);
+        }
+        let txn = merge_txn(header.txn.clone(), first.txn.clone());
+        let second = self
+            .send_parts(kvpb::BatchRequest {
+                header: Some(kvpb::Header {
+                    txn: txn.clone(),
+                    ..header
+                }),
+                requests: vec![end],
+            })
+            .await?;
+        if let Some(mut e) = second.error {
+            e.index = pos as u32;
+            return Ok(kvpb::BatchResponse {
+                error: Some(e),
+                txn: merge_txn(txn, second.txn),
+                ..Default::default()
+            });
+        }
+        let mut responses = first.responses;
+        responses.insert(
+            pos.min(responses.len()),
+            second.responses.into_iter().next().unwrap_or_default(),
+        );
+        Ok(kvpb::BatchResponse {
+            timestamp: [first.timestamp, second.timestamp]
+                .into_iter()
+                .flatten()
+                .max_by_key(|t| (t.wall_nanos, t.logical)),
+            responses,
+            error: None,
+            txn: merge_txn(txn, second.txn),
+        })
+    }
+
+    async fn send_parts(&self, req: kvpb::BatchRequest) -> Result<kvpb::BatchResponse, DistError> {
         let header = req.header.unwrap_or_default();
         let mut reqs = Vec::with_capacity(req.requests.len());
         for (i, r) in req.requests.into_iter().enumerate() {
@@ -302,6 +352,7 @@ impl<S: RangeSender> DistSender<S> {
         }
         let mut gathered = Gathered::new();
         let mut ts = None;
+        let mut txn = header.txn.clone();
         let mut failure: Option<kvpb::Error> = None;
         let mut parts_sent = 0usize;
         let mut todo = vec![reqs];
@@ -315,7 +366,7 @@ impl<S: RangeSender> DistSender<S> {
             let mut tasks = tokio::task::JoinSet::new();
             for part in parts {
                 let sender = self.sender.clone();
-                let hdr = header;
+                let hdr = header.clone();
                 tasks.spawn(async move {
                     let req = kvpb::BatchRequest {
                         header: Some(hdr),
@@ -339,6 +390,7 @@ impl<S: RangeSender> DistSender<S> {
                 match answer {
                     Ok(resp) => {
                         parts_sent += 1;
+                        txn = merge_txn(txn, resp.txn);
                         if let Some(mut e) = resp.error {
                             e.index = part.reqs.get(e.index as usize).map_or(0, |(i, _)| *i as u32);
                             failure.get_or_insert(e);
@@ -395,6 +447,7 @@ impl<S: RangeSender> DistSender<S> {
             }
             return Ok(kvpb::BatchResponse {
                 error: Some(e),
+                txn,
                 ..Default::default()
             });
         }
@@ -405,6 +458,7 @@ impl<S: RangeSender> DistSender<S> {
             }),
             responses: (0..n).map(|i| merge(gathered.remove(&i).unwrap_or_default())).collect(),
             error: None,
+            txn,
         })
     }
 
@@ -427,6 +481,7 @@ impl<S: RangeSender> DistSender<S> {
         let start = reqs.iter().map(|(_, r)| span(r).0.to_vec()).min().unwrap_or_default();
         let end = reqs.iter().map(|(_, r)| span(r).1.to_vec()).max().unwrap_or_default();
         let mut budget = header.max_span_request_keys;
+        let mut txn = header.txn.clone();
         let mut gathered = Gathered::new();
         // Per request: where it stopped inside a range (the resume span).
         let mut stopped: BTreeMap<usize, kvpb::Span> = BTreeMap::new();
@@ -457,7 +512,8 @@ impl<S: RangeSender> DistSender<S> {
                 let sub = kvpb::BatchRequest {
                     header: Some(kvpb::Header {
                         max_span_request_keys: budget,
-                        ..header
+                        txn: txn.clone(),
+                        ..header.clone()
                     }),
                     requests: part
                         .iter()
@@ -466,10 +522,12 @@ impl<S: RangeSender> DistSender<S> {
                 };
                 match self.sender.send(desc.clone(), sub).await {
                     Ok(resp) => {
+                        txn = merge_txn(txn, resp.txn);
                         if let Some(mut e) = resp.error {
                             e.index = part.get(e.index as usize).map_or(0, |(i, _)| *i as u32);
                             return Ok(kvpb::BatchResponse {
                                 error: Some(e),
+                                txn,
                                 ..Default::default()
                             });
                         }
@@ -563,7 +621,23 @@ impl<S: RangeSender> DistSender<S> {
             }),
             responses,
             error: None,
+            txn,
         })
+    }
+}
+
+/// The transaction as the parts of a batch left it: the highest write
+/// timestamp any part moved it to.
+fn merge_txn(a: Option<kvpb::Transaction>, b: Option<kvpb::Transaction>) -> Option<kvpb::Transaction> {
+    match (a, b) {
+        (Some(mut a), Some(b)) => {
+            let key = |t: &Option<proto::storage::Timestamp>| t.map(|t| (t.wall_nanos, t.logical));
+            if key(&b.write_timestamp) > key(&a.write_timestamp) {
+                a.write_timestamp = b.write_timestamp;
+            }
+            Some(a)
+        }
+        (a, b) => a.or(b),
     }
 }
 
@@ -638,6 +712,15 @@ fn merge(mut parts: Vec<(Vec<u8>, Resp)>) -> kvpb::ResponseUnion {
             }
             Resp::DeleteRange(d)
         }
+        Resp::ResolveIntent(mut d) => {
+            for r in it {
+                if let Resp::ResolveIntent(x) = r {
+                    d.resolved += x.resolved;
+                    d.resume_span = d.resume_span.or(x.resume_span);
+                }
+            }
+            Resp::ResolveIntent(d)
+        }
         other => other,
     };
     kvpb::ResponseUnion { value: Some(merged) }
@@ -654,6 +737,8 @@ mod tests {
         ranges: Mutex<Vec<RangeDescriptor>>,
         meta: Mutex<Vec<RangeDescriptor>>,
         data: Mutex<Map<Vec<u8>, Vec<u8>>>,
+        /// Every part received: (range, the kinds of its requests).
+        log: Mutex<Vec<(u64, Vec<&'static str>)>>,
     }
 
     fn d(id: u64, s: &[u8], e: &[u8], generation: u64) -> RangeDescriptor {
@@ -730,6 +815,24 @@ mod tests {
                     return Err(RangeError::KeyMismatch(over));
                 }
             }
+            let kinds = req
+                .requests
+                .iter()
+                .map(|r| match r.value {
+                    Some(Req::Put(_)) => "put",
+                    Some(Req::EndTxn(_)) => "end",
+                    _ => "other",
+                })
+                .collect();
+            self.log.lock().push((desc.range_id, kinds));
+            // A write on range 8 moves the transaction's write timestamp.
+            let mut txn = req.header.as_ref().and_then(|h| h.txn.clone());
+            if let Some(t) = txn.as_mut().filter(|_| desc.range_id == 8) {
+                t.write_timestamp = Some(proto::storage::Timestamp {
+                    wall_nanos: 99,
+                    logical: 0,
+                });
+            }
             let limit = req.header.as_ref().map_or(0, |h| h.max_span_request_keys);
             let mut budget = if limit > 0 { limit } else { -1 };
             let mut data = self.data.lock();
@@ -766,6 +869,7 @@ mod tests {
                             resume_span,
                         })
                     }
+                    Req::EndTxn(_) => Resp::EndTxn(kvpb::EndTxnResponse::default()),
                     other => panic!("not modelled: {other:?}"),
                 };
                 responses.push(kvpb::ResponseUnion { value: Some(v) });
@@ -774,6 +878,7 @@ mod tests {
                 timestamp: None,
                 responses,
                 error: None,
+                txn,
             })
         }
 
@@ -901,6 +1006,69 @@ mod tests {
         assert!(matches!(&r.responses[0].value, Some(Resp::DeleteRange(x)) if x.deleted == 15));
         let r = ds.send(batch(vec![scan("a", "zz", false)], 0)).await.unwrap();
         assert_eq!(keys(&r.responses[0]).0, "abrstuvwxyz");
+    }
+
+    #[tokio::test]
+    async fn a_commit_spanning_ranges_goes_after_its_writes_with_the_moved_timestamp() {
+        let fake = Fake::default();
+        let ranges = vec![d(3, b"\x11", b"g", 1), d(7, b"g", b"p", 1), d(8, b"p", b"\xff\xff", 1)];
+        *fake.meta.lock() = ranges.clone();
+        *fake.ranges.lock() = ranges;
+        let ds = DistSender::new(fake);
+        let put = |k: &str| {
+            Req::Put(kvpb::PutRequest {
+                key: k.into(),
+                value: b"v".to_vec(),
+            })
+        };
+        let ts = |w| {
+            Some(proto::storage::Timestamp {
+                wall_nanos: w,
+                logical: 0,
+            })
+        };
+        let txn = kvpb::Transaction {
+            id: vec![1; 16],
+            key: b"a".to_vec(),
+            read_timestamp: ts(10),
+            write_timestamp: ts(10),
+            ..Default::default()
+        };
+        let req = |reqs: Vec<Req>| kvpb::BatchRequest {
+            header: Some(kvpb::Header {
+                txn: Some(txn.clone()),
+                ..Default::default()
+            }),
+            requests: reqs
+                .into_iter()
+                .map(|v| kvpb::RequestUnion { value: Some(v) })
+                .collect(),
+        };
+        let end = Req::EndTxn(kvpb::EndTxnRequest {
+            key: b"a".to_vec(),
+            commit: true,
+            ..Default::default()
+        });
+        let r = ds.send(req(vec![put("a"), end.clone(), put("q")])).await.unwrap();
+        assert_eq!(r.responses.len(), 3);
+        assert!(
+            matches!(r.responses[1].value, Some(Resp::EndTxn(_))),
+            "answers stay in request order"
+        );
+        assert_eq!(
+            r.txn.unwrap().write_timestamp,
+            ts(99),
+            "the highest write timestamp of the parts"
+        );
+        let log = ds.sender.log.lock().clone();
+        // Both writes (in parallel, in either order), then the commit alone.
+        assert_eq!(log.len(), 3, "{log:?}");
+        assert_eq!(log[2], (3, vec!["end"]), "{log:?}");
+        assert!(log[..2].iter().all(|(_, k)| k == &vec!["put"]), "{log:?}");
+        // All on one range: one part, the commit with its writes (1PC).
+        ds.sender.log.lock().clear();
+        ds.send(req(vec![put("a"), put("b"), end])).await.unwrap();
+        assert_eq!(*ds.sender.log.lock(), vec![(3, vec!["put", "put", "end"])]);
     }
 
     #[tokio::test]

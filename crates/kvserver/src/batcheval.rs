@@ -4,19 +4,27 @@
 //! evaluated twice: this runs once, at the leaseholder, under the latches
 //! the caller holds for the batch's spans.
 //!
+//! A batch of a transaction reads at its read timestamp (seeing its own
+//! intents) and lays intents at its write timestamp; the requests that act
+//! on transaction records (EndTxn, HeartbeatTxn, PushTxn, QueryTxn) and on
+//! intents (ResolveIntent, Refresh) are `txn_eval`'s.
+//!
 //! Pure over a storage `Batch` (which reads its own writes, so a later
 //! request of the batch sees an earlier one's write): no raft, no clock, no
-//! latches. The caller picks the timestamp and retries above it on
-//! `WriteTooOld`.
+//! latches. The caller picks the timestamps and, outside a transaction,
+//! retries above a newer version on `WriteTooOld`.
 
 use proto::kvpb::{self, request_union::Value as Req, response_union::Value as Resp};
 use proto::kvserver::{RawWrite, WriteBatch};
 use storage::mvcc::{self, MvccStats, ReadOptions, ScanOptions};
 use storage::{Batch, Cf, Timestamp};
 
+use storage::mvcc::{Intent, TxnMeta};
+
 use crate::etcd::grpc_code;
 use crate::keyspace::{in_user_keyspace, pretty};
 use crate::spanlatch::Span;
+use crate::txn_eval;
 
 /// The outcome of evaluating a batch.
 #[derive(Debug)]
@@ -24,6 +32,12 @@ pub struct Evaluated {
     pub responses: Vec<kvpb::ResponseUnion>,
     /// What to propose, if the batch wrote anything.
     pub write: Option<WriteBatch>,
+    /// The highest timestamp an intent of the batch's transaction landed at.
+    pub txn_write_ts: Timestamp,
+    /// A transaction this batch finished (an EndTxn, a push that aborted
+    /// it): once applied, waiters are told and its intents outside what the
+    /// batch resolved are resolved in the background.
+    pub finished: Vec<txn_eval::Finished>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -35,9 +49,143 @@ pub enum EvalError {
     /// again at `retry_ts`.
     #[error("write too old; retry at {0}")]
     WriteTooOld(Timestamp),
+    /// Intents of other transactions are in the way: wait for them
+    /// (`intent_resolver`) and evaluate again.
+    #[error("conflicting intents on {} keys", .0.len())]
+    Conflict(Vec<Intent>),
+    /// The batch's transaction cannot go on as it is (retry or aborted).
+    #[error("{}", .0.reason)]
+    Txn(kvpb::TxnError),
     /// The engine failed.
     #[error("storage: {0}")]
     Storage(storage::Error),
+}
+
+/// Testing knobs of transactions, never on in production: each breaks one
+/// mechanism on purpose, so the bank and append checkers can prove they
+/// catch it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TxnKnobs {
+    /// A refresh always succeeds (reads are never re-checked).
+    pub skip_refresh: bool,
+    /// Writes never move above earlier reads (no timestamp cache).
+    pub skip_tscache: bool,
+    /// Reads pass over other transactions' intents (dirty reads).
+    pub dirty_reads: bool,
+}
+
+impl TxnKnobs {
+    /// The knobs the environment turns on (`TARDIGRADE_TESTING_SKIP_REFRESH`,
+    /// `TARDIGRADE_TESTING_SKIP_TSCACHE`, `TARDIGRADE_TESTING_DIRTY_READS`),
+    /// read once per process.
+    pub fn from_env() -> TxnKnobs {
+        static KNOBS: std::sync::OnceLock<TxnKnobs> = std::sync::OnceLock::new();
+        *KNOBS.get_or_init(|| {
+            let on = |k: &str| std::env::var(k).is_ok_and(|v| v == "1");
+            let k = TxnKnobs {
+                skip_refresh: on("TARDIGRADE_TESTING_SKIP_REFRESH"),
+                skip_tscache: on("TARDIGRADE_TESTING_SKIP_TSCACHE"),
+                dirty_reads: on("TARDIGRADE_TESTING_DIRTY_READS"),
+            };
+            if k.skip_refresh || k.skip_tscache || k.dirty_reads {
+                tracing::warn!("transaction testing knobs are on ({k:?}): this node is NOT serializable");
+            }
+            k
+        })
+    }
+}
+
+/// A batch's transaction, as evaluation needs it.
+#[derive(Clone, Debug)]
+pub struct TxnCtx {
+    pub proto: kvpb::Transaction,
+    pub meta: TxnMeta,
+    pub id: [u8; 16],
+}
+
+impl TxnCtx {
+    /// Checks the header's transaction: a 16-byte id, its timestamps set.
+    pub fn new(t: &kvpb::Transaction) -> Result<TxnCtx, String> {
+        let id = crate::txn_record::txn_id(&t.id)?;
+        if t.read_timestamp.is_none() || t.write_timestamp.is_none() {
+            return Err("a transaction without timestamps".into());
+        }
+        Ok(TxnCtx {
+            proto: t.clone(),
+            meta: TxnMeta {
+                id: storage::mvcc::TxnId(id),
+                epoch: t.epoch,
+            },
+            id,
+        })
+    }
+
+    pub fn read_ts(&self) -> Timestamp {
+        self.proto.read_timestamp.map(Timestamp::from).unwrap_or_default()
+    }
+
+    pub fn write_ts(&self) -> Timestamp {
+        self.proto.write_timestamp.map(Timestamp::from).unwrap_or_default()
+    }
+
+    pub fn uncertainty_limit(&self) -> Timestamp {
+        self.proto.uncertainty_limit.map(Timestamp::from).unwrap_or_default()
+    }
+}
+
+/// Everything evaluation needs besides the requests.
+#[derive(Clone, Debug)]
+pub struct EvalCtx<'a> {
+    /// Reads happen here (a transaction's read timestamp).
+    pub read_ts: Timestamp,
+    /// Writes land here (at or above `read_ts`).
+    pub write_ts: Timestamp,
+    /// At most this many keys over the span requests (0: no limit).
+    pub limit: i64,
+    pub txn: Option<&'a TxnCtx>,
+    /// The leaseholder's clock, for transaction records.
+    pub now: Timestamp,
+    /// The range's span: what a commit may resolve in its own command.
+    pub range_start: &'a [u8],
+    pub range_end: &'a [u8],
+    pub knobs: TxnKnobs,
+}
+
+impl EvalCtx<'_> {
+    /// A plain batch at `ts`: no transaction, no records.
+    pub fn plain(ts: Timestamp, limit: i64) -> EvalCtx<'static> {
+        EvalCtx {
+            read_ts: ts,
+            write_ts: ts,
+            limit,
+            txn: None,
+            now: ts,
+            range_start: b"",
+            range_end: b"",
+            knobs: TxnKnobs::default(),
+        }
+    }
+
+    fn read_opts(&self) -> ReadOptions {
+        ReadOptions {
+            ts: self.read_ts,
+            uncertainty_limit: self.txn.map_or(self.read_ts, |t| t.uncertainty_limit()),
+            txn: self.txn.map(|t| t.meta),
+            ignore_intents: self.knobs.dirty_reads,
+        }
+    }
+}
+
+pub(crate) fn txn_error(kind: kvpb::txn_error::Kind, retry: Timestamp, reason: String) -> EvalError {
+    EvalError::Txn(kvpb::TxnError {
+        kind: kind as i32,
+        retry_timestamp: Some(retry.into()),
+        reason,
+    })
+}
+
+pub(crate) fn refused_at(code: i32, index: usize, message: String) -> EvalError {
+    refused(code, index, message)
 }
 
 fn refused(code: i32, index: usize, message: String) -> EvalError {
@@ -46,15 +194,32 @@ fn refused(code: i32, index: usize, message: String) -> EvalError {
         message,
         index: index as u32,
         condition_failed: None,
+        txn_error: None,
     })
 }
 
-fn storage_err(e: storage::Error, index: usize) -> EvalError {
+pub(crate) fn storage_err(e: storage::Error, index: usize, in_txn: bool) -> EvalError {
+    use kvpb::txn_error::Kind;
     match e {
+        storage::Error::WriteTooOld { retry_ts, ref key, .. } if in_txn => txn_error(
+            Kind::WriteTooOld,
+            retry_ts,
+            format!(
+                "write too old: {} has a newer version; retry at {retry_ts}",
+                pretty(key)
+            ),
+        ),
         storage::Error::WriteTooOld { retry_ts, .. } => EvalError::WriteTooOld(retry_ts),
-        storage::Error::WriteIntent { .. } | storage::Error::ReadWithinUncertainty { .. } => {
-            refused(grpc_code::UNAVAILABLE, index, e.to_string())
-        }
+        storage::Error::WriteIntent { intents } => EvalError::Conflict(intents),
+        storage::Error::ReadWithinUncertainty { value_ts, ref key, .. } => txn_error(
+            Kind::Uncertain,
+            value_ts.next(),
+            format!(
+                "{} has a value at {value_ts}, within the uncertainty interval: retry above it",
+                pretty(key)
+            ),
+        ),
+        storage::Error::TxnState(m) => refused(grpc_code::FAILED_PRECONDITION, index, m),
         storage::Error::InvalidArgument(m) => refused(grpc_code::INVALID_ARGUMENT, index, m),
         e => EvalError::Storage(e),
     }
@@ -62,21 +227,40 @@ fn storage_err(e: storage::Error, index: usize) -> EvalError {
 
 /// The key span a request touches: `(start, end)`, `end` empty for one key.
 pub fn request_span(r: &Req) -> (&[u8], &[u8]) {
-    match r {
-        Req::Get(x) => (&x.key, &[]),
-        Req::Put(x) => (&x.key, &[]),
-        Req::ConditionalPut(x) => (&x.key, &[]),
-        Req::Delete(x) => (&x.key, &[]),
-        Req::Increment(x) => (&x.key, &[]),
-        Req::DeleteRange(x) => (&x.start_key, &x.end_key),
-        Req::Scan(x) => (&x.start_key, &x.end_key),
-        Req::ReverseScan(x) => (&x.start_key, &x.end_key),
-    }
+    r.span()
 }
 
-/// Whether a request writes.
+/// Whether a request may write (and so takes write latches).
 pub fn is_write(r: &Req) -> bool {
-    !matches!(r, Req::Get(_) | Req::Scan(_) | Req::ReverseScan(_))
+    !matches!(
+        r,
+        Req::Get(_) | Req::Scan(_) | Req::ReverseScan(_) | Req::QueryTxn(_) | Req::Refresh(_)
+    )
+}
+
+/// Whether a request writes MVCC values at the batch's timestamp (and so
+/// must go above earlier reads of its keys); the requests on records and
+/// intents do not.
+pub fn is_mvcc_write(r: &Req) -> bool {
+    matches!(
+        r,
+        Req::Put(_) | Req::ConditionalPut(_) | Req::Delete(_) | Req::Increment(_) | Req::DeleteRange(_)
+    )
+}
+
+/// Whether a request reads MVCC values at the batch's timestamp (and so
+/// goes in the timestamp cache).
+pub fn is_mvcc_read(r: &Req) -> bool {
+    matches!(
+        r,
+        Req::Get(_)
+            | Req::Scan(_)
+            | Req::ReverseScan(_)
+            | Req::ConditionalPut(_)
+            | Req::Increment(_)
+            | Req::DeleteRange(_)
+            | Req::Refresh(_)
+    )
 }
 
 /// Checks every request names keys of the user keyspace and well-formed
@@ -89,6 +273,17 @@ pub fn validate(reqs: &[kvpb::RequestUnion]) -> Result<Vec<&Req>, EvalError> {
         };
         let (start, end) = request_span(v);
         let spanning = matches!(v, Req::DeleteRange(_) | Req::Scan(_) | Req::ReverseScan(_));
+        if matches!(
+            v,
+            Req::PushTxn(_) | Req::QueryTxn(_) | Req::HeartbeatTxn(_) | Req::EndTxn(_)
+        ) && start.is_empty()
+        {
+            return Err(refused(
+                grpc_code::INVALID_ARGUMENT,
+                i,
+                "a transaction request names no anchor key".into(),
+            ));
+        }
         if start.is_empty() && !spanning {
             return Err(refused(grpc_code::INVALID_ARGUMENT, i, "key is not provided".into()));
         }
@@ -144,14 +339,46 @@ fn parse_int(b: &[u8]) -> Option<i64> {
 
 /// Evaluates `reqs` at `ts` on a fresh batch of the range's engine, with at
 /// most `limit` keys over the span requests (0: no limit).
-pub fn evaluate(mut batch: Batch, reqs: &[&Req], ts: Timestamp, limit: i64) -> Result<Evaluated, EvalError> {
-    let at = ReadOptions::at(ts);
+pub fn evaluate(batch: Batch, reqs: &[&Req], ts: Timestamp, limit: i64) -> Result<Evaluated, EvalError> {
+    evaluate_in(batch, reqs, &EvalCtx::plain(ts, limit))
+}
+
+/// Writes `value` to `key` as the context says: an intent of its
+/// transaction, or a committed version. Returns where it landed.
+fn write(
+    batch: &mut Batch,
+    stats: &mut MvccStats,
+    cx: &EvalCtx,
+    key: &[u8],
+    value: Option<&[u8]>,
+) -> Result<Timestamp, storage::Error> {
+    match cx.txn {
+        Some(t) => mvcc::put_txn(batch, stats, key, cx.write_ts, value, &t.meta, &t.proto.key),
+        None => mvcc::put(batch, stats, key, cx.write_ts, value, None).map(|()| cx.write_ts),
+    }
+}
+
+/// Evaluates `reqs` as `cx` says on a fresh batch of the range's engine.
+pub fn evaluate_in(mut batch: Batch, reqs: &[&Req], cx: &EvalCtx) -> Result<Evaluated, EvalError> {
+    let at = cx.read_opts();
+    let in_txn = cx.txn.is_some();
+    if let Some(t) = cx.txn {
+        if t.proto.key.is_empty() && reqs.iter().any(|r| is_mvcc_write(r)) {
+            return Err(refused(
+                grpc_code::INVALID_ARGUMENT,
+                0,
+                "a transaction writes before naming its anchor key".into(),
+            ));
+        }
+    }
     let mut stats = MvccStats::default();
-    let mut budget: Option<usize> = (limit > 0).then_some(limit as usize);
+    let mut budget: Option<usize> = (cx.limit > 0).then_some(cx.limit as usize);
     let mut responses = Vec::with_capacity(reqs.len());
     let (mut w_start, mut w_end): (Option<Vec<u8>>, Vec<u8>) = (None, Vec::new());
+    let mut landed = Timestamp::ZERO;
+    let mut finished = Vec::new();
     for (i, r) in reqs.iter().enumerate() {
-        let se = |e| storage_err(e, i);
+        let se = |e| storage_err(e, i, in_txn);
         if is_write(r) {
             let (s, e) = request_span(r);
             let e = if e.is_empty() {
@@ -167,7 +394,7 @@ pub fn evaluate(mut batch: Batch, reqs: &[&Req], ts: Timestamp, limit: i64) -> R
                 kv: mvcc::get(&batch, &g.key, &at).map_err(se)?.map(kv),
             }),
             Req::Put(p) => {
-                mvcc::put(&mut batch, &mut stats, &p.key, ts, Some(&p.value), None).map_err(se)?;
+                landed = landed.max(write(&mut batch, &mut stats, cx, &p.key, Some(&p.value)).map_err(se)?);
                 Resp::Put(kvpb::PutResponse {})
             }
             Req::ConditionalPut(c) => {
@@ -185,13 +412,14 @@ pub fn evaluate(mut batch: Batch, reqs: &[&Req], ts: Timestamp, limit: i64) -> R
                             exists: cur.is_some(),
                             actual_value: cur.map(|v| v.value).unwrap_or_default(),
                         }),
+                        txn_error: None,
                     }));
                 }
-                mvcc::put(&mut batch, &mut stats, &c.key, ts, Some(&c.value), None).map_err(se)?;
+                landed = landed.max(write(&mut batch, &mut stats, cx, &c.key, Some(&c.value)).map_err(se)?);
                 Resp::ConditionalPut(kvpb::ConditionalPutResponse {})
             }
             Req::Delete(d) => {
-                mvcc::delete(&mut batch, &mut stats, &d.key, ts, None).map_err(se)?;
+                landed = landed.max(write(&mut batch, &mut stats, cx, &d.key, None).map_err(se)?);
                 Resp::Delete(kvpb::DeleteResponse {})
             }
             Req::Increment(inc) => {
@@ -209,7 +437,7 @@ pub fn evaluate(mut batch: Batch, reqs: &[&Req], ts: Timestamp, limit: i64) -> R
                     .checked_add(inc.increment)
                     .ok_or_else(|| refused(grpc_code::OUT_OF_RANGE, i, "integer overflow".into()))?;
                 let v = new_value.to_string();
-                mvcc::put(&mut batch, &mut stats, &inc.key, ts, Some(v.as_bytes()), None).map_err(se)?;
+                landed = landed.max(write(&mut batch, &mut stats, cx, &inc.key, Some(v.as_bytes())).map_err(se)?);
                 Resp::Increment(kvpb::IncrementResponse { new_value })
             }
             Req::Scan(_) | Req::ReverseScan(_) | Req::DeleteRange(_) => {
@@ -257,7 +485,7 @@ pub fn evaluate(mut batch: Batch, reqs: &[&Req], ts: Timestamp, limit: i64) -> R
                     Req::DeleteRange(d) => {
                         let mut keys = Vec::new();
                         for f in &found.kvs {
-                            mvcc::delete(&mut batch, &mut stats, &f.key, ts, None).map_err(se)?;
+                            landed = landed.max(write(&mut batch, &mut stats, cx, &f.key, None).map_err(se)?);
                             if d.return_keys {
                                 keys.push(f.key.clone());
                             }
@@ -278,29 +506,58 @@ pub fn evaluate(mut batch: Batch, reqs: &[&Req], ts: Timestamp, limit: i64) -> R
                     }),
                 }
             }
+            Req::EndTxn(_)
+            | Req::HeartbeatTxn(_)
+            | Req::PushTxn(_)
+            | Req::QueryTxn(_)
+            | Req::ResolveIntent(_)
+            | Req::Refresh(_) => {
+                let mut tx = txn_eval::TxnBatch {
+                    batch: &mut batch,
+                    stats: &mut stats,
+                    cx,
+                    landed,
+                    finished: &mut finished,
+                };
+                let resp = txn_eval::evaluate(&mut tx, r, i)?;
+                landed = tx.landed;
+                resp
+            }
         };
         responses.push(kvpb::ResponseUnion { value: Some(resp) });
     }
-    let writes = batch.writes(Cf::Mvcc).ok_or_else(|| {
+    let no_range_deletes = || {
         EvalError::Storage(storage::Error::InvalidArgument(
             "a range delete in an evaluated batch".into(),
         ))
-    })?;
-    let write = (!writes.is_empty()).then(|| WriteBatch {
+    };
+    let writes = batch.writes(Cf::Mvcc).ok_or_else(no_range_deletes)?;
+    let local = batch.writes(Cf::Local).ok_or_else(no_range_deletes)?;
+    let raw = |local: bool| {
+        move |(key, v): (Vec<u8>, Option<Vec<u8>>)| RawWrite {
+            key,
+            delete: v.is_none(),
+            value: v.unwrap_or_default(),
+            local,
+        }
+    };
+    let write = (!writes.is_empty() || !local.is_empty()).then(|| WriteBatch {
         writes: writes
             .into_iter()
-            .map(|(key, v)| RawWrite {
-                key,
-                delete: v.is_none(),
-                value: v.unwrap_or_default(),
-            })
+            .map(raw(false))
+            .chain(local.into_iter().map(raw(true)))
             .collect(),
         delta: Some(stats.into()),
-        ts: Some(ts.into()),
+        ts: Some(cx.write_ts.max(landed).into()),
         start_key: w_start.unwrap_or_default(),
         end_key: w_end,
     });
-    Ok(Evaluated { responses, write })
+    Ok(Evaluated {
+        responses,
+        write,
+        txn_write_ts: landed,
+        finished,
+    })
 }
 
 /// The answer of a span request the limit left unevaluated.
@@ -325,10 +582,11 @@ pub fn empty_span_response(r: &Req, resume_span: Option<kvpb::Span>) -> Resp {
 /// re-evaluated. Returns the statistics delta to add.
 pub fn apply_write_batch(batch: &mut Batch, wb: &WriteBatch) -> Result<MvccStats, storage::Error> {
     for w in &wb.writes {
+        let cf = if w.local { Cf::Local } else { Cf::Mvcc };
         if w.delete {
-            batch.delete(Cf::Mvcc, &w.key)?;
+            batch.delete(cf, &w.key)?;
         } else {
-            batch.put(Cf::Mvcc, &w.key, &w.value)?;
+            batch.put(cf, &w.key, &w.value)?;
         }
     }
     Ok(wb.delta.map(MvccStats::from).unwrap_or_default())

@@ -22,7 +22,8 @@ use storage::Timestamp;
 
 use crate::spanlatch::{self, Span};
 use crate::split_queue::LoadSampler;
-use crate::tscache::TsCache;
+use crate::tscache::{Read, TsCache};
+use storage::mvcc::TxnId;
 
 /// How many read spans the timestamp cache keeps before forgetting the older
 /// half (raising its low-water mark).
@@ -86,20 +87,37 @@ impl Concurrency {
     /// The lowest timestamp a write of `spans` may take: above every read
     /// of them the cache remembers (and above the low-water mark).
     pub fn min_write_ts(&self, spans: &[Span]) -> Timestamp {
+        self.min_txn_write_ts(spans, None)
+    }
+
+    /// [`Concurrency::min_write_ts`] for a write of transaction `txn`: its
+    /// own reads do not move it.
+    pub fn min_txn_write_ts(&self, spans: &[Span], txn: Option<TxnId>) -> Timestamp {
         let s = self.state.lock();
+        let above = |r: Read| {
+            if r.txn.is_some() && r.txn == txn {
+                r.ts
+            } else {
+                r.ts.next()
+            }
+        };
         spans
             .iter()
-            .map(|sp| s.tscache.get_max(sp))
+            .map(|sp| above(s.tscache.get_max_read(sp)))
             .max()
-            .unwrap_or_else(|| s.tscache.low_water())
-            .next()
+            .unwrap_or_else(|| s.tscache.low_water().next())
     }
 
     /// Records reads of `spans` at `ts`.
     pub fn record_reads(&self, spans: &[Span], ts: Timestamp) {
+        self.record_txn_reads(spans, ts, None)
+    }
+
+    /// Records reads of `spans` at `ts` by `txn`.
+    pub fn record_txn_reads(&self, spans: &[Span], ts: Timestamp, txn: Option<TxnId>) {
         let mut s = self.state.lock();
         for sp in spans {
-            s.tscache.add(sp, ts);
+            s.tscache.add_read(sp, Read { ts, txn });
         }
     }
 

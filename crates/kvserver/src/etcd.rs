@@ -100,6 +100,7 @@ pub mod grpc_code {
     pub const INVALID_ARGUMENT: i32 = 3;
     pub const NOT_FOUND: i32 = 5;
     pub const FAILED_PRECONDITION: i32 = 9;
+    pub const ABORTED: i32 = 10;
     pub const OUT_OF_RANGE: i32 = 11;
     pub const INTERNAL: i32 = 13;
     pub const UNAVAILABLE: i32 = 14;

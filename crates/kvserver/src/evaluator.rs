@@ -22,7 +22,7 @@ use crate::replica::{ApplyOutcome, ProposeError};
 use crate::store::StoreHandle;
 
 /// How a store evaluates.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct EvalOptions {
     /// How long a write may wait for its entry to apply.
     pub write_timeout: Duration,
@@ -33,6 +33,23 @@ pub struct EvalOptions {
     /// lease's timestamp cache starts this far above its clock, and no request
     /// may name a timestamp further ahead of it.
     pub max_offset: Duration,
+    /// Where requests about transactions (pushes, intent resolution) are
+    /// sent: the node's DistSender. None: a request meeting an intent fails.
+    pub router: Option<std::sync::Arc<dyn crate::intent_resolver::TxnRouter>>,
+    /// Testing knobs of transactions (off in production).
+    pub txn_knobs: crate::batcheval::TxnKnobs,
+}
+
+impl std::fmt::Debug for EvalOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EvalOptions")
+            .field("write_timeout", &self.write_timeout)
+            .field("unsafe_follower_reads", &self.unsafe_follower_reads)
+            .field("max_offset", &self.max_offset)
+            .field("router", &self.router.is_some())
+            .field("txn_knobs", &self.txn_knobs)
+            .finish()
+    }
 }
 
 fn error(kind: batch_error::Kind) -> BatchResponse {

@@ -9,8 +9,14 @@
 //! and its writes are proposed as a `WriteBatch` that every replica applies
 //! as it is; the answer comes once it applied, and only then are the latches
 //! released. Reads are answered if the lease still holds after they read.
+//! A transaction's batch reads at its read timestamp and writes intents at
+//! its write timestamp (see `batcheval`, `txn_eval`).
 //!
-//! Like `evaluator`, it never routes and never retries elsewhere.
+//! A batch that meets other transactions' intents releases its latches,
+//! waits for those transactions (`intent_resolver`, which pushes them) and
+//! is evaluated again; a lone push of a live transaction waits here in the
+//! store's `txnwait` queue. Like `evaluator`, it never routes by itself:
+//! what it sends elsewhere goes through `EvalOptions::router`.
 
 use std::time::Instant;
 
@@ -31,6 +37,9 @@ use crate::store::StoreHandle;
 
 /// How many times a batch is evaluated again above a newer version.
 const MAX_WRITE_TOO_OLD_RETRIES: usize = 10;
+/// How far ahead of this node's clock a transaction's timestamp may be (at
+/// least; ten maximum offsets if that is more).
+const MAX_TXN_AHEAD_NANOS: u64 = 60_000_000_000;
 
 fn error(kind: batch_error::Kind) -> BatchResponse {
     BatchResponse {
@@ -189,45 +198,178 @@ pub(crate) async fn propose_holding<G: Send + 'static>(
     }
 }
 
-/// Evaluates a native KV batch for `range_id` here.
+/// What one evaluation came to.
+enum Once {
+    Answer(BatchResponse),
+    /// Intents of other transactions are in the way (latches released).
+    Conflict(Vec<storage::mvcc::Intent>),
+}
+
+fn txn_answer(e: kvpb::TxnError, txn: Option<kvpb::Transaction>) -> BatchResponse {
+    kv_answer(kvpb::BatchResponse {
+        error: Some(kvpb::Error {
+            code: grpc_code::ABORTED,
+            message: e.reason.clone(),
+            txn_error: Some(e),
+            ..Default::default()
+        }),
+        txn,
+        ..Default::default()
+    })
+}
+
+/// The lone push of a batch, if it is one that may wait.
+fn lone_push(req: &kvpb::BatchRequest) -> Option<&kvpb::PushTxnRequest> {
+    match req.requests.as_slice() {
+        [kvpb::RequestUnion {
+            value: Some(Req::PushTxn(p)),
+        }] if p.wait_ms > 0 => Some(p),
+        _ => None,
+    }
+}
+
+fn push_pending(a: &BatchResponse) -> bool {
+    let Some(batch_response::Response::Kv(kv)) = &a.response else {
+        return false;
+    };
+    matches!(
+        kv.responses.first().and_then(|r| r.value.as_ref()),
+        Some(kvpb::response_union::Value::PushTxn(p)) if p.status == kvpb::TxnStatus::Pending as i32
+    )
+}
+
+/// Evaluates a native KV batch for `range_id` here: once, or again after
+/// waiting for the transactions whose intents were in its way. A lone
+/// push of a live transaction waits here (in `txnwait`) up to its
+/// `wait_ms` for the pushee to finish.
 pub async fn evaluate(
     store: &StoreHandle,
     range_id: u64,
     req: kvpb::BatchRequest,
     opts: &EvalOptions,
 ) -> BatchResponse {
+    let deadline = Instant::now() + opts.write_timeout;
+    let pusher = req.header.as_ref().and_then(|h| h.txn.clone());
+    let push = lone_push(&req).cloned();
+    let push_until = push
+        .as_ref()
+        .map(|p| Instant::now() + std::time::Duration::from_millis(u64::from(p.wait_ms.min(5_000))));
+    // A push registers in the wait queue (who waits for whom) while it waits.
+    let registered = push.as_ref().and_then(|p| {
+        let pushee = crate::txn_record::txn_id(&p.pushee.as_ref()?.id).ok()?;
+        let pusher = p
+            .pusher
+            .as_ref()
+            .and_then(|t| crate::txn_record::txn_id(&t.id).ok())
+            .map(|id| {
+                let theirs = p
+                    .pusher_waiters
+                    .iter()
+                    .filter_map(|w| crate::txn_record::txn_id(w).ok())
+                    .collect();
+                (id, theirs)
+            });
+        let pusher_id = pusher.as_ref().map(|(id, _)| *id);
+        Some((pushee, pusher_id, store.txnwait().enqueue(pushee, pusher)))
+    });
+    let answer = loop {
+        match evaluate_once(store, range_id, &req, opts).await {
+            Once::Answer(a) => {
+                if let (Some(until), Some((_, _, notify))) = (push_until, &registered) {
+                    let now = Instant::now();
+                    if push_pending(&a) && now < until {
+                        let nap = (until - now).min(std::time::Duration::from_millis(50));
+                        let _ = tokio::time::timeout(nap, notify.notified()).await;
+                        continue;
+                    }
+                }
+                break a;
+            }
+            Once::Conflict(intents) => {
+                let Some(router) = &opts.router else {
+                    break kv_error(
+                        grpc_code::UNAVAILABLE,
+                        format!("{} keys hold other transactions' intents", intents.len()),
+                    );
+                };
+                match crate::intent_resolver::wait_and_resolve(
+                    router.as_ref(),
+                    store.metrics(),
+                    intents,
+                    pusher.as_ref(),
+                    deadline,
+                )
+                .await
+                {
+                    crate::intent_resolver::Waited::Resolved => continue,
+                    crate::intent_resolver::Waited::PusherAborted(e) => break txn_answer(e, pusher.clone()),
+                    crate::intent_resolver::Waited::Failed(m) => break kv_error(grpc_code::UNAVAILABLE, m),
+                }
+            }
+        }
+    };
+    if let Some((pushee, Some(pusher), _)) = registered {
+        store.txnwait().dequeue(pushee, pusher);
+    }
+    answer
+}
+
+/// Evaluates a native KV batch for `range_id` here, once.
+async fn evaluate_once(store: &StoreHandle, range_id: u64, req: &kvpb::BatchRequest, opts: &EvalOptions) -> Once {
+    match evaluate_inner(store, range_id, req, opts).await {
+        Ok(a) => a,
+        Err(a) => Once::Answer(a),
+    }
+}
+
+async fn evaluate_inner(
+    store: &StoreHandle,
+    range_id: u64,
+    req: &kvpb::BatchRequest,
+    opts: &EvalOptions,
+) -> Result<Once, BatchResponse> {
     let Some(st) = store.status(range_id) else {
-        return error(batch_error::Kind::RangeNotFound(range_id));
+        return Err(error(batch_error::Kind::RangeNotFound(range_id)));
     };
     let reqs = match batcheval::validate(&req.requests) {
         Ok(r) => r,
         Err(EvalError::Refused(e)) => {
-            return kv_answer(kvpb::BatchResponse {
+            return Err(kv_answer(kvpb::BatchResponse {
                 error: Some(e),
                 ..Default::default()
-            })
+            }))
         }
-        Err(e) => return kv_error(grpc_code::INTERNAL, e.to_string()),
+        Err(e) => return Err(kv_error(grpc_code::INTERNAL, e.to_string())),
     };
     if reqs.is_empty() {
-        return kv_answer(kvpb::BatchResponse::default());
+        return Err(kv_answer(kvpb::BatchResponse::default()));
     }
     // Every key must be this range's: else the sender's cache is stale.
     if let Some(answer) = mismatch(store, &st.desc, &reqs) {
-        return answer;
+        return Err(answer);
     }
     if !crate::keyspace::splittable(range_id) {
-        return kv_error(
+        return Err(kv_error(
             grpc_code::INVALID_ARGUMENT,
             format!("range {range_id} does not serve the native KV API"),
-        );
+        ));
     }
     if !st.can_serve(Instant::now()) {
-        return not_leaseholder(store, range_id);
+        return Err(not_leaseholder(store, range_id));
     }
     if let Some(f) = &st.frozen {
-        return frozen_answer(range_id, f.merge_id);
+        return Err(frozen_answer(range_id, f.merge_id));
     }
+    let txn = match req
+        .header
+        .as_ref()
+        .and_then(|h| h.txn.as_ref())
+        .map(batcheval::TxnCtx::new)
+    {
+        None => None,
+        Some(Ok(t)) => Some(t),
+        Some(Err(m)) => return Err(kv_error(grpc_code::INVALID_ARGUMENT, m)),
+    };
     for r in &reqs {
         st.conc.record_load(request_span(r).0);
     }
@@ -242,41 +384,60 @@ pub async fn evaluate(
             .map(|t| Timestamp::new(t.wall.saturating_add(max_offset), 0))
     });
     if let Err(e) = entered {
-        return error(batch_error::Kind::Unavailable(format!("clock: {e}")));
+        return Err(error(batch_error::Kind::Unavailable(format!("clock: {e}"))));
     }
-    let mut ts = match clock.now() {
-        Ok(now) => match req.header.as_ref().and_then(|h| h.timestamp) {
-            // A timestamp from the client: never above this leaseholder's
-            // clock (no read here may be above what the next lease's
-            // low-water mark will cover).
-            Some(t) if Timestamp::from(t) > now => {
-                return kv_error(
+    let now = match clock.now() {
+        Ok(now) => now,
+        Err(e) => return Err(error(batch_error::Kind::Unavailable(format!("clock: {e}")))),
+    };
+    let (mut read_ts, mut ts) = match (&txn, req.header.as_ref().and_then(|h| h.timestamp)) {
+        // A transaction's timestamps come from its gateway's clock, moved
+        // up by the ranges it wrote on (a new lease's timestamp cache starts
+        // the maximum offset ahead): this clock moves up to them. One far
+        // ahead of any of those is refused (a client's garbage).
+        (Some(t), _) => {
+            let w = t.write_ts();
+            let bound = max_offset.saturating_mul(10).max(MAX_TXN_AHEAD_NANOS);
+            if w.wall > clock.physical().saturating_add(bound) {
+                return Err(kv_error(
                     grpc_code::INVALID_ARGUMENT,
-                    format!(
-                        "timestamp {} is ahead of the leaseholder's clock ({now}): ask again without one, or later",
-                        Timestamp::from(t)
-                    ),
-                )
+                    format!("transaction timestamp {w} is far ahead of this node's clock"),
+                ));
             }
-            Some(t) => Timestamp::from(t),
-            None => now,
-        },
-        Err(e) => return error(batch_error::Kind::Unavailable(format!("clock: {e}"))),
+            if let Err(e) = clock.update(w) {
+                return Err(error(batch_error::Kind::Unavailable(format!("clock: {e}"))));
+            }
+            (t.read_ts(), w)
+        }
+        // A timestamp from the client: never above this leaseholder's
+        // clock (no read here may be above what the next lease's
+        // low-water mark will cover).
+        (None, Some(t)) if Timestamp::from(t) > now => {
+            return Err(kv_error(
+                grpc_code::INVALID_ARGUMENT,
+                format!(
+                    "timestamp {} is ahead of the leaseholder's clock ({now}): ask again without one, or later",
+                    Timestamp::from(t)
+                ),
+            ))
+        }
+        (None, Some(t)) => (Timestamp::from(t), Timestamp::from(t)),
+        (None, None) => (now, now),
     };
     let limit = req.header.as_ref().map_or(0, |h| h.max_span_request_keys);
     let (reads, writes) = batcheval::latch_spans(&reqs);
     // A batch that writes may be moved to a later timestamp after it
     // latched; its reads then happen there: latch them at every timestamp.
-    let read_latch_ts = if writes.is_empty() { ts } else { Timestamp::MAX };
+    let read_latch_ts = if writes.is_empty() { read_ts } else { Timestamp::MAX };
     let latches: Vec<Latch> = reads
         .iter()
         .map(|s| Latch::read(s.clone(), read_latch_ts))
         .chain(writes.iter().map(|s| Latch::write(s.clone(), ts)))
         .collect();
     let Ok(guard) = tokio::time::timeout(opts.write_timeout, conc.latches.acquire(latches)).await else {
-        return error(batch_error::Kind::Unavailable(
+        return Err(error(batch_error::Kind::Unavailable(
             "timed out waiting for conflicting requests (latches)".into(),
-        ));
+        )));
     };
     // While it waited, the lease may have moved, or the range split (a
     // split holds every latch of the range until it applied).
@@ -284,41 +445,106 @@ pub async fn evaluate(
         .status(range_id)
         .filter(|s| s.term == term && s.can_serve(Instant::now()))
     else {
-        return not_leaseholder(store, range_id);
+        return Err(not_leaseholder(store, range_id));
     };
     if let Some(answer) = mismatch(store, &st.desc, &reqs) {
-        return answer;
+        return Err(answer);
     }
     if let Some(f) = &st.frozen {
-        return frozen_answer(range_id, f.merge_id);
+        return Err(frozen_answer(range_id, f.merge_id));
     }
-    if !writes.is_empty() {
-        ts = ts.max(conc.min_write_ts(&writes));
+    let txn_id = txn.as_ref().map(|t| t.meta.id);
+    let mvcc_writes: Vec<Span> = reqs
+        .iter()
+        .filter(|r| batcheval::is_mvcc_write(r))
+        .map(|r| {
+            let (s, e) = request_span(r);
+            if e.is_empty() {
+                Span::key(s)
+            } else {
+                Span::range(s, e)
+            }
+        })
+        .collect();
+    if !mvcc_writes.is_empty() && !opts.txn_knobs.skip_tscache {
+        ts = ts.max(conc.min_txn_write_ts(&mvcc_writes, txn_id));
+    }
+    if txn.is_none() {
+        read_ts = ts;
     }
     let mut tries = 0;
     let ev = loop {
-        match batcheval::evaluate(store.engine().batch(), &reqs, ts, limit) {
+        let cx = batcheval::EvalCtx {
+            read_ts,
+            write_ts: ts,
+            limit,
+            txn: txn.as_ref(),
+            now,
+            range_start: &st.desc.start_key,
+            range_end: &st.desc.end_key,
+            knobs: opts.txn_knobs,
+        };
+        match batcheval::evaluate_in(store.engine().batch(), &reqs, &cx) {
             Ok(ev) => break ev,
             Err(EvalError::WriteTooOld(retry)) if tries < MAX_WRITE_TOO_OLD_RETRIES => {
                 tries += 1;
                 ts = ts.max(retry);
+                read_ts = ts;
             }
             Err(EvalError::Refused(e)) => {
                 // A failed condition read its key: later writes go above.
-                conc.record_reads(&read_spans(&reqs), ts);
-                return kv_answer(kvpb::BatchResponse {
+                conc.record_txn_reads(&read_spans(&reqs), read_ts, txn_id);
+                return Err(kv_answer(kvpb::BatchResponse {
                     error: Some(e),
                     ..Default::default()
-                });
+                }));
             }
-            Err(e) => return kv_error(grpc_code::UNAVAILABLE, e.to_string()),
+            Err(EvalError::Conflict(intents)) => {
+                drop(guard);
+                return Ok(Once::Conflict(intents));
+            }
+            Err(EvalError::Txn(e)) => {
+                if e.kind == kvpb::txn_error::Kind::Retry as i32 && reqs.iter().any(|r| matches!(r, Req::Refresh(_))) {
+                    store.metrics().txn.refreshes_failed.inc();
+                }
+                return Err(txn_answer(e, txn.as_ref().map(|t| t.proto.clone())));
+            }
+            Err(e) => return Err(kv_error(grpc_code::UNAVAILABLE, e.to_string())),
         }
     };
-    conc.record_reads(&read_spans(&reqs), ts);
+    conc.record_txn_reads(&read_spans(&reqs), read_ts, txn_id);
+    let out_txn = txn.as_ref().map(|t| {
+        let mut p = t.proto.clone();
+        p.write_timestamp = Some(ts.max(ev.txn_write_ts).into());
+        p
+    });
+    let metrics = store.metrics().clone();
+    for r in &ev.responses {
+        match &r.value {
+            Some(kvpb::response_union::Value::EndTxn(e)) if e.one_phase => metrics.txn.commits_one_phase.inc(),
+            Some(kvpb::response_union::Value::EndTxn(e)) if e.status == kvpb::TxnStatus::Committed as i32 => {
+                metrics.txn.commits.inc()
+            }
+            Some(kvpb::response_union::Value::EndTxn(_)) => metrics.txn.rollbacks.inc(),
+            _ => {}
+        }
+    }
+    if reqs.iter().any(|r| matches!(r, Req::Refresh(_))) {
+        metrics.txn.refreshes.inc();
+    }
+    let mut responses = ev.responses;
+    for (r, q) in responses.iter_mut().zip(&reqs) {
+        if let (Some(kvpb::response_union::Value::QueryTxn(out)), Req::QueryTxn(q)) = (&mut r.value, q) {
+            if let Ok(id) = crate::txn_record::txn_id(&q.id) {
+                out.waiters = store.txnwait().waiters(id).into_iter().map(|w| w.to_vec()).collect();
+            }
+        }
+    }
     let answer = kvpb::BatchResponse {
         timestamp: Some(ts.into()),
-        responses: ev.responses,
+        responses,
         error: None,
+        txn: out_txn,
     };
     let Some(write) = ev.write else {
         // A read: served only if the lease held to the end of it.
@@ -326,21 +552,42 @@ pub async fn evaluate(
             .status(range_id)
             .is_some_and(|s| s.term == term && s.can_serve(Instant::now()))
         {
-            return not_leaseholder(store, range_id);
+            return Err(not_leaseholder(store, range_id));
         }
-        return kv_answer(answer);
+        return Ok(Once::Answer(kv_answer(answer)));
     };
     let cmd = RaftCommand {
         proposer_term: term,
         op: Some(raft_command::Op::WriteBatch(write)),
         ..Default::default()
     };
-    match propose_holding(store, range_id, cmd, guard, opts.write_timeout).await {
-        Ok(ApplyOutcome::Kv(Ok(()))) => kv_answer(answer),
-        Ok(ApplyOutcome::Kv(Err(why))) => kv_error(grpc_code::UNAVAILABLE, why),
-        Ok(other) => kv_error(grpc_code::INTERNAL, format!("unexpected outcome {other:?}")),
-        Err(e) => propose_error(store, range_id, e),
-    }
+    Ok(Once::Answer(
+        match propose_holding(store, range_id, cmd, guard, opts.write_timeout).await {
+            Ok(ApplyOutcome::Kv(Ok(()))) => {
+                for f in ev.finished {
+                    if f.status == kvpb::TxnStatus::Aborted && !matches!(reqs[0], Req::EndTxn(_)) {
+                        metrics.txn.pushes_aborted.inc();
+                    }
+                    store.txnwait().finish(f.id);
+                    if let Some(router) = &opts.router {
+                        crate::intent_resolver::resolve_in_background(
+                            router.clone(),
+                            metrics.clone(),
+                            f.id,
+                            f.status,
+                            f.epoch,
+                            f.commit_ts,
+                            f.unresolved,
+                        );
+                    }
+                }
+                kv_answer(answer)
+            }
+            Ok(ApplyOutcome::Kv(Err(why))) => kv_error(grpc_code::UNAVAILABLE, why),
+            Ok(other) => kv_error(grpc_code::INTERNAL, format!("unexpected outcome {other:?}")),
+            Err(e) => propose_error(store, range_id, e),
+        },
+    ))
 }
 
 /// The spans a batch read, for the timestamp cache: its Gets and scans,
@@ -348,7 +595,7 @@ pub async fn evaluate(
 /// deletes found empty or not (a later write there must go above them).
 fn read_spans(reqs: &[&Req]) -> Vec<Span> {
     reqs.iter()
-        .filter(|r| !matches!(r, Req::Put(_) | Req::Delete(_)))
+        .filter(|r| batcheval::is_mvcc_read(r))
         .map(|r| {
             let (s, e) = request_span(r);
             if e.is_empty() {

@@ -18,6 +18,7 @@ mod cycle;
 pub mod etcd;
 pub mod evaluator;
 pub mod hlc;
+pub mod intent_resolver;
 pub mod keyspace;
 pub mod kv_batch;
 pub mod liveness;
@@ -40,6 +41,9 @@ pub mod store_liveness;
 pub mod ticker;
 pub mod transport;
 pub mod tscache;
+pub mod txn_eval;
+pub mod txn_record;
+pub mod txnwait;
 
 pub use replica::{ApplyOutcome, ProposeError, ReplicaStatus};
 pub use store::{Bootstrap, Store, StoreConfig, StoreHandle, StoreOptions};

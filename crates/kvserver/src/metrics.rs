@@ -149,7 +149,32 @@ pub struct Metrics {
     /// Splits and merges this store's leaseholders carried out.
     pub splits: Counter,
     pub merges: Counter,
+    pub txn: TxnMetrics,
     request_latency: Vec<Histogram>,
+}
+
+/// What the transaction layer counts on this node.
+#[derive(Default)]
+pub struct TxnMetrics {
+    /// Commits that wrote a record (two phases) at a leaseholder here.
+    pub commits: Counter,
+    /// Commits in one raft command (no record, no intents).
+    pub commits_one_phase: Counter,
+    /// Transactions rolled back by their coordinator.
+    pub rollbacks: Counter,
+    /// Pushes sent by requests that met an intent here.
+    pub pushes: Counter,
+    /// Pushes (evaluated here) that aborted their pushee.
+    pub pushes_aborted: Counter,
+    /// Deadlocks this node's pushers found and broke.
+    pub deadlocks: Counter,
+    /// Intents resolved by requests that met them (their owner had finished).
+    pub intents_resolved_by_conflict: Counter,
+    /// Intents resolved in the background after a commit or abort.
+    pub intents_resolved_async: Counter,
+    /// Refreshes evaluated here, and how many failed.
+    pub refreshes: Counter,
+    pub refreshes_failed: Counter,
 }
 
 impl Default for Metrics {
@@ -180,6 +205,7 @@ impl Default for Metrics {
             rejected_commands: Counter::default(),
             splits: Counter::default(),
             merges: Counter::default(),
+            txn: TxnMetrics::default(),
             request_latency: METHODS.iter().map(|_| Histogram::new(LATENCY_BUCKETS)).collect(),
         }
     }
@@ -294,7 +320,60 @@ impl Metrics {
                 &Counter::default(),
             ),
         ];
-        for (name, help, c) in counters {
+        let t = &self.txn;
+        let txn_counters: [(&str, &str, &Counter); 10] = [
+            (
+                "tardigrade_txn_commits_total",
+                "Transaction commits that wrote a record (two phases).",
+                &t.commits,
+            ),
+            (
+                "tardigrade_txn_commits_one_phase_total",
+                "Transaction commits in one raft command (1PC).",
+                &t.commits_one_phase,
+            ),
+            (
+                "tardigrade_txn_rollbacks_total",
+                "Transactions rolled back by their coordinator.",
+                &t.rollbacks,
+            ),
+            (
+                "tardigrade_txn_pushes_total",
+                "Pushes of transactions whose intents were in the way.",
+                &t.pushes,
+            ),
+            (
+                "tardigrade_txn_pushes_aborted_total",
+                "Pushes that aborted their pushee (expired, or a deadlock's victim).",
+                &t.pushes_aborted,
+            ),
+            (
+                "tardigrade_txn_deadlocks_total",
+                "Deadlocks among waiting transactions found and broken.",
+                &t.deadlocks,
+            ),
+            (
+                "tardigrade_txn_intents_resolved_by_conflict_total",
+                "Intents of finished transactions resolved by the requests that met them.",
+                &t.intents_resolved_by_conflict,
+            ),
+            (
+                "tardigrade_txn_intents_resolved_async_total",
+                "Intents resolved in the background after their transaction finished.",
+                &t.intents_resolved_async,
+            ),
+            (
+                "tardigrade_txn_refreshes_total",
+                "Read refreshes evaluated.",
+                &t.refreshes,
+            ),
+            (
+                "tardigrade_txn_refreshes_failed_total",
+                "Read refreshes that found a newer write.",
+                &t.refreshes_failed,
+            ),
+        ];
+        for (name, help, c) in counters.into_iter().chain(txn_counters) {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", c.get());
         }
         let _ = writeln!(

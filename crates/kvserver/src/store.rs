@@ -148,9 +148,15 @@ pub struct StoreHandle {
     known_stores: Arc<RwLock<BTreeMap<u64, String>>>,
     stopped: Arc<Mutex<Option<String>>>,
     status_version: Arc<std::sync::atomic::AtomicU64>,
+    txnwait: Arc<crate::txnwait::TxnWait>,
 }
 
 impl StoreHandle {
+    /// The queue where pushes of transactions anchored here wait.
+    pub fn txnwait(&self) -> &Arc<crate::txnwait::TxnWait> {
+        &self.txnwait
+    }
+
     /// Why the store's raft loop stopped on its own (an engine failure), if
     /// it did: the store then serves and acknowledges nothing.
     pub fn stopped(&self) -> Option<String> {
@@ -470,6 +476,7 @@ impl Store {
             known_stores,
             stopped: sched.stopped.clone(),
             status_version: sched.status_version.clone(),
+            txnwait: Arc::default(),
         };
         let thread = std::thread::Builder::new()
             .name("raft-scheduler".into())

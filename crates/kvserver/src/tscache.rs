@@ -12,22 +12,47 @@
 //! forgets, so an answer can be too high (a write moves up for no reason)
 //! but never too low.
 //!
-//! Not yet here (the transactions issue): the id of the reading transaction,
-//! which lets a transaction write above its own reads without moving.
+//! Each span also keeps the reading transaction when one alone read it at
+//! its highest timestamp, so a transaction writes over its own reads
+//! without moving (its other reads are at the same read timestamp, and any
+//! read hidden under a higher one is below that). Two readers at one
+//! timestamp keep no transaction: a write moves above both.
 //! This module knows nothing of raft, storage or the network.
 
 use std::collections::BTreeMap;
 
+use storage::mvcc::TxnId;
 use storage::Timestamp;
 
 use crate::spanlatch::Span;
+
+/// The highest read of a span: its timestamp and the transaction that read
+/// there, if exactly one did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Read {
+    pub ts: Timestamp,
+    pub txn: Option<TxnId>,
+}
+
+impl Read {
+    fn max(self, o: Read) -> Read {
+        match self.ts.cmp(&o.ts) {
+            std::cmp::Ordering::Greater => self,
+            std::cmp::Ordering::Less => o,
+            std::cmp::Ordering::Equal => Read {
+                ts: self.ts,
+                txn: if self.txn == o.txn { self.txn } else { None },
+            },
+        }
+    }
+}
 
 /// The cache of one range's leaseholder.
 #[derive(Debug)]
 pub struct TsCache {
     low_water: Timestamp,
-    /// start -> (exclusive end, highest read timestamp); spans never overlap.
-    spans: BTreeMap<Vec<u8>, (Vec<u8>, Timestamp)>,
+    /// start -> (exclusive end, highest read); spans never overlap.
+    spans: BTreeMap<Vec<u8>, (Vec<u8>, Read)>,
     max_spans: usize,
 }
 
@@ -50,13 +75,18 @@ impl TsCache {
     pub fn raise_low_water(&mut self, ts: Timestamp) {
         if ts > self.low_water {
             self.low_water = ts;
-            self.spans.retain(|_, (_, t)| *t > ts);
+            self.spans.retain(|_, (_, r)| r.ts > ts);
         }
     }
 
-    /// Records a read of `span` at `ts`.
+    /// Records a read of `span` at `ts` (by no transaction).
     pub fn add(&mut self, span: &Span, ts: Timestamp) {
-        if ts <= self.low_water {
+        self.add_read(span, Read { ts, txn: None })
+    }
+
+    /// Records a read of `span` at `read.ts` by `read.txn`.
+    pub fn add_read(&mut self, span: &Span, ts: Read) {
+        if ts.ts <= self.low_water {
             return;
         }
         let (start, end) = bounds(span);
@@ -68,7 +98,7 @@ impl TsCache {
         self.split_at(&start);
         self.split_at(&end);
         // Within [start, end): raise the covered pieces, fill the gaps.
-        let inside: Vec<(Vec<u8>, Vec<u8>, Timestamp)> = self
+        let inside: Vec<(Vec<u8>, Vec<u8>, Read)> = self
             .spans
             .range(start.clone()..end.clone())
             .map(|(s, (e, t))| (s.clone(), e.clone(), *t))
@@ -92,8 +122,17 @@ impl TsCache {
 
     /// The highest timestamp at which any key of `span` may have been read.
     pub fn get_max(&self, span: &Span) -> Timestamp {
+        self.get_max_read(span).ts
+    }
+
+    /// The highest read of any key of `span`, with its reader if only one
+    /// transaction read there at that timestamp.
+    pub fn get_max_read(&self, span: &Span) -> Read {
         let (start, end) = bounds(span);
-        let mut max = self.low_water;
+        let mut max = Read {
+            ts: self.low_water,
+            txn: None,
+        };
         if start >= end {
             return max; // an empty (or inverted) span holds no key
         }
@@ -167,7 +206,7 @@ impl TsCache {
     /// Forgets the reads at the lower half of the timestamps, raising the
     /// low-water mark to the highest one forgotten.
     fn forget_older_half(&mut self) {
-        let mut ts: Vec<Timestamp> = self.spans.values().map(|(_, t)| *t).collect();
+        let mut ts: Vec<Timestamp> = self.spans.values().map(|(_, r)| r.ts).collect();
         ts.sort_unstable();
         let cut = ts[ts.len() / 2];
         self.raise_low_water(cut);
@@ -221,6 +260,26 @@ mod tests {
         assert_eq!(c.get_max(&Span::key(b"m")), ts(40));
     }
 
+    #[test]
+    fn a_transaction_is_named_only_where_it_alone_read_highest() {
+        let (t1, t2) = (Some(TxnId([1; 16])), Some(TxnId([2; 16])));
+        let mut c = TsCache::new(ts(10), 100);
+        c.add_read(&Span::range(b"a", b"m"), Read { ts: ts(20), txn: t1 });
+        assert_eq!(c.get_max_read(&Span::key(b"c")), Read { ts: ts(20), txn: t1 });
+        // Another transaction at the same timestamp: neither is named.
+        c.add_read(&Span::key(b"c"), Read { ts: ts(20), txn: t2 });
+        assert_eq!(c.get_max_read(&Span::key(b"c")), Read { ts: ts(20), txn: None });
+        assert_eq!(c.get_max_read(&Span::key(b"b")), Read { ts: ts(20), txn: t1 });
+        // A span covering both: the highest read is shared, so no one.
+        assert_eq!(c.get_max_read(&Span::range(b"b", b"d")).txn, None);
+        // A higher read by t2 takes over; a lower one by t1 changes nothing.
+        c.add_read(&Span::key(b"b"), Read { ts: ts(30), txn: t2 });
+        c.add_read(&Span::key(b"b"), Read { ts: ts(25), txn: t1 });
+        assert_eq!(c.get_max_read(&Span::key(b"b")), Read { ts: ts(30), txn: t2 });
+        // Below the low-water mark, nobody.
+        assert_eq!(c.get_max_read(&Span::key(b"z")), Read { ts: ts(10), txn: None });
+    }
+
     /// Against a model that remembers every read: never lower, and exact
     /// while nothing was forgotten.
     #[test]
@@ -260,6 +319,8 @@ mod tests {
                 if c.low_water() == ts(0) {
                     assert_eq!(got, want, "{q:?}");
                 }
+                // No reads by a transaction here: none is named.
+                assert_eq!(c.get_max_read(&q).txn, None);
                 assert!(c.len() <= 2 * max_spans.max(2) + 16, "{} spans", c.len());
             }
             if max_spans < 100 {

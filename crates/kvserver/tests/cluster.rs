@@ -208,6 +208,8 @@ fn an_engine_error_while_applying_stops_the_store_and_never_advances_the_applied
         write_timeout: Duration::from_secs(1),
         unsafe_follower_reads: true,
         max_offset: Duration::from_millis(500),
+        router: None,
+        txn_knobs: Default::default(),
     };
     let answer = block_on(kvserver::evaluator::evaluate(&h, req, &opts));
     assert!(
@@ -345,6 +347,7 @@ fn a_frozen_range_applies_no_write_split_or_other_freeze() {
                 key: storage::keys::mvcc_version_key(b"k", storage::Timestamp::new(10, 0)),
                 value: storage::mvcc::value::encode_version(Some(b"v")),
                 delete: false,
+                local: false,
             }],
             delta: None,
             ts: Some(storage::Timestamp::new(10, 0).into()),

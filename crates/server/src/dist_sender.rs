@@ -134,6 +134,8 @@ impl Shared {
             write_timeout: self.cfg.request_timeout,
             unsafe_follower_reads: crate::etcd_api::unsafe_follower_reads(),
             max_offset: self.cfg.max_clock_offset,
+            router: Some(self.txn_router.clone()),
+            txn_knobs: kvserver::batcheval::TxnKnobs::from_env(),
         }
     }
 

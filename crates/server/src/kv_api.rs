@@ -6,7 +6,7 @@
 //!
 //! This wires the client crate to the node; it evaluates nothing.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use kv::dist_sender::{DistError, DistSender, RangeError};
@@ -23,8 +23,17 @@ use crate::Shared;
 
 /// Sends one range's part of a batch through the node's router (to the
 /// local store or over `Internal.Batch`), which finds the leaseholder among
-/// the descriptor's replicas.
-pub struct NodeRangeSender(pub Arc<Shared>);
+/// the descriptor's replicas. It holds the node weakly: the node owns its
+/// DistSender (`Shared::dist`).
+pub struct NodeRangeSender(pub Weak<Shared>);
+
+impl NodeRangeSender {
+    fn node(&self) -> Result<Arc<Shared>, RangeError> {
+        self.0
+            .upgrade()
+            .ok_or_else(|| RangeError::Unavailable("the node is shutting down".into()))
+    }
+}
 
 fn range_error(e: SendError) -> RangeError {
     match e {
@@ -37,9 +46,10 @@ fn range_error(e: SendError) -> RangeError {
 
 impl kv::RangeSender for NodeRangeSender {
     async fn send(&self, desc: RangeDescriptor, req: BatchRequest) -> Result<BatchResponse, RangeError> {
+        let node = self.node()?;
         let range_id = desc.range_id;
-        self.0.ranges.learn(desc);
-        match self.0.send(range_id, batch_request::Request::Kv(req)).await {
+        node.ranges.learn(desc);
+        match node.send(range_id, batch_request::Request::Kv(req)).await {
             Ok(batch_response::Response::Kv(r)) => Ok(r),
             Ok(other) => Err(RangeError::Unavailable(format!("unexpected answer {other:?}"))),
             Err(e) => Err(range_error(e)),
@@ -48,7 +58,7 @@ impl kv::RangeSender for NodeRangeSender {
 
     async fn lookup(&self, key: Vec<u8>, prefetch: u32) -> Result<Vec<RangeDescriptor>, RangeError> {
         let req = batch_request::Request::RangeLookup(RangeLookupRequest { key, prefetch });
-        match self.0.send(SYSTEM_RANGE_ID, req).await {
+        match self.node()?.send(SYSTEM_RANGE_ID, req).await {
             Ok(batch_response::Response::RangeLookup(r)) => Ok(r.descriptors),
             Ok(other) => Err(RangeError::Unavailable(format!("unexpected answer {other:?}"))),
             Err(e) => Err(range_error(e)),
@@ -64,17 +74,52 @@ pub struct KvApi {
 
 impl KvApi {
     pub fn new(shared: Arc<Shared>) -> KvApi {
-        let sender = DistSender::with_metrics(NodeRangeSender(shared.clone()), shared.kv_metrics.clone());
+        let sender = shared.dist.clone();
         KvApi { shared, sender }
+    }
+}
+
+/// The node's DistSender as kvserver's `TxnRouter`: pushes, queries and
+/// intent resolutions go wherever their keys are.
+pub struct NodeTxnRouter(pub Weak<Shared>);
+
+impl kvserver::intent_resolver::TxnRouter for NodeTxnRouter {
+    fn send(&self, req: BatchRequest) -> kvserver::intent_resolver::BoxFuture<Result<BatchResponse, String>> {
+        let node = self.0.upgrade();
+        Box::pin(async move {
+            let node = node.ok_or_else(|| "the node is shutting down".to_string())?;
+            node.dist.send(req).await.map_err(|e| e.to_string())
+        })
     }
 }
 
 #[tonic::async_trait]
 impl Kv for KvApi {
     async fn batch(&self, req: Request<BatchRequest>) -> Result<Response<BatchResponse>, Status> {
-        self.shared.store()?;
+        let store = self.shared.store()?;
         let started = std::time::Instant::now();
-        let out = self.sender.send(req.into_inner()).await;
+        let mut req = req.into_inner();
+        // A transaction's first batch takes its timestamps from this
+        // gateway's clock; values up to the maximum clock offset above it
+        // may have been written before it began (its uncertainty interval).
+        if let Some(t) = req.header.as_mut().and_then(|h| h.txn.as_mut()) {
+            if t.read_timestamp.is_none() {
+                let now = store
+                    .clock()
+                    .now()
+                    .map_err(|e| Status::unavailable(format!("clock: {e}")))?;
+                let limit = storage::Timestamp::new(
+                    now.wall
+                        .saturating_add(self.shared.cfg.max_clock_offset.as_nanos() as u64),
+                    0,
+                );
+                t.read_timestamp = Some(now.into());
+                t.write_timestamp = Some(now.into());
+                t.min_timestamp = Some(now.into());
+                t.uncertainty_limit = Some(limit.into());
+            }
+        }
+        let out = self.sender.send(req).await;
         if let Ok(store) = self.shared.store() {
             if let Some(h) = store.metrics().request_latency("kv_batch") {
                 h.observe_duration(started.elapsed());
@@ -181,7 +226,7 @@ pub async fn split(shared: &Arc<Shared>, key: Vec<u8>) -> Result<(RangeDescripto
             kvserver::keyspace::pretty(&key)
         )));
     }
-    let sender = NodeRangeSender(shared.clone());
+    let sender = NodeRangeSender(Arc::downgrade(shared));
     let contains =
         |d: &RangeDescriptor| d.start_key.as_slice() <= key.as_slice() && key.as_slice() < d.end_key.as_slice();
     let mut known: Option<RangeDescriptor> = None;
@@ -307,7 +352,7 @@ pub async fn merge(shared: &Arc<Shared>, key: Vec<u8>) -> Result<RangeDescriptor
             kvserver::keyspace::pretty(&key)
         )));
     }
-    let sender = NodeRangeSender(shared.clone());
+    let sender = NodeRangeSender(Arc::downgrade(shared));
     let lookup = |k: Vec<u8>| {
         let sender = &sender;
         async move {
@@ -435,7 +480,7 @@ async fn roll_back(
 ) -> Result<RangeDescriptor, Status> {
     use kv::RangeSender as _;
     match resolve(shared, left.range_id, right, merge_id).await {
-        Ok(true) => NodeRangeSender(shared.clone())
+        Ok(true) => NodeRangeSender(Arc::downgrade(shared))
             .lookup(left.start_key.clone(), 0)
             .await
             .ok()

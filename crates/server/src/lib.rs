@@ -120,6 +120,11 @@ pub struct Shared {
     pub ranges: dist_sender::RangeCache,
     /// What the native API's DistSender counts (range cache misses).
     pub kv_metrics: Arc<kv::dist_sender::DistMetrics>,
+    /// The node's DistSender: the native API's, and the one its leaseholders
+    /// push transactions and resolve intents through.
+    pub dist: kv::DistSender<kv_api::NodeRangeSender>,
+    /// `dist` as kvserver sees it (`EvalOptions::router`).
+    pub txn_router: Arc<dyn kvserver::intent_resolver::TxnRouter>,
 }
 
 impl Shared {
@@ -271,7 +276,10 @@ impl Node {
         let advertise = cfg.advertise_addr.clone().unwrap_or_else(|| grpc_addr.to_string());
         let local = Arc::new(OnceLock::new());
         let transport = Arc::new(GrpcTransport::new(local.clone(), tokio::runtime::Handle::current()));
-        let shared = Arc::new(Shared {
+        let kv_metrics: Arc<kv::dist_sender::DistMetrics> = Default::default();
+        let shared = Arc::new_cyclic(|me: &std::sync::Weak<Shared>| Shared {
+            dist: kv::DistSender::with_metrics(kv_api::NodeRangeSender(me.clone()), kv_metrics.clone()),
+            txn_router: Arc::new(kv_api::NodeTxnRouter(me.clone())),
             advertise,
             local,
             transport,
@@ -282,7 +290,7 @@ impl Node {
             channels: Mutex::new(HashMap::new()),
             forwarder: forward::Forwarder::default(),
             ranges: Default::default(),
-            kv_metrics: Default::default(),
+            kv_metrics,
             cfg: cfg.clone(),
         });
         let mut tasks = Vec::new();
@@ -322,6 +330,13 @@ impl Node {
         tasks.push(tokio::spawn(liveness::heartbeat_loop(shared.clone())));
         tasks.push(tokio::spawn(kv_api::publish_loop(shared.clone())));
         tasks.push(tokio::spawn(kv_api::split_loop(shared.clone())));
+        {
+            let me = shared.clone();
+            tasks.push(tokio::spawn(kvserver::intent_resolver::sweep_loop(
+                move || me.local.get().map(|l| l.store.clone()),
+                shared.txn_router.clone(),
+            )));
+        }
         tasks.push(tokio::spawn(kv_api::merge_loop(shared.clone())));
         let etcd = etcd_api::EtcdApi { shared: shared.clone() };
         let limit = 4 << 20;

@@ -69,7 +69,7 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn corrupt(what: &'static str, detail: impl Into<String>) -> Self {
+    pub fn corrupt(what: &'static str, detail: impl Into<String>) -> Self {
         Error::Corruption {
             what,
             detail: detail.into(),

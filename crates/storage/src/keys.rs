@@ -17,7 +17,10 @@
 //! `l index(8, BE)` (log entry) or `t` (truncated state).
 //!
 //! Local keys (column family `local`): `r range_id(8, BE) suffix` for range-local
-//! state and `s name...` for store-local records.
+//! state, `s name...` for store-local records, and `k escape(anchor)
+//! txn_id(16)` for transaction records, addressed by key: the records
+//! anchored in a range's keys form one span that goes with them (snapshots
+//! carry it; splits and merges move nothing).
 //!
 //! This module only builds and parses bytes: it never touches the engine.
 
@@ -214,6 +217,7 @@ pub fn decode_raft_log_key(range_id: u64, key: &[u8]) -> Result<u64> {
 
 // ---- local column family -------------------------------------------------
 
+const LOCAL_BY_KEY: u8 = b'k';
 const LOCAL_RANGE: u8 = b'r';
 const LOCAL_STORE: u8 = b's';
 const RANGE_APPLIED: u8 = b'a';
@@ -227,6 +231,30 @@ pub fn range_local_key(range_id: u64, suffix: u8) -> Vec<u8> {
     let mut k = range_prefix(Some(LOCAL_RANGE), range_id, 10);
     k.push(suffix);
     k
+}
+
+/// The key of the record of transaction `id` anchored at `anchor`.
+pub fn txn_record_key(anchor: &[u8], id: &[u8; 16]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + anchor.len() + 2 + 16);
+    out.push(LOCAL_BY_KEY);
+    escape_into(&mut out, anchor);
+    out.extend_from_slice(id);
+    out
+}
+
+/// Encoded bounds `[lower, upper)` of the records anchored in user keys
+/// `[start, end)` (an empty `end`: no upper bound).
+pub fn txn_record_span(start: &[u8], end: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let mut lower = vec![LOCAL_BY_KEY];
+    escape_into(&mut lower, start);
+    let upper = if end.is_empty() {
+        vec![LOCAL_BY_KEY + 1]
+    } else {
+        let mut u = vec![LOCAL_BY_KEY];
+        escape_into(&mut u, end);
+        u
+    };
+    (lower, upper)
 }
 
 pub fn range_applied_state_key(range_id: u64) -> Vec<u8> {

@@ -55,9 +55,12 @@ pub fn build_snapshot(engine: &Engine, range_id: u64, start: &[u8], end: &[u8], 
     let applied = rangestate::applied_state(&snap, range_id)?;
     let (mlo, mhi) = keys::mvcc_span_bounds(start, end);
     let mhi = mhi.unwrap_or_default();
-    write_sst(&snap, Cf::Mvcc, &mlo, &mhi, &dir.join(MVCC_SST))?;
+    write_sst(&snap, Cf::Mvcc, &[(&mlo, &mhi)], &dir.join(MVCC_SST))?;
+    // The transaction records anchored in the range's keys ('k') sort
+    // below its range-local state ('r').
+    let (tlo, thi) = keys::txn_record_span(start, end);
     let (llo, lhi) = keys::range_local_bounds(range_id);
-    write_sst(&snap, Cf::Local, &llo, &lhi, &dir.join(LOCAL_SST))?;
+    write_sst(&snap, Cf::Local, &[(&tlo, &thi), (&llo, &lhi)], &dir.join(LOCAL_SST))?;
     Ok(SnapshotMeta {
         range_id,
         start_key: start.to_vec(),
@@ -66,16 +69,22 @@ pub fn build_snapshot(engine: &Engine, range_id: u64, start: &[u8], end: &[u8], 
     })
 }
 
-fn write_sst(r: &dyn Reader, cf: Cf, lo: &[u8], hi: &[u8], path: &Path) -> Result<()> {
+/// Writes the spans (disjoint, in key order) of `cf` into one SST that
+/// first deletes each of them.
+fn write_sst(r: &dyn Reader, cf: Cf, spans: &[(&[u8], &[u8])], path: &Path) -> Result<()> {
     let opts = Options::default();
     let mut w = SstFileWriter::create(&opts);
     w.open(path)?;
-    w.delete_range(lo, hi)?;
-    let mut c = r.cursor(cf, lo, Some(hi))?;
-    c.seek_ge(lo)?;
-    while let Some((k, v)) = c.entry() {
-        w.put(k, v)?;
-        c.next()?;
+    for (lo, hi) in spans {
+        w.delete_range(lo, hi)?;
+    }
+    for (lo, hi) in spans {
+        let mut c = r.cursor(cf, lo, Some(hi))?;
+        c.seek_ge(lo)?;
+        while let Some((k, v)) = c.entry() {
+            w.put(k, v)?;
+            c.next()?;
+        }
     }
     w.finish()?;
     Ok(())

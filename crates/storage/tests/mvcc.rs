@@ -80,6 +80,7 @@ fn values_inside_the_uncertainty_interval_are_reported() {
         ts: ts(12),
         uncertainty_limit: ts(16),
         txn: None,
+        ignore_intents: false,
     };
     match mvcc::get(&e, b"k", &o) {
         Err(Error::ReadWithinUncertainty { value_ts, .. }) => assert_eq!(value_ts, ts(15)),
@@ -90,6 +91,7 @@ fn values_inside_the_uncertainty_interval_are_reported() {
         ts: ts(12),
         uncertainty_limit: ts(14),
         txn: None,
+        ignore_intents: false,
     };
     assert_eq!(mvcc::get(&e, b"k", &o).unwrap().unwrap().value, b"old");
     // Scans report it as well.
@@ -100,6 +102,7 @@ fn values_inside_the_uncertainty_interval_are_reported() {
             ts: ts(12),
             uncertainty_limit: ts(15),
             txn: None,
+            ignore_intents: false,
         },
         max_keys: 0,
         reverse: false,
@@ -118,6 +121,7 @@ fn intents_conflict_for_others_and_are_read_by_their_own_transaction() {
         ts: ts(8),
         uncertainty_limit: ts(8),
         txn: Some(T1),
+        ignore_intents: false,
     };
     assert_eq!(mvcc::get(&e, b"k", &own).unwrap().unwrap().value, b"mine");
     // Another reader at or above the intent conflicts with it.
@@ -146,6 +150,7 @@ fn intents_conflict_for_others_and_are_read_by_their_own_transaction() {
         ts: ts(10),
         uncertainty_limit: ts(10),
         txn: Some(t1e1),
+        ignore_intents: false,
     };
     assert_eq!(mvcc::get(&e, b"k", &o).unwrap().unwrap().value, b"committed");
 }
@@ -220,6 +225,7 @@ fn gc_keeps_what_reads_at_or_above_the_threshold_see_and_never_removes_intents()
         ts: ts(5),
         uncertainty_limit: ts(5),
         txn: Some(T1),
+        ignore_intents: false,
     };
     assert_eq!(mvcc::get(&e, b"c", &own).unwrap().unwrap().value, b"intent");
     assert_eq!(mvcc::compute_stats(&e, b"", b"").unwrap(), st);

@@ -229,6 +229,7 @@ fn rand_read(r: &mut Rng) -> ReadOptions {
         ts,
         uncertainty_limit: limit,
         txn: if r.chance(40) { Some(rand_txn(r)) } else { None },
+        ignore_intents: false,
     }
 }
 

@@ -18,9 +18,9 @@ pub mod value;
 mod write;
 
 pub use gc::{gc, GcResult};
-pub use read::{get, scan, ScanOptions, ScanResult};
+pub use read::{changed_since, get, scan, Changed, ScanOptions, ScanResult};
 pub use stats::{compute_stats, MvccStats};
-pub use write::{delete, put, resolve_intent, Resolution};
+pub use write::{delete, intents_in_span, put, put_txn, resolve_intent, Resolution};
 
 use crate::timestamp::Timestamp;
 
@@ -43,6 +43,8 @@ pub struct Intent {
     pub key: Vec<u8>,
     pub txn: TxnMeta,
     pub ts: Timestamp,
+    /// Where the transaction's record lives (empty: unknown).
+    pub anchor: Vec<u8>,
 }
 
 /// How to read: at `ts`, reporting values up to `uncertainty_limit`, as `txn`.
@@ -54,6 +56,10 @@ pub struct ReadOptions {
     pub uncertainty_limit: Timestamp,
     /// The reading transaction: its own intents are visible to it.
     pub txn: Option<TxnMeta>,
+    /// Testing knob, never on in production: read past other transactions'
+    /// intents as if they were not there (a dirty-read bug on purpose, for
+    /// proving that the transaction checkers catch one).
+    pub ignore_intents: bool,
 }
 
 impl ReadOptions {
@@ -63,6 +69,7 @@ impl ReadOptions {
             ts,
             uncertainty_limit: ts,
             txn: None,
+            ignore_intents: false,
         }
     }
 

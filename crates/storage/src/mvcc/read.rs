@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::keys;
 use crate::mvcc::value::{self, IntentRecord};
 use crate::mvcc::{Intent, KeyValue, ReadOptions};
+use crate::timestamp::Timestamp;
 
 /// What one user key reads as.
 pub(crate) enum KeyRead {
@@ -95,11 +96,12 @@ fn own_or_conflict(
             }));
         }
     }
-    if intent.ts <= limit {
+    if intent.ts <= limit && !opts.ignore_intents {
         return Ok(Some(KeyRead::Conflict(Intent {
             key: user_key.to_vec(),
             txn: intent.txn,
             ts: intent.ts,
+            anchor: intent.anchor,
         })));
     }
     Ok(None)
@@ -184,4 +186,61 @@ pub fn scan(reader: &dyn Reader, opts: &ScanOptions) -> Result<ScanResult> {
         return Err(Error::WriteIntent { intents: conflicts });
     }
     Ok(out)
+}
+
+/// What a refresh found in its span: a reason the reads there no longer hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Changed {
+    /// A committed version of `key` at `ts`, inside the refreshed interval.
+    Version { key: Vec<u8>, ts: Timestamp },
+    /// Another transaction's intent on `key` at or below the new timestamp.
+    Intent(Intent),
+}
+
+/// Checks that no user key in `[start, end)` got a committed version in
+/// `(from, to]` and that no transaction other than `own` holds an intent at
+/// or below `to`: a read of the span at `from` still reads the same at `to`.
+/// Returns the first change found.
+pub fn changed_since(
+    reader: &dyn Reader,
+    start: &[u8],
+    end: &[u8],
+    from: Timestamp,
+    to: Timestamp,
+    own: Option<crate::mvcc::TxnId>,
+) -> Result<Option<Changed>> {
+    let (lower, upper) = keys::mvcc_span_bounds(start, end);
+    let mut c = reader.cursor(Cf::Mvcc, &lower, upper.as_deref())?;
+    c.seek_ge(&lower)?;
+    while let Some((k, _)) = c.entry() {
+        let (user_key, _) = keys::unescape(k)?;
+        let meta = keys::mvcc_meta_key(&user_key);
+        c.seek_ge(&meta)?;
+        if let Some((k, v)) = c.entry() {
+            if k == &meta[..] {
+                let i = value::decode_intent(v)?;
+                if Some(i.txn.id) != own && i.ts <= to {
+                    return Ok(Some(Changed::Intent(Intent {
+                        key: user_key,
+                        txn: i.txn,
+                        ts: i.ts,
+                        anchor: i.anchor,
+                    })));
+                }
+            }
+        }
+        let mut vkey = meta.clone();
+        keys::push_desc_ts(&mut vkey, to);
+        c.seek_ge(&vkey)?;
+        if let Some((k, _)) = c.entry() {
+            if k.len() == meta.len() + keys::TS_LEN && k.starts_with(&meta) {
+                let ts = keys::decode_desc_ts(&k[meta.len()..])?;
+                if ts > from {
+                    return Ok(Some(Changed::Version { key: user_key, ts }));
+                }
+            }
+        }
+        c.seek_ge(&keys::mvcc_meta_key(&keys::next_user_key(&user_key)))?;
+    }
+    Ok(None)
 }

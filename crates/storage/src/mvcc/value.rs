@@ -6,7 +6,9 @@
 //! version:  0x01 value...          (a value)
 //!           0x02                   (a tombstone)
 //! intent:   0x11 txn_id(16) epoch(4) wall(8) logical(4) kind(1) value...
-//!           kind = 0x01 value, 0x02 tombstone
+//!           0x12 txn_id(16) epoch(4) wall(8) logical(4) anchor_len(4) anchor kind(1) value...
+//!           kind = 0x01 value, 0x02 tombstone; the anchor is the key whose
+//!           range holds the transaction's record (0x11: none)
 //! ```
 
 use crate::error::{Error, Result};
@@ -16,6 +18,7 @@ use crate::timestamp::Timestamp;
 const VERSION_VALUE: u8 = 0x01;
 const VERSION_TOMBSTONE: u8 = 0x02;
 const INTENT_V1: u8 = 0x11;
+const INTENT_V2: u8 = 0x12;
 const INTENT_HEADER: usize = 1 + 16 + 4 + 8 + 4 + 1;
 
 /// Encodes a committed version: `Some(value)` or `None` for a tombstone.
@@ -54,16 +57,28 @@ pub struct IntentRecord {
     pub ts: Timestamp,
     /// `None` for a provisional delete.
     pub value: Option<Vec<u8>>,
+    /// The transaction's anchor key (where its record lives); empty if the
+    /// writer named none.
+    pub anchor: Vec<u8>,
 }
 
 pub fn encode_intent(txn: &TxnMeta, ts: Timestamp, value: Option<&[u8]>) -> Vec<u8> {
+    encode_intent_anchored(txn, ts, value, &[])
+}
+
+/// An intent naming its transaction's anchor key.
+pub fn encode_intent_anchored(txn: &TxnMeta, ts: Timestamp, value: Option<&[u8]>, anchor: &[u8]) -> Vec<u8> {
     let vlen = value.map_or(0, <[u8]>::len);
-    let mut out = Vec::with_capacity(INTENT_HEADER + vlen);
-    out.push(INTENT_V1);
+    let mut out = Vec::with_capacity(INTENT_HEADER + 4 + anchor.len() + vlen);
+    out.push(if anchor.is_empty() { INTENT_V1 } else { INTENT_V2 });
     out.extend_from_slice(&txn.id.0);
     out.extend_from_slice(&txn.epoch.to_be_bytes());
     out.extend_from_slice(&ts.wall.to_be_bytes());
     out.extend_from_slice(&ts.logical.to_be_bytes());
+    if !anchor.is_empty() {
+        out.extend_from_slice(&(anchor.len() as u32).to_be_bytes());
+        out.extend_from_slice(anchor);
+    }
     match value {
         Some(v) => {
             out.push(VERSION_VALUE);
@@ -75,11 +90,12 @@ pub fn encode_intent(txn: &TxnMeta, ts: Timestamp, value: Option<&[u8]>) -> Vec<
 }
 
 pub fn decode_intent(b: &[u8]) -> Result<IntentRecord> {
-    match b.first() {
-        Some(&INTENT_V1) => {}
+    let anchored = match b.first() {
+        Some(&INTENT_V1) => false,
+        Some(&INTENT_V2) => true,
         Some(v) => return Err(Error::corrupt("intent", format!("unknown version byte {v:#04x}"))),
         None => return Err(Error::corrupt("intent", "empty record")),
-    }
+    };
     if b.len() < INTENT_HEADER {
         return Err(Error::corrupt(
             "intent",
@@ -92,15 +108,26 @@ pub fn decode_intent(b: &[u8]) -> Result<IntentRecord> {
     let mut w = [0u8; 8];
     w.copy_from_slice(&b[21..29]);
     let logical = u32::from_be_bytes([b[29], b[30], b[31], b[32]]);
-    let value = match b[33] {
-        VERSION_VALUE => Some(b[INTENT_HEADER..].to_vec()),
-        VERSION_TOMBSTONE if b.len() == INTENT_HEADER => None,
+    let (anchor, rest) = if anchored {
+        let n = u32::from_be_bytes([b[33], b[34], b[35], b[36]]) as usize;
+        let end = 37usize.saturating_add(n);
+        if b.len() < end + 1 {
+            return Err(Error::corrupt("intent", format!("anchor of {n} bytes past the end")));
+        }
+        (b[37..end].to_vec(), &b[end..])
+    } else {
+        (Vec::new(), &b[33..])
+    };
+    let value = match rest[0] {
+        VERSION_VALUE => Some(rest[1..].to_vec()),
+        VERSION_TOMBSTONE if rest.len() == 1 => None,
         k => return Err(Error::corrupt("intent", format!("bad value kind {k:#04x}"))),
     };
     Ok(IntentRecord {
         txn: TxnMeta { id: TxnId(id), epoch },
         ts: Timestamp::new(u64::from_be_bytes(w), logical),
         value,
+        anchor,
     })
 }
 
@@ -123,6 +150,16 @@ mod tests {
         assert_eq!((r.txn, r.ts, r.value), (txn, ts, Some(b"v".to_vec())));
         let r = decode_intent(&encode_intent(&txn, ts, None)).unwrap();
         assert_eq!(r.value, None);
+        let r = decode_intent(&encode_intent_anchored(&txn, ts, Some(b"v"), b"anchor")).unwrap();
+        assert_eq!(
+            (r.txn, r.ts, r.value, r.anchor),
+            (txn, ts, Some(b"v".to_vec()), b"anchor".to_vec())
+        );
+        let r = decode_intent(&encode_intent_anchored(&txn, ts, None, b"a")).unwrap();
+        assert_eq!((r.value, r.anchor), (None, b"a".to_vec()));
+        let mut bad = encode_intent_anchored(&txn, ts, None, b"anchor");
+        bad.truncate(38);
+        assert!(decode_intent(&bad).is_err());
         let mut bad = encode_intent(&txn, ts, None);
         bad.truncate(10);
         assert!(decode_intent(&bad).is_err());

@@ -68,6 +68,33 @@ pub fn put(
     value: Option<&[u8]>,
     txn: Option<&TxnMeta>,
 ) -> Result<()> {
+    put_anchored(batch, stats, key, ts, value, txn, &[]).map(|_| ())
+}
+
+/// Lays (or replaces) `txn`'s intent on `key` at `ts`, naming the key whose
+/// range holds the transaction's record. Returns the timestamp the intent
+/// is at (its own earlier intent's, if that was higher).
+pub fn put_txn(
+    batch: &mut Batch,
+    stats: &mut MvccStats,
+    key: &[u8],
+    ts: Timestamp,
+    value: Option<&[u8]>,
+    txn: &TxnMeta,
+    anchor: &[u8],
+) -> Result<Timestamp> {
+    put_anchored(batch, stats, key, ts, value, Some(txn), anchor)
+}
+
+fn put_anchored(
+    batch: &mut Batch,
+    stats: &mut MvccStats,
+    key: &[u8],
+    ts: Timestamp,
+    value: Option<&[u8]>,
+    txn: Option<&TxnMeta>,
+    anchor: &[u8],
+) -> Result<Timestamp> {
     if key.is_empty() {
         return Err(Error::InvalidArgument("empty key".into()));
     }
@@ -91,6 +118,7 @@ pub fn put(
                         key: key.to_vec(),
                         txn: intent.txn,
                         ts: intent.ts,
+                        anchor: intent.anchor.clone(),
                     }],
                 })
             }
@@ -116,7 +144,7 @@ pub fn put(
     match txn {
         Some(t) => {
             let k = keys::mvcc_meta_key(key);
-            let v = value::encode_intent(t, write_ts, value);
+            let v = value::encode_intent_anchored(t, write_ts, value, anchor);
             let r = Record::new(k.len(), v.len(), value.is_none());
             batch.put(Cf::Mvcc, &k, &v)?;
             stats.add_record(r);
@@ -132,7 +160,7 @@ pub fn put(
         }
     }
     apply_summary_delta(stats, &before, &after);
-    Ok(())
+    Ok(write_ts)
 }
 
 /// Deletes `key` at `ts` by writing a tombstone, as `txn` if given.
@@ -218,4 +246,30 @@ pub fn resolve_intent(
     after.any = after.newest.is_some();
     apply_summary_delta(stats, &before, &after);
     Ok(true)
+}
+
+/// The intents in user keys `[start, end)`, in key order, at most `max`
+/// of them (0: no limit): for resolving a transaction's intents over a span.
+/// Returns them and, if `max` stopped the walk, the key to resume from.
+pub fn intents_in_span(
+    reader: &dyn Reader,
+    start: &[u8],
+    end: &[u8],
+    max: usize,
+) -> Result<(Vec<(Vec<u8>, IntentRecord)>, Option<Vec<u8>>)> {
+    let (lower, upper) = keys::mvcc_span_bounds(start, end);
+    let mut c = reader.cursor(Cf::Mvcc, &lower, upper.as_deref())?;
+    c.seek_ge(&lower)?;
+    let mut out = Vec::new();
+    while let Some((k, v)) = c.entry() {
+        let (user_key, rest) = keys::unescape(k)?;
+        if rest.is_empty() {
+            if max > 0 && out.len() >= max {
+                return Ok((out, Some(user_key)));
+            }
+            out.push((user_key.clone(), value::decode_intent(v)?));
+        }
+        c.seek_ge(&keys::mvcc_meta_key(&keys::next_user_key(&user_key)))?;
+    }
+    Ok((out, None))
 }

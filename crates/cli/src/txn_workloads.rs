@@ -1,0 +1,211 @@
+//! `tardigrade workload bank` and `tardigrade workload append`: the
+//! transaction workloads and their verdicts, as commands.
+
+use std::time::Duration;
+
+use anyhow::bail;
+
+#[derive(clap::Args)]
+pub struct Common {
+    /// host:port of each node's gRPC API, comma-separated (clients spread
+    /// over them).
+    #[arg(long, value_delimiter = ',', required = true)]
+    hosts: Vec<String>,
+    /// host:port of each node's HTTP endpoint, comma-separated (for the
+    /// transaction counters printed at the end; optional).
+    #[arg(long, value_delimiter = ',')]
+    http_hosts: Vec<String>,
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    /// Seconds of load.
+    #[arg(long, default_value_t = 30)]
+    duration: u64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Do not split the keyspace (by default every key gets its own range,
+    /// with leases spread over the nodes).
+    #[arg(long)]
+    no_split: bool,
+    /// Inject faults: SIGKILL and restart, SIGSTOP and SIGCONT.
+    #[arg(long)]
+    nemesis: bool,
+    /// The processes the nemesis may hit (the nodes' PIDs), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pids: Vec<u32>,
+    /// Average seconds between faults.
+    #[arg(long, default_value_t = 4.0)]
+    fault_interval: f64,
+    /// Seconds a fault lasts.
+    #[arg(long, default_value_t = 2.0)]
+    fault_duration: f64,
+}
+
+impl Common {
+    fn nemesis(&self) -> anyhow::Result<Option<workload::nemesis::NemesisConfig>> {
+        if self.nemesis && self.pids.is_empty() {
+            bail!("--nemesis needs the nodes' --pids");
+        }
+        Ok(self.nemesis.then(|| workload::nemesis::NemesisConfig {
+            pids: self.pids.clone(),
+            interval: Duration::from_secs_f64(self.fault_interval.max(0.1)),
+            fault_duration: Duration::from_secs_f64(self.fault_duration.max(0.1)),
+        }))
+    }
+}
+
+#[derive(clap::Args)]
+pub struct BankArgs {
+    #[command(flatten)]
+    common: Common,
+    #[arg(long, default_value_t = 30)]
+    accounts: usize,
+    #[arg(long, default_value_t = 100)]
+    initial_balance: i64,
+    /// Percent of transactions that read every balance.
+    #[arg(long, default_value_t = 20)]
+    read_percent: u32,
+}
+
+#[derive(clap::Args)]
+pub struct AppendArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Keys (lists).
+    #[arg(long, default_value_t = 10)]
+    keys: usize,
+    /// Micro-operations per transaction: 1 to this many.
+    #[arg(long, default_value_t = 4)]
+    max_ops: usize,
+    /// Write the history (Elle's JSON lines) here.
+    #[arg(long)]
+    history: Option<std::path::PathBuf>,
+}
+
+fn faults(faults: &[String], restarted: &[u32]) {
+    for f in faults {
+        println!("nemesis: {f}");
+    }
+    if !restarted.is_empty() {
+        let pids: Vec<String> = restarted.iter().map(|p| p.to_string()).collect();
+        println!("restarted pids: {}", pids.join(","));
+    }
+}
+
+fn counters(metrics: &[(String, u64)]) {
+    if metrics.is_empty() {
+        return;
+    }
+    let parts: Vec<String> = metrics.iter().map(|(n, v)| format!("{n} {v}")).collect();
+    println!("transaction counters (all nodes): {}", parts.join(", "));
+}
+
+pub async fn bank(a: BankArgs) -> anyhow::Result<()> {
+    let c = &a.common;
+    let cfg = workload::bank::BankConfig {
+        hosts: c.hosts.clone(),
+        http: c.http_hosts.clone(),
+        accounts: a.accounts.max(2),
+        initial_balance: a.initial_balance,
+        clients: c.clients.max(1),
+        duration: Duration::from_secs(c.duration.max(1)),
+        read_percent: a.read_percent.min(100),
+        split: !c.no_split,
+        seed: c.seed,
+        nemesis: c.nemesis()?,
+    };
+    eprintln!(
+        "bank workload: {} accounts, {} clients for {}s against {:?}{}",
+        cfg.accounts,
+        cfg.clients,
+        c.duration,
+        c.hosts,
+        if c.nemesis { " with the nemesis" } else { "" }
+    );
+    let r = workload::bank::run(cfg, |m| eprintln!("{m}"))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    faults(&r.faults, &r.restarted_pids);
+    let secs = r.elapsed.as_secs_f64().max(1e-9);
+    let attempts = r.transfers_ok + r.transfers_failed + r.transfers_unknown + r.reads_ok + r.reads_failed;
+    println!(
+        "transfers: {} committed ({:.1}/s), {} failed, {} unknown; reads of every balance: {} ok, {} failed; {} retries ({:.1}% of transactions), {} refreshes",
+        r.transfers_ok,
+        r.transfers_ok as f64 / secs,
+        r.transfers_failed,
+        r.transfers_unknown,
+        r.reads_ok,
+        r.reads_failed,
+        r.retries,
+        100.0 * r.retries as f64 / (attempts + r.retries).max(1) as f64,
+        r.refreshes
+    );
+    counters(&r.metrics);
+    for b in r.bad_reads.iter().take(10) {
+        println!("BAD READ: {b}");
+    }
+    if let Some(at) = r.first_bad_at {
+        println!("first bad read {:.1}s into the load", at.as_secs_f64());
+    }
+    match r.final_total {
+        Some(t) => println!("final total {t} (expected {})", r.expected_total),
+        None => println!("final total: no node answered the final read"),
+    }
+    if !r.ok() {
+        bail!(
+            "the bank is not consistent: {} bad reads, final total {:?} (expected {})",
+            r.bad_reads.len(),
+            r.final_total,
+            r.expected_total
+        );
+    }
+    println!("bank: consistent");
+    Ok(())
+}
+
+pub async fn append(a: AppendArgs) -> anyhow::Result<()> {
+    let c = &a.common;
+    let cfg = workload::append::AppendConfig {
+        hosts: c.hosts.clone(),
+        http: c.http_hosts.clone(),
+        keys: a.keys.max(1),
+        clients: c.clients.max(1),
+        duration: Duration::from_secs(c.duration.max(1)),
+        max_ops: a.max_ops.max(1),
+        split: !c.no_split,
+        seed: c.seed,
+        nemesis: c.nemesis()?,
+    };
+    eprintln!(
+        "append workload: {} keys, {} clients for {}s against {:?}{}",
+        cfg.keys,
+        cfg.clients,
+        c.duration,
+        c.hosts,
+        if c.nemesis { " with the nemesis" } else { "" }
+    );
+    let r = workload::append::run(cfg, |m| eprintln!("{m}"))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    if let Some(p) = &a.history {
+        std::fs::write(p, format!("{}\n", r.history))
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", p.display()))?;
+    }
+    faults(&r.faults, &r.restarted_pids);
+    println!(
+        "transactions: {} ok ({:.1}/s), {} failed, {} unknown, {} retries",
+        r.ok,
+        r.ok as f64 / r.elapsed.as_secs_f64().max(1e-9),
+        r.failed,
+        r.unknown,
+        r.retries
+    );
+    counters(&r.metrics);
+    if let Some(check) = &r.check {
+        println!("{check}");
+    }
+    if !r.valid() {
+        bail!("the history is not serializable (see above)");
+    }
+    println!("append: serializable");
+    Ok(())
+}
