@@ -453,6 +453,7 @@ fn real_main() -> Result<()> {
                         pids,
                         interval: Duration::from_secs_f64(fault_interval.max(0.1)),
                         fault_duration: Duration::from_secs_f64(fault_duration.max(0.1)),
+                        clock_skew: None,
                     }),
                     lease_transfers: (lease_transfers > 0.0)
                         .then(|| Duration::from_secs_f64(lease_transfers.max(0.05))),

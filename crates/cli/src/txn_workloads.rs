@@ -38,6 +38,11 @@ pub struct Common {
     /// Seconds a fault lasts.
     #[arg(long, default_value_t = 2.0)]
     fault_duration: f64,
+    /// Also restart nodes with their wall clock up to this many ms off,
+    /// either way (keep it within half the nodes' --max-offset-ms: two
+    /// nodes may be off in opposite directions); 0: no clock faults.
+    #[arg(long, default_value_t = 0)]
+    clock_skew_ms: u64,
 }
 
 impl Common {
@@ -49,6 +54,7 @@ impl Common {
             pids: self.pids.clone(),
             interval: Duration::from_secs_f64(self.fault_interval.max(0.1)),
             fault_duration: Duration::from_secs_f64(self.fault_duration.max(0.1)),
+            clock_skew: (self.clock_skew_ms > 0).then(|| Duration::from_millis(self.clock_skew_ms)),
         }))
     }
 }

@@ -739,6 +739,9 @@ mod tests {
         data: Mutex<Map<Vec<u8>, Vec<u8>>>,
         /// Every part received: (range, the kinds of its requests).
         log: Mutex<Vec<(u64, Vec<&'static str>)>>,
+        /// Parts being answered now, and the most at once.
+        in_flight: AtomicU64,
+        max_in_flight: AtomicU64,
     }
 
     fn d(id: u64, s: &[u8], e: &[u8], generation: u64) -> RangeDescriptor {
@@ -825,6 +828,11 @@ mod tests {
                 })
                 .collect();
             self.log.lock().push((desc.range_id, kinds));
+            // Parts sent together overlap here.
+            let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.max_in_flight.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
             // A write on range 8 moves the transaction's write timestamp.
             let mut txn = req.header.as_ref().and_then(|h| h.txn.clone());
             if let Some(t) = txn.as_mut().filter(|_| desc.range_id == 8) {
@@ -1061,8 +1069,14 @@ mod tests {
             "the highest write timestamp of the parts"
         );
         let log = ds.sender.log.lock().clone();
-        // Both writes (in parallel, in either order), then the commit alone.
+        // Both writes (in parallel, in either order), then the commit alone:
+        // two rounds one after the other, not three.
         assert_eq!(log.len(), 3, "{log:?}");
+        assert_eq!(
+            ds.sender.max_in_flight.load(Ordering::SeqCst),
+            2,
+            "the writes went together"
+        );
         assert_eq!(log[2], (3, vec!["end"]), "{log:?}");
         assert!(log[..2].iter().all(|(_, k)| k == &vec!["put"]), "{log:?}");
         // All on one range: one part, the commit with its writes (1PC).

@@ -272,21 +272,6 @@ pub fn hex(id: &[u8]) -> String {
     id.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn exactly_one_side_of_a_cycle_wins() {
-        let (a, b) = ([1u8; 16], [2u8; 16]);
-        for (pa, pb) in [(1, 1), (5, 1), (1, 5), (0, 0)] {
-            assert_ne!(wins(pa, &a, pb, &b), wins(pb, &b, pa, &a), "{pa} {pb}");
-        }
-        assert!(wins(5, &b, 1, &a), "the higher priority wins");
-        assert!(wins(1, &a, 1, &b), "equal priorities: the lower id wins");
-    }
-}
-
 /// How often the sweep visits this store's leased ranges.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// Intents younger than this are left to their transactions.
@@ -346,5 +331,20 @@ pub async fn sweep_loop(store: impl Fn() -> Option<crate::StoreHandle> + Send, r
                 tracing::debug!("intent sweep left some: {e}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exactly_one_side_of_a_cycle_wins() {
+        let (a, b) = ([1u8; 16], [2u8; 16]);
+        for (pa, pb) in [(1, 1), (5, 1), (1, 5), (0, 0)] {
+            assert_ne!(wins(pa, &a, pb, &b), wins(pb, &b, pa, &a), "{pa} {pb}");
+        }
+        assert!(wins(5, &b, 1, &a), "the higher priority wins");
+        assert!(wins(1, &a, 1, &b), "equal priorities: the lower id wins");
     }
 }

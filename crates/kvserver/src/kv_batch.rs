@@ -200,7 +200,7 @@ pub(crate) async fn propose_holding<G: Send + 'static>(
 
 /// What one evaluation came to.
 enum Once {
-    Answer(BatchResponse),
+    Answer(Box<BatchResponse>),
     /// Intents of other transactions are in the way (latches released).
     Conflict(Vec<storage::mvcc::Intent>),
 }
@@ -283,7 +283,7 @@ pub async fn evaluate(
                         continue;
                     }
                 }
-                break a;
+                break *a;
             }
             Once::Conflict(intents) => {
                 let Some(router) = &opts.router else {
@@ -318,7 +318,7 @@ pub async fn evaluate(
 async fn evaluate_once(store: &StoreHandle, range_id: u64, req: &kvpb::BatchRequest, opts: &EvalOptions) -> Once {
     match evaluate_inner(store, range_id, req, opts).await {
         Ok(a) => a,
-        Err(a) => Once::Answer(a),
+        Err(a) => Once::Answer(Box::new(a)),
     }
 }
 
@@ -554,14 +554,14 @@ async fn evaluate_inner(
         {
             return Err(not_leaseholder(store, range_id));
         }
-        return Ok(Once::Answer(kv_answer(answer)));
+        return Ok(Once::Answer(Box::new(kv_answer(answer))));
     };
     let cmd = RaftCommand {
         proposer_term: term,
         op: Some(raft_command::Op::WriteBatch(write)),
         ..Default::default()
     };
-    Ok(Once::Answer(
+    Ok(Once::Answer(Box::new(
         match propose_holding(store, range_id, cmd, guard, opts.write_timeout).await {
             Ok(ApplyOutcome::Kv(Ok(()))) => {
                 for f in ev.finished {
@@ -587,7 +587,7 @@ async fn evaluate_inner(
             Ok(other) => kv_error(grpc_code::INTERNAL, format!("unexpected outcome {other:?}")),
             Err(e) => propose_error(store, range_id, e),
         },
-    ))
+    )))
 }
 
 /// The spans a batch read, for the timestamp cache: its Gets and scans,

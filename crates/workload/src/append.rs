@@ -116,7 +116,9 @@ async fn execute(t: &mut Txn<Sender>, ops: &[Op]) -> Result<Vec<Option<Vec<i64>>
         match o {
             Op::Read(k) => seen.push(Some(lists[k].clone())),
             Op::Append(k, v) => {
-                lists.get_mut(k).map(|l| l.push(*v));
+                if let Some(l) = lists.get_mut(k) {
+                    l.push(*v);
+                }
                 if !written.contains(k) {
                     written.push(*k);
                 }

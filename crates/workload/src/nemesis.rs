@@ -1,7 +1,8 @@
 //! The process nemesis shared by the workloads: at random times it kills
 //! a node's process (SIGKILL) and restarts it the same way (its command
 //! line, environment and directory read from /proc), or pauses it
-//! (SIGSTOP) and resumes it; and records what it did.
+//! (SIGSTOP) and resumes it, or (if asked) kills it and restarts it with
+//! its wall clock off by up to a bound; and records what it did.
 //!
 //! It only signals and spawns the processes it was given; it never reads
 //! or writes their data.
@@ -20,19 +21,22 @@ pub struct NemesisConfig {
     pub interval: Duration,
     /// How long a fault lasts before the process is restarted or resumed.
     pub fault_duration: Duration,
+    /// Also restart nodes with their wall clock up to this far off (the
+    /// `TARDIGRADE_TESTING_CLOCK_SKEW_MS` knob), as a third kind of fault.
+    pub clock_skew: Option<Duration>,
 }
 
 /// A small seeded xorshift generator (runs are reproducible by seed).
 pub struct Rng(pub u64);
 impl Rng {
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0
     }
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.next_u64() % n.max(1)
     }
 }
 
@@ -116,7 +120,28 @@ pub async fn nemesis(cfg: NemesisConfig, seed: u64, deadline: Instant, faults: A
         let i = rng.below(victims.len() as u64) as usize;
         let pid = victims[i].pid;
         let at = start.elapsed().as_secs_f64();
-        if rng.below(2) == 0 {
+        let kinds = if cfg.clock_skew.is_some() { 3 } else { 2 };
+        let kind = rng.below(kinds);
+        if kind == 2 {
+            // Restart with the clock off by up to the bound, either way.
+            let bound = cfg.clock_skew.map_or(0, |d| d.as_millis() as i64).max(1);
+            let skew = rng.below(2 * bound as u64 + 1) as i64 - bound;
+            signal(pid, libc::SIGKILL);
+            tokio::time::sleep(cfg.fault_duration).await;
+            let v = &mut victims[i];
+            v.env.retain(|(k, _)| k != "TARDIGRADE_TESTING_CLOCK_SKEW_MS");
+            v.env
+                .push(("TARDIGRADE_TESTING_CLOCK_SKEW_MS".into(), skew.to_string()));
+            let what = match respawn(v) {
+                Some(new) => {
+                    v.pid = new;
+                    restarted.push(new);
+                    format!("{at:.1}s: SIGKILL pid {pid}, restarted as {new} with its clock {skew} ms off")
+                }
+                None => format!("{at:.1}s: SIGKILL pid {pid}, restart with a skewed clock failed"),
+            };
+            faults.lock().unwrap_or_else(|e| e.into_inner()).push(what);
+        } else if kind == 0 {
             signal(pid, libc::SIGKILL);
             tokio::time::sleep(cfg.fault_duration).await;
             match respawn(&victims[i]) {

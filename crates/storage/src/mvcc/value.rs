@@ -109,6 +109,12 @@ pub fn decode_intent(b: &[u8]) -> Result<IntentRecord> {
     w.copy_from_slice(&b[21..29]);
     let logical = u32::from_be_bytes([b[29], b[30], b[31], b[32]]);
     let (anchor, rest) = if anchored {
+        if b.len() < INTENT_HEADER + 4 {
+            return Err(Error::corrupt(
+                "intent",
+                format!("{} bytes, an anchored header needs more", b.len()),
+            ));
+        }
         let n = u32::from_be_bytes([b[33], b[34], b[35], b[36]]) as usize;
         let end = 37usize.saturating_add(n);
         if b.len() < end + 1 {
@@ -160,6 +166,10 @@ mod tests {
         let mut bad = encode_intent_anchored(&txn, ts, None, b"anchor");
         bad.truncate(38);
         assert!(decode_intent(&bad).is_err());
+        // Cut inside the anchor's length (the fuzz test found this one).
+        for n in 34..=37 {
+            assert!(decode_intent(&bad[..n]).is_err(), "{n} bytes");
+        }
         let mut bad = encode_intent(&txn, ts, None);
         bad.truncate(10);
         assert!(decode_intent(&bad).is_err());

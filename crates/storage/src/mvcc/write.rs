@@ -248,15 +248,14 @@ pub fn resolve_intent(
     Ok(true)
 }
 
+/// Intents found in a span, each with its user key, and where to resume
+/// if the walk stopped at its bound.
+pub type FoundIntents = (Vec<(Vec<u8>, IntentRecord)>, Option<Vec<u8>>);
+
 /// The intents in user keys `[start, end)`, in key order, at most `max`
 /// of them (0: no limit): for resolving a transaction's intents over a span.
 /// Returns them and, if `max` stopped the walk, the key to resume from.
-pub fn intents_in_span(
-    reader: &dyn Reader,
-    start: &[u8],
-    end: &[u8],
-    max: usize,
-) -> Result<(Vec<(Vec<u8>, IntentRecord)>, Option<Vec<u8>>)> {
+pub fn intents_in_span(reader: &dyn Reader, start: &[u8], end: &[u8], max: usize) -> Result<FoundIntents> {
     let (lower, upper) = keys::mvcc_span_bounds(start, end);
     let mut c = reader.cursor(Cf::Mvcc, &lower, upper.as_deref())?;
     c.seek_ge(&lower)?;
