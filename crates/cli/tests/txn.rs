@@ -104,6 +104,29 @@ async fn bank_and_append_under_the_nemesis_and_splits_stay_serializable() {
         .collect();
         tokio::task::spawn_blocking(move || run_workload(args))
     };
+    // Splits while the transactions run (and the nemesis strikes): inside
+    // the accounts' and the lists' ranges, once the workloads split them.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let hosts: Vec<String> = c.nodes.iter().map(|n| n.grpc.clone()).collect();
+    let mut split_during = 0;
+    for (i, key) in (0..30)
+        .step_by(3)
+        .map(|a| format!("bank/acct/{a:04}/x"))
+        .chain((0..8).map(|k| format!("append/{k:03}/x")))
+        .enumerate()
+    {
+        let one = [key.into_bytes()];
+        let h = [hosts[i % hosts.len()].clone()];
+        if tokio::time::timeout(
+            Duration::from_secs(3),
+            workload::txn_setup::split_and_spread(&h, &one, &|_| {}),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok())
+        {
+            split_during += 1;
+        }
+    }
     let (bank_ok, bank_out, bank_err) = bank.await.unwrap();
     let (append_ok, append_out, append_err) = append.await.unwrap();
     kill_restarted(&bank_out);
@@ -113,6 +136,8 @@ async fn bank_and_append_under_the_nemesis_and_splits_stay_serializable() {
     assert!(bank_out.contains("bank: consistent"), "{bank_out}");
     assert!(bank_out.contains("nemesis: "), "the nemesis did something: {bank_out}");
     assert!(append_out.contains("append: serializable"), "{append_out}");
+    assert!(split_during > 0, "some ranges split while transactions ran");
+    eprintln!("{split_during} of 18 splits done during the run");
     // Transactions really spanned ranges: records, pushes and background
     // resolution all happened.
     for what in ["commits ", "pushes ", "intents_resolved_async "] {
