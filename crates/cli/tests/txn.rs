@@ -342,3 +342,87 @@ async fn a_one_range_transaction_commits_in_one_raft_command() {
     let mut r = Txn::begin(s);
     assert_eq!(r.get(b"one/k").await.unwrap().as_deref(), Some(&b"v"[..]));
 }
+
+/// The range holding `key`, as node 1 lists it.
+async fn range_of(c: &Cluster, key: &[u8]) -> u64 {
+    let ranges = c.ranges(0).await.unwrap_or_default();
+    ranges
+        .iter()
+        .filter_map(|r| r.descriptor.as_ref())
+        .find(|d| d.start_key.as_slice() <= key && (d.end_key.is_empty() || key < d.end_key.as_slice()))
+        .map_or(0, |d| d.range_id)
+}
+
+/// A write committed on a fresh lease lands up to the maximum offset ahead
+/// of the leaseholder's clock (the timestamp cache's low-water mark): it is
+/// acknowledged only once that clock passed it (commit wait), so a
+/// transaction that begins afterwards on a node whose clock is behind still
+/// sees it (within its uncertainty interval). The 600 s soak lost appends
+/// this way before commit wait existed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_commit_on_a_fresh_lease_is_seen_by_the_next_transaction_anywhere() {
+    let mut c = Cluster::start(3, &[]);
+    c.wait_replicated().await;
+    // Node 1 runs 250 ms ahead (within the 500 ms maximum offset).
+    c.nodes[0].proc.kill9();
+    let n = &c.nodes[0];
+    let extra = vec!["env:TARDIGRADE_TESTING_CLOCK_SKEW_MS=250".to_string()];
+    let proc = spawn(&n.store, &n.grpc, &n.http, &c.join, &extra);
+    c.nodes[0].proc = proc;
+    c.nodes[0].proc.wait_healthy(10 * ELECTION * 4);
+    c.wait_replicated().await;
+    let hosts: Vec<String> = c.nodes.iter().map(|n| n.grpc.clone()).collect();
+    workload::txn_setup::split_and_spread(&hosts, &[b"cw/".to_vec()], &|_| {})
+        .await
+        .expect("split");
+    let range = range_of(&c, b"cw/k").await;
+    assert!(range > 0);
+    // The reader's gateway holds no replica, so no applied write pulls its
+    // clock up: only the uncertainty interval can show it the value.
+    let fourth = c.add_node();
+    c.nodes[fourth].proc.wait_healthy(10 * ELECTION * 4);
+    let (fast, slow) = (sender(&c, 0).await, sender(&c, fourth).await);
+    for round in 0..5u32 {
+        // A fresh lease on the fast node: away from it, then back.
+        let lease = kv::admin::find_lease(&hosts[1], range).await.expect("lease");
+        for &to in &lease.voter_nodes {
+            let _ = kv::admin::transfer_lease(&hosts[1], range, to).await;
+            let now = kv::admin::find_lease(&hosts[1], range).await.expect("lease");
+            if now.leaseholder_addr != hosts[0] {
+                break;
+            }
+        }
+        let mut on_fast = false;
+        for &to in &lease.voter_nodes {
+            let _ = kv::admin::transfer_lease(&hosts[1], range, to).await;
+            if kv::admin::find_lease(&hosts[1], range)
+                .await
+                .expect("lease")
+                .leaseholder_addr
+                == hosts[0]
+            {
+                on_fast = true;
+                break;
+            }
+        }
+        assert!(on_fast, "the lease moved to the fast node");
+        let value = format!("v{round}");
+        let (r, _) = txn::run(fast.clone(), |t| {
+            let value = value.clone();
+            Box::pin(async move {
+                t.write_at_commit(vec![txn::put(b"cw/k", value.as_bytes())]);
+                Ok(())
+            })
+        })
+        .await;
+        r.expect("the write commits");
+        // At once, through a node whose clock is behind.
+        let mut t = Txn::begin(slow.clone());
+        let got = t.get(b"cw/k").await.expect("read");
+        assert_eq!(
+            got.as_deref(),
+            Some(value.as_bytes()),
+            "round {round}: a committed write must be seen"
+        );
+    }
+}

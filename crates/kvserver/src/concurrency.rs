@@ -1,7 +1,8 @@
 //! A range's concurrency control for requests evaluated before proposal:
-//! its span latches (`spanlatch`) and its timestamp cache (`tscache`), in
-//! one place that request tasks reach through the replica's status (the
-//! replica itself belongs to the raft loop).
+//! its span latches (`spanlatch`), its timestamp cache (`tscache`) and its
+//! lock wait queues (`lock_table`), in one place that request tasks reach
+//! through the replica's status (the replica itself belongs to the raft
+//! loop).
 //!
 //! Both are the leaseholder's and live only in memory. A new lease starts
 //! with the cache's low-water mark at the lease's start: the clock at the
@@ -31,6 +32,8 @@ const TSCACHE_SPANS: usize = 64 * 1024;
 
 pub struct Concurrency {
     pub latches: spanlatch::Manager,
+    /// Requests waiting for other transactions' intents, by key.
+    pub locks: std::sync::Arc<crate::lock_table::LockTable>,
     state: Mutex<State>,
     /// Requests sampled for load-based splitting.
     load: Mutex<LoadSampler>,
@@ -48,6 +51,7 @@ impl Default for Concurrency {
     fn default() -> Self {
         Concurrency {
             latches: spanlatch::Manager::new(),
+            locks: Default::default(),
             state: Mutex::new(State {
                 tscache: TsCache::new(Timestamp::ZERO, TSCACHE_SPANS),
                 lease_term: 0,

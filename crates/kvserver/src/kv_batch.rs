@@ -218,6 +218,16 @@ fn txn_answer(e: kvpb::TxnError, txn: Option<kvpb::Transaction>) -> BatchRespons
     })
 }
 
+/// Waits until this node's clock passed `at` (at most a bounded time: a
+/// timestamp further ahead than the transaction bound was refused before).
+async fn commit_wait(clock: &crate::hlc::Clock, at: Timestamp, max_offset: u64) {
+    let bound = max_offset.saturating_mul(10).max(MAX_TXN_AHEAD_NANOS);
+    let ahead = at.wall.saturating_sub(clock.physical()).min(bound);
+    if ahead > 0 {
+        tokio::time::sleep(std::time::Duration::from_nanos(ahead)).await;
+    }
+}
+
 /// The lone push of a batch, if it is one that may wait.
 fn lone_push(req: &kvpb::BatchRequest) -> Option<&kvpb::PushTxnRequest> {
     match req.requests.as_slice() {
@@ -272,8 +282,21 @@ pub async fn evaluate(
         let pusher_id = pusher.as_ref().map(|(id, _)| *id);
         Some((pushee, pusher_id, store.txnwait().enqueue(pushee, pusher)))
     });
+    // A place in the line of a key whose intent this batch waited for:
+    // its turn ends when it evaluated again.
+    let mut ticket: Option<crate::lock_table::Ticket> = None;
     let answer = loop {
-        match evaluate_once(store, range_id, &req, opts).await {
+        let once = evaluate_once(store, range_id, &req, opts).await;
+        // The turn is over, unless the same key is in the way again: then
+        // the place in its line is kept.
+        let keep = matches!(
+            (&once, &ticket),
+            (Once::Conflict(i), Some(t)) if i.first().is_some_and(|i| i.key == t.key())
+        );
+        if !keep {
+            drop(ticket.take());
+        }
+        match once {
             Once::Answer(a) => {
                 if let (Some(until), Some((_, _, notify))) = (push_until, &registered) {
                     let now = Instant::now();
@@ -292,6 +315,15 @@ pub async fn evaluate(
                         format!("{} keys hold other transactions' intents", intents.len()),
                     );
                 };
+                // In line behind the first intent met, then push its owner
+                // (every waiter does: expiry and deadlocks are found by
+                // whoever is first), then evaluate again in turn.
+                let line = match ticket.take() {
+                    Some(t) => Some(t),
+                    None => store
+                        .with_status(range_id, |st| st.conc.locks.clone())
+                        .map(|locks| locks.enqueue(&intents[0].key)),
+                };
                 match crate::intent_resolver::wait_and_resolve(
                     router.as_ref(),
                     store.metrics(),
@@ -301,7 +333,19 @@ pub async fn evaluate(
                 )
                 .await
                 {
-                    crate::intent_resolver::Waited::Resolved => continue,
+                    crate::intent_resolver::Waited::Resolved => {
+                        if let Some(t) = line {
+                            let left = deadline.saturating_duration_since(Instant::now());
+                            if tokio::time::timeout(left, t.turn()).await.is_err() {
+                                break kv_error(
+                                    grpc_code::UNAVAILABLE,
+                                    "timed out waiting in line for a key other transactions held".into(),
+                                );
+                            }
+                            ticket = Some(t);
+                        }
+                        continue;
+                    }
                     crate::intent_resolver::Waited::PusherAborted(e) => break txn_answer(e, pusher.clone()),
                     crate::intent_resolver::Waited::Failed(m) => break kv_error(grpc_code::UNAVAILABLE, m),
                 }
@@ -580,6 +624,26 @@ async fn evaluate_inner(
                             f.unresolved,
                         );
                     }
+                }
+                // Commit wait: a write committed above this clock (a new
+                // lease's timestamp cache starts the maximum offset ahead)
+                // is acknowledged only once the clock passed it, so any
+                // transaction that begins after the acknowledgement, on any
+                // node, reads above it or within its uncertainty interval.
+                let committed_at = if txn.is_none() {
+                    Some(ts)
+                } else {
+                    answer.responses.iter().find_map(|r| match &r.value {
+                        Some(kvpb::response_union::Value::EndTxn(e))
+                            if e.status == kvpb::TxnStatus::Committed as i32 =>
+                        {
+                            Some(ts.max(ev.txn_write_ts))
+                        }
+                        _ => None,
+                    })
+                };
+                if let Some(at) = committed_at {
+                    commit_wait(clock, at, max_offset).await;
                 }
                 kv_answer(answer)
             }

@@ -22,6 +22,7 @@ pub mod intent_resolver;
 pub mod keyspace;
 pub mod kv_batch;
 pub mod liveness;
+pub mod lock_table;
 pub mod log_truncation;
 mod log_writer;
 pub mod merge;
