@@ -146,6 +146,9 @@ pub async fn bank(a: BankArgs) -> anyhow::Result<()> {
         r.refreshes
     );
     counters(&r.metrics);
+    for (m, n) in r.errors.iter().take(5) {
+        println!("failed {n} times: {m}");
+    }
     for b in r.bad_reads.iter().take(10) {
         println!("BAD READ: {b}");
     }

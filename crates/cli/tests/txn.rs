@@ -1,7 +1,8 @@
 //! Serializable transactions on three-node clusters of real processes: the
 //! bank and list-append workloads under the kill/pause nemesis with splits,
 //! each testing knob caught by a checker, a 100,000-write transaction, an
-//! abandoned transaction cleaned up, and 1PC.
+//! abandoned transaction cleaned up (by a writer, and by the sweep), 1PC,
+//! and commit wait.
 
 mod common;
 
@@ -287,6 +288,24 @@ async fn an_abandoned_transaction_expires_and_its_intents_are_cleaned_up() {
     );
     r.commit().await.unwrap();
     assert!(counter(&c, "tardigrade_txn_pushes_aborted_total") >= 1);
+    // Intents nobody meets are found by the background sweep: another
+    // coordinator dies, and no request touches its keys again.
+    let mut dead = Txn::begin(s.clone());
+    dead.put(b"ab/b", b"dead").await.unwrap();
+    dead.put(b"ab/y", b"dead").await.unwrap();
+    drop(dead);
+    wait(
+        "the sweep cleaned the abandoned intents up",
+        Duration::from_secs(60),
+        || async {
+            let ranges = c.ranges(0).await.unwrap_or_default();
+            !ranges.is_empty()
+                && ranges
+                    .iter()
+                    .all(|r| r.stats.as_ref().map_or(0, |s| s.intent_count) == 0)
+        },
+    )
+    .await;
 }
 
 /// The applied index of node 1's replica of the range holding `key`.

@@ -293,7 +293,28 @@ impl<S: RangeSender> DistSender<S> {
     ) -> Result<kvpb::BatchResponse, DistError> {
         let end = req.requests.remove(pos);
         let header = req.header.clone().unwrap_or_default();
-        let first = self.send_parts(req).await?;
+        let first = match self.send_parts(req).await {
+            // The commit was not sent: the transaction did not commit, and
+            // may restart (its writes are in its lock spans either way).
+            Err(DistError::Ambiguous) => {
+                return Ok(kvpb::BatchResponse {
+                    error: Some(kvpb::Error {
+                        code: 10,
+                        message: "a write's outcome is unknown; the commit was not sent".into(),
+                        index: 0,
+                        condition_failed: None,
+                        txn_error: Some(kvpb::TxnError {
+                            kind: kvpb::txn_error::Kind::Retry as i32,
+                            retry_timestamp: None,
+                            reason: "a write's outcome is unknown; the commit was not sent".into(),
+                        }),
+                    }),
+                    txn: header.txn,
+                    ..Default::default()
+                })
+            }
+            other => other?,
+        };
         if first.error.is_some() {
             return Ok(first);
         }

@@ -15,9 +15,10 @@
 //! writes, a newer version) or a read meets a value inside the uncertainty
 //! interval, the coordinator refreshes its read spans to the new timestamp
 //! (checks nothing was written there since it read) and carries on there;
-//! if the refresh fails, the transaction restarts (epoch + 1) and the
-//! caller's closure runs again (`run`). An aborted transaction (expired, or
-//! a deadlock's victim) starts over as a new one. Errors that reach a
+//! if the refresh fails, the transaction restarts (epoch + 1, keeping its
+//! intents and heartbeating its record) and the caller's closure runs
+//! again (`run`). An aborted transaction (expired, or a deadlock's victim)
+//! starts over as a new one. Errors that reach a
 //! caller who retries by hand say whether they are retryable
 //! (`TxnError::is_retryable`: SQLSTATE 40001 in the SQL layer).
 //!
@@ -494,15 +495,27 @@ impl<S: BatchSender> Txn<S> {
         self.reads.clear();
     }
 
+    /// Heartbeats at once (creating the record if the transaction has
+    /// none yet), then every `HEARTBEAT_INTERVAL`.
+    fn start_heartbeat_now(&mut self) {
+        self.start_heartbeat_after(Duration::ZERO)
+    }
+
     fn start_heartbeat(&mut self) {
+        self.start_heartbeat_after(HEARTBEAT_INTERVAL)
+    }
+
+    fn start_heartbeat_after(&mut self, first: Duration) {
         if self.heartbeat.is_some() {
             return;
         }
         let sender = self.sender.clone();
         let shared = self.shared.clone();
         self.heartbeat = Some(tokio::spawn(async move {
+            let mut wait = first;
             loop {
-                tokio::time::sleep(HEARTBEAT_INTERVAL).await;
+                tokio::time::sleep(wait).await;
+                wait = HEARTBEAT_INTERVAL;
                 let txn = shared.lock().proto.clone();
                 let req = kvpb::BatchRequest {
                     header: Some(kvpb::Header {
@@ -670,10 +683,11 @@ impl<S: BatchSender> Txn<S> {
         let _ = self.sender.send_batch(req).await;
     }
 
-    /// Prepares this transaction to run again after `e`: a restart (next
-    /// epoch, the same intents) or, if it was aborted, a new transaction
-    /// with at least its priority. Returns it.
-    fn next_attempt(mut self) -> Txn<S> {
+    /// Prepares this transaction to run again after a retryable error: a
+    /// restart (next epoch at the timestamp it was pushed to, keeping its
+    /// intents, and so its place, until it overwrites or commits them) or,
+    /// if it was aborted, a new transaction with at least its priority.
+    async fn next_attempt(mut self) -> Txn<S> {
         if let Some(h) = self.heartbeat.take() {
             h.abort();
         }
@@ -683,9 +697,10 @@ impl<S: BatchSender> Txn<S> {
             let prio = self.priority();
             return Txn::begin_with_priority(self.sender.clone(), prio);
         }
-        self.heartbeat = None;
+        // Its intents stay: a record and heartbeats keep it from being
+        // taken for dead while it runs again.
         if self.wrote {
-            self.start_heartbeat();
+            self.start_heartbeat_now();
         }
         self
     }
@@ -776,7 +791,7 @@ where
             return (Err(e), stats);
         }
         stats.retries += 1;
-        txn = txn.next_attempt();
+        txn = txn.next_attempt().await;
         let jitter = u64::from(random_bytes()[0]) % (backoff.as_millis() as u64 + 1);
         tokio::time::sleep(backoff / 2 + Duration::from_millis(jitter)).await;
         backoff = (backoff * 2).min(Duration::from_millis(200));

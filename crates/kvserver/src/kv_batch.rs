@@ -228,6 +228,23 @@ async fn commit_wait(clock: &crate::hlc::Clock, at: Timestamp, max_offset: u64) 
     }
 }
 
+/// A batch that waited for other transactions until its deadline: for a
+/// transaction, a retryable error (it restarts, its intents stay its own);
+/// otherwise unavailable.
+fn waited_too_long(why: String, txn: Option<kvpb::Transaction>) -> BatchResponse {
+    match txn {
+        Some(t) => txn_answer(
+            kvpb::TxnError {
+                kind: kvpb::txn_error::Kind::Retry as i32,
+                retry_timestamp: t.write_timestamp,
+                reason: why,
+            },
+            Some(t),
+        ),
+        None => kv_error(grpc_code::UNAVAILABLE, why),
+    }
+}
+
 /// The lone push of a batch, if it is one that may wait.
 fn lone_push(req: &kvpb::BatchRequest) -> Option<&kvpb::PushTxnRequest> {
     match req.requests.as_slice() {
@@ -279,8 +296,7 @@ pub async fn evaluate(
                     .collect();
                 (id, theirs)
             });
-        let pusher_id = pusher.as_ref().map(|(id, _)| *id);
-        Some((pushee, pusher_id, store.txnwait().enqueue(pushee, pusher)))
+        Some(store.txnwait().enqueue(pushee, pusher))
     });
     // A place in the line of a key whose intent this batch waited for:
     // its turn ends when it evaluated again.
@@ -298,7 +314,7 @@ pub async fn evaluate(
         }
         match once {
             Once::Answer(a) => {
-                if let (Some(until), Some((_, _, notify))) = (push_until, &registered) {
+                if let (Some(until), Some(notify)) = (push_until, &registered) {
                     let now = Instant::now();
                     if push_pending(&a) && now < until {
                         let nap = (until - now).min(std::time::Duration::from_millis(50));
@@ -337,9 +353,9 @@ pub async fn evaluate(
                         if let Some(t) = line {
                             let left = deadline.saturating_duration_since(Instant::now());
                             if tokio::time::timeout(left, t.turn()).await.is_err() {
-                                break kv_error(
-                                    grpc_code::UNAVAILABLE,
+                                break waited_too_long(
                                     "timed out waiting in line for a key other transactions held".into(),
+                                    pusher.clone(),
                                 );
                             }
                             ticket = Some(t);
@@ -347,14 +363,14 @@ pub async fn evaluate(
                         continue;
                     }
                     crate::intent_resolver::Waited::PusherAborted(e) => break txn_answer(e, pusher.clone()),
-                    crate::intent_resolver::Waited::Failed(m) => break kv_error(grpc_code::UNAVAILABLE, m),
+                    crate::intent_resolver::Waited::Failed(m) => break waited_too_long(m, pusher.clone()),
                 }
             }
         }
     };
-    if let Some((pushee, Some(pusher), _)) = registered {
-        store.txnwait().dequeue(pushee, pusher);
-    }
+    // The push stays registered after it answered: its pusher comes back
+    // within the round (renewing it), and deadlock detection must see it
+    // in between; `txnwait` forgets entries nobody renews.
     answer
 }
 

@@ -250,7 +250,10 @@ impl Shared {
                 let left = deadline.saturating_duration_since(Instant::now());
                 let (leader, term) = local.map_or((0, 0), |(_, l, t)| (l, t));
                 let call = self.forwarder.call(&addr, ch, req);
-                let sent = if read {
+                // A read that does not answer soon is tried elsewhere (its
+                // leaseholder may be paused), unless it may be waiting for
+                // another transaction's intent: native KV reads can.
+                let sent = if read && !kv {
                     match tokio::time::timeout(left.min(READ_ATTEMPT), call).await {
                         Ok(r) => r,
                         Err(_) => Err(ForwardError::NotSent(format!("{addr} did not answer"))),

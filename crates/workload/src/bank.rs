@@ -54,6 +54,8 @@ pub struct BankReport {
     pub bad_reads: Vec<String>,
     /// When the first bad read was seen, from the start of the load.
     pub first_bad_at: Option<Duration>,
+    /// The errors transactions failed with, by message (the most common first).
+    pub errors: Vec<(String, u64)>,
     pub final_total: Option<i64>,
     pub expected_total: i64,
     pub faults: Vec<String>,
@@ -157,11 +159,23 @@ pub async fn run(cfg: BankConfig, progress: impl Fn(&str)) -> Result<BankReport,
         .map(|nc| tokio::spawn(nemesis(nc, cfg.seed, deadline, faults.clone())));
     let counts: Arc<[AtomicU64; 8]> = Arc::new(Default::default());
     let bad = Arc::new(Mutex::new(Vec::<(Duration, String)>::new()));
+    let errors = Arc::new(Mutex::new(std::collections::HashMap::<String, u64>::new()));
     let mut tasks = Vec::new();
     for c in 0..cfg.clients.max(1) {
         let sender = Arc::new(txn_setup::client(&cfg.hosts[c % cfg.hosts.len()]).await?);
         let counts = counts.clone();
         let bad = bad.clone();
+        let errors = errors.clone();
+        let note = move |e: &TxnError| {
+            // The message without numbers, so alike errors count together.
+            let m: String = e
+                .to_string()
+                .chars()
+                .filter(|c| !c.is_ascii_digit())
+                .take(160)
+                .collect();
+            *errors.lock().unwrap_or_else(|e| e.into_inner()).entry(m).or_default() += 1;
+        };
         let expected = report.expected_total;
         let read_percent = cfg.read_percent;
         let mut rng = Rng(cfg.seed ^ (c as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
@@ -180,7 +194,8 @@ pub async fn run(cfg: BankConfig, progress: impl Fn(&str)) -> Result<BankReport,
                                     .push((started.elapsed(), why));
                             }
                         }
-                        Err(_) => {
+                        Err(e) => {
+                            note(&e);
                             counts[4].fetch_add(1, Ordering::Relaxed);
                             // A node down: do not spin on it.
                             tokio::time::sleep(FAILURE_BACKOFF).await;
@@ -217,6 +232,9 @@ pub async fn run(cfg: BankConfig, progress: impl Fn(&str)) -> Result<BankReport,
                 .await;
                 counts[6].fetch_add(st.retries, Ordering::Relaxed);
                 counts[7].fetch_add(st.refreshes, Ordering::Relaxed);
+                if let Err(e) = &r {
+                    note(e);
+                }
                 let slot = match r {
                     Ok(_) => 0,
                     Err(TxnError::Ambiguous(_)) => 2,
@@ -262,6 +280,9 @@ pub async fn run(cfg: BankConfig, progress: impl Fn(&str)) -> Result<BankReport,
     report.retries = c(6);
     report.refreshes = c(7);
     let bad = bad.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut errs: Vec<(String, u64)> = errors.lock().unwrap_or_else(|e| e.into_inner()).drain().collect();
+    errs.sort_by(|a, b| b.1.cmp(&a.1));
+    report.errors = errs;
     report.first_bad_at = bad.iter().map(|(at, _)| *at).min();
     report.bad_reads = bad
         .into_iter()
