@@ -646,8 +646,10 @@ async fn evaluate_inner(
                 // is acknowledged only once the clock passed it, so any
                 // transaction that begins after the acknowledgement, on any
                 // node, reads above it or within its uncertainty interval.
+                // (A plain write needs none: reads of its keys go to this
+                // leaseholder, whose clock the write pulled up.)
                 let committed_at = if txn.is_none() {
-                    Some(ts)
+                    None
                 } else {
                     answer.responses.iter().find_map(|r| match &r.value {
                         Some(kvpb::response_union::Value::EndTxn(e))

@@ -158,6 +158,8 @@ impl Shared {
         timeout: Duration,
     ) -> Result<batch_response::Response, SendError> {
         let kv = matches!(request, batch_request::Request::Kv(_));
+        let in_txn =
+            matches!(&request, batch_request::Request::Kv(b) if b.header.as_ref().is_some_and(|h| h.txn.is_some()));
         let read = match &request {
             batch_request::Request::EtcdRange(_) | batch_request::Request::RangeLookup(_) => true,
             batch_request::Request::Kv(b) => b
@@ -251,9 +253,10 @@ impl Shared {
                 let (leader, term) = local.map_or((0, 0), |(_, l, t)| (l, t));
                 let call = self.forwarder.call(&addr, ch, req);
                 // A read that does not answer soon is tried elsewhere (its
-                // leaseholder may be paused), unless it may be waiting for
-                // another transaction's intent: native KV reads can.
-                let sent = if read && !kv {
+                // leaseholder may be paused), unless it is a transaction's:
+                // those wait for other transactions' intents as long as
+                // they must.
+                let sent = if read && !in_txn {
                     match tokio::time::timeout(left.min(READ_ATTEMPT), call).await {
                         Ok(r) => r,
                         Err(_) => Err(ForwardError::NotSent(format!("{addr} did not answer"))),

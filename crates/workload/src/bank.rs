@@ -281,7 +281,7 @@ pub async fn run(cfg: BankConfig, progress: impl Fn(&str)) -> Result<BankReport,
     report.refreshes = c(7);
     let bad = bad.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let mut errs: Vec<(String, u64)> = errors.lock().unwrap_or_else(|e| e.into_inner()).drain().collect();
-    errs.sort_by(|a, b| b.1.cmp(&a.1));
+    errs.sort_by_key(|e| std::cmp::Reverse(e.1));
     report.errors = errs;
     report.first_bad_at = bad.iter().map(|(at, _)| *at).min();
     report.bad_reads = bad
