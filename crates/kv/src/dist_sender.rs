@@ -353,7 +353,7 @@ impl<S: RangeSender> DistSender<S> {
     }
 
     async fn send_parts(&self, req: kvpb::BatchRequest) -> Result<kvpb::BatchResponse, DistError> {
-        let header = req.header.unwrap_or_default();
+        let mut header = req.header.unwrap_or_default();
         let mut reqs = Vec::with_capacity(req.requests.len());
         for (i, r) in req.requests.into_iter().enumerate() {
             let v = r
@@ -378,86 +378,105 @@ impl<S: RangeSender> DistSender<S> {
         let mut parts_sent = 0usize;
         let mut todo = vec![reqs];
         let mut attempts = 0;
-        while let Some(batch) = todo.pop() {
-            attempts += 1;
-            if attempts > MAX_ATTEMPTS * 8 {
-                return Err(DistError::Unavailable("ranges kept moving under the batch".into()));
-            }
-            let parts = self.plan(&batch).await?;
-            let mut tasks = tokio::task::JoinSet::new();
-            for part in parts {
-                let sender = self.sender.clone();
-                let hdr = header.clone();
-                tasks.spawn(async move {
-                    let req = kvpb::BatchRequest {
-                        header: Some(hdr),
-                        requests: part
-                            .reqs
-                            .iter()
-                            .map(|(_, r)| kvpb::RequestUnion { value: Some(r.clone()) })
-                            .collect(),
+        // A transaction's commit held back until the rest of its batch
+        // landed (ranges split under a batch that was one part at first).
+        let mut held_commit: Vec<(usize, Req)> = Vec::new();
+        loop {
+            while let Some(mut batch) = todo.pop() {
+                attempts += 1;
+                if attempts > MAX_ATTEMPTS * 8 {
+                    return Err(DistError::Unavailable("ranges kept moving under the batch".into()));
+                }
+                let parts = self.plan(&batch).await?;
+                if header.txn.is_some() && parts.len() > 1 {
+                    if let Some(pos) = batch.iter().position(|(_, r)| matches!(r, Req::EndTxn(_))) {
+                        held_commit.push(batch.remove(pos));
+                        todo.push(batch);
+                        continue;
+                    }
+                }
+                let mut tasks = tokio::task::JoinSet::new();
+                for part in parts {
+                    let sender = self.sender.clone();
+                    let hdr = header.clone();
+                    tasks.spawn(async move {
+                        let req = kvpb::BatchRequest {
+                            header: Some(hdr),
+                            requests: part
+                                .reqs
+                                .iter()
+                                .map(|(_, r)| kvpb::RequestUnion { value: Some(r.clone()) })
+                                .collect(),
+                        };
+                        let answer = sender.send(part.desc.clone(), req).await;
+                        (part, answer)
+                    });
+                }
+                let mut ambiguous = false;
+                let mut unavailable = None;
+                while let Some(done) = tasks.join_next().await {
+                    let Ok((part, answer)) = done else {
+                        ambiguous = true;
+                        continue;
                     };
-                    let answer = sender.send(part.desc.clone(), req).await;
-                    (part, answer)
-                });
-            }
-            let mut ambiguous = false;
-            let mut unavailable = None;
-            while let Some(done) = tasks.join_next().await {
-                let Ok((part, answer)) = done else {
-                    ambiguous = true;
-                    continue;
-                };
-                match answer {
-                    Ok(resp) => {
-                        parts_sent += 1;
-                        txn = merge_txn(txn, resp.txn);
-                        if let Some(mut e) = resp.error {
-                            e.index = part.reqs.get(e.index as usize).map_or(0, |(i, _)| *i as u32);
-                            failure.get_or_insert(e);
-                            continue;
-                        }
-                        ts = ts.max(resp.timestamp.map(|t| (t.wall_nanos, t.logical)));
-                        for ((i, _), r) in part.reqs.iter().zip(resp.responses) {
-                            if let Some(v) = r.value {
-                                gathered.entry(*i).or_default().push((part.desc.start_key.clone(), v));
+                    match answer {
+                        Ok(resp) => {
+                            parts_sent += 1;
+                            txn = merge_txn(txn, resp.txn);
+                            if let Some(mut e) = resp.error {
+                                e.index = part.reqs.get(e.index as usize).map_or(0, |(i, _)| *i as u32);
+                                failure.get_or_insert(e);
+                                continue;
+                            }
+                            ts = ts.max(resp.timestamp.map(|t| (t.wall_nanos, t.logical)));
+                            for ((i, _), r) in part.reqs.iter().zip(resp.responses) {
+                                if let Some(v) = r.value {
+                                    gathered.entry(*i).or_default().push((part.desc.start_key.clone(), v));
+                                }
                             }
                         }
-                    }
-                    Err(RangeError::KeyMismatch(descs)) => {
-                        self.metrics.stale_corrections.fetch_add(1, Ordering::Relaxed);
-                        let first = part.reqs.first().map(|(_, r)| span(r).0.to_vec()).unwrap_or_default();
-                        let mut c = self.cache.lock();
-                        c.evict(&first);
-                        for d in descs {
-                            c.insert(d, 0);
+                        Err(RangeError::KeyMismatch(descs)) => {
+                            self.metrics.stale_corrections.fetch_add(1, Ordering::Relaxed);
+                            let first = part.reqs.first().map(|(_, r)| span(r).0.to_vec()).unwrap_or_default();
+                            let mut c = self.cache.lock();
+                            c.evict(&first);
+                            for d in descs {
+                                c.insert(d, 0);
+                            }
+                            drop(c);
+                            todo.push(part.reqs);
                         }
-                        drop(c);
-                        todo.push(part.reqs);
+                        Err(RangeError::RangeNotFound) => {
+                            self.metrics.stale_corrections.fetch_add(1, Ordering::Relaxed);
+                            let first = part.reqs.first().map(|(_, r)| span(r).0.to_vec()).unwrap_or_default();
+                            self.cache.lock().evict(&first);
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            todo.push(part.reqs);
+                        }
+                        Err(RangeError::Ambiguous) => ambiguous = true,
+                        Err(RangeError::Unavailable(m)) => unavailable = Some(m),
                     }
-                    Err(RangeError::RangeNotFound) => {
-                        self.metrics.stale_corrections.fetch_add(1, Ordering::Relaxed);
-                        let first = part.reqs.first().map(|(_, r)| span(r).0.to_vec()).unwrap_or_default();
-                        self.cache.lock().evict(&first);
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        todo.push(part.reqs);
-                    }
-                    Err(RangeError::Ambiguous) => ambiguous = true,
-                    Err(RangeError::Unavailable(m)) => unavailable = Some(m),
+                }
+                if ambiguous {
+                    return Err(DistError::Ambiguous);
+                }
+                if let Some(m) = unavailable {
+                    // Other parts may have applied: only a batch of one part
+                    // certainly did not.
+                    return Err(if parts_sent > 0 && has_writes(&gathered) {
+                        DistError::Ambiguous
+                    } else {
+                        DistError::Unavailable(m)
+                    });
                 }
             }
-            if ambiguous {
-                return Err(DistError::Ambiguous);
+            // Everything else landed: now the commit, with the transaction as
+            // the writes left it.
+            if held_commit.is_empty() || failure.is_some() {
+                break;
             }
-            if let Some(m) = unavailable {
-                // Other parts may have applied: only a batch of one part
-                // certainly did not.
-                return Err(if parts_sent > 0 && has_writes(&gathered) {
-                    DistError::Ambiguous
-                } else {
-                    DistError::Unavailable(m)
-                });
-            }
+            header.txn = txn.clone();
+            todo.push(std::mem::take(&mut held_commit));
         }
         if let Some(mut e) = failure {
             if parts_sent > 1 {
@@ -1104,6 +1123,55 @@ mod tests {
         ds.sender.log.lock().clear();
         ds.send(req(vec![put("a"), put("b"), end])).await.unwrap();
         assert_eq!(*ds.sender.log.lock(), vec![(3, vec!["put", "put", "end"])]);
+    }
+
+    #[tokio::test]
+    async fn a_commit_is_held_back_when_a_split_turns_one_part_into_two() {
+        let fake = Fake::default();
+        // The meta records (and so the cache) still show one range; the
+        // range has split at "m".
+        *fake.meta.lock() = vec![d(3, b"\x11", b"\xff\xff", 0)];
+        *fake.ranges.lock() = vec![d(3, b"\x11", b"m", 1), d(8, b"m", b"\xff\xff", 1)];
+        let ds = DistSender::new(fake);
+        let put = |k: &str| {
+            Req::Put(kvpb::PutRequest {
+                key: k.into(),
+                value: b"v".to_vec(),
+            })
+        };
+        let req = kvpb::BatchRequest {
+            header: Some(kvpb::Header {
+                txn: Some(kvpb::Transaction {
+                    id: vec![1; 16],
+                    key: b"a".to_vec(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            requests: [
+                put("a"),
+                put("q"),
+                Req::EndTxn(kvpb::EndTxnRequest {
+                    key: b"a".to_vec(),
+                    commit: true,
+                    ..Default::default()
+                }),
+            ]
+            .into_iter()
+            .map(|v| kvpb::RequestUnion { value: Some(v) })
+            .collect(),
+        };
+        let r = ds.send(req).await.unwrap();
+        assert!(matches!(r.responses[2].value, Some(Resp::EndTxn(_))));
+        let log = ds.sender.log.lock().clone();
+        // The commit is the last part sent, alone, after both writes.
+        assert_eq!(log.last(), Some(&(3, vec!["end"])), "{log:?}");
+        assert!(log.iter().filter(|(_, k)| k.contains(&"end")).count() == 1, "{log:?}");
+        assert_eq!(
+            r.txn.unwrap().write_timestamp.map(|t| t.wall_nanos),
+            Some(99),
+            "the commit carried the moved timestamp"
+        );
     }
 
     #[tokio::test]

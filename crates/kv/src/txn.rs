@@ -369,6 +369,15 @@ impl<S: BatchSender> Txn<S> {
                 break resp.responses;
             };
             let Some(te) = err.txn_error.clone() else {
+                // A refused condition still read its key (the server put
+                // the read in its timestamp cache): refresh it like any.
+                for r in &reqs {
+                    if is_read(r) {
+                        let (s, e) = r.span();
+                        self.reads.push((s.to_vec(), e.to_vec()));
+                    }
+                }
+                condense(&mut self.reads, MAX_TRACKED_SPANS);
                 return Err(TxnError::Refused {
                     code: err.code,
                     message: err.message,
@@ -377,7 +386,7 @@ impl<S: BatchSender> Txn<S> {
             };
             let retry_ts = te.retry_timestamp;
             match Kind::try_from(te.kind) {
-                Ok(Kind::WriteTooOld) | Ok(Kind::Uncertain) | Ok(Kind::Retry) if tries < 20 => {
+                Ok(Kind::WriteTooOld) | Ok(Kind::Uncertain) | Ok(Kind::Retry) if tries < 20 && resend_safe(&reqs) => {
                     // Move to the timestamp the range asked for, if the
                     // reads so far still hold there.
                     let to = {
@@ -704,6 +713,34 @@ impl<S: BatchSender> Txn<S> {
         }
         self
     }
+}
+
+/// Whether a batch may be sent again in the same epoch after part of it
+/// may have applied (on other ranges): only if doing it twice reads and
+/// writes the same, i.e. its writes are blind puts and deletes and none of
+/// its reads is of a key it writes. Otherwise the transaction restarts.
+fn resend_safe(reqs: &[Req]) -> bool {
+    let written: Vec<(&[u8], &[u8])> = reqs.iter().filter(|r| is_write(r)).map(|r| r.span()).collect();
+    reqs.iter().all(|r| match r {
+        Req::Put(_) | Req::Delete(_) | Req::EndTxn(_) | Req::HeartbeatTxn(_) => true,
+        Req::Get(_) | Req::Scan(_) | Req::ReverseScan(_) => {
+            let (s, e) = r.span();
+            !written.iter().any(|(ws, we)| {
+                let w_end = if we.is_empty() {
+                    [*ws, &[0u8][..]].concat()
+                } else {
+                    we.to_vec()
+                };
+                let r_end = if e.is_empty() {
+                    [s, &[0u8][..]].concat()
+                } else {
+                    e.to_vec()
+                };
+                *ws < r_end.as_slice() && s < w_end.as_slice()
+            })
+        }
+        _ => false,
+    })
 }
 
 fn is_write(r: &Req) -> bool {
