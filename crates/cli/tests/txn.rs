@@ -347,7 +347,7 @@ async fn a_one_range_transaction_commits_in_one_raft_command() {
     t.commit_with(vec![txn::put(b"one/k", b"v")]).await.unwrap();
     // Node 1 applies it (it may lag the leaseholder a little).
     let mut after = (0, 0);
-    for _ in 0..50 {
+    for _ in 0..250 {
         after = (
             applied(&c, b"one/k").await,
             counter(&c, "tardigrade_txn_commits_one_phase_total"),
