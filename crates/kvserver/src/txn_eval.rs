@@ -119,24 +119,7 @@ fn end_txn(tx: &mut TxnBatch, e: &kvpb::EndTxnRequest, i: usize) -> Result<Resp,
     let spans: Vec<kvpb::Span> = e.lock_spans.clone();
     if !e.commit {
         let unresolved = resolve_local(tx, &spans, t.meta.id, Resolution::Abort, i)?;
-        write_record(
-            tx,
-            &e.key,
-            &t.id,
-            TxnStatus::Aborted,
-            t.proto.epoch,
-            t.write_ts(),
-            &spans,
-            t.proto.priority,
-            i,
-        )?;
-        tx.finished.push(Finished {
-            id: t.id,
-            status: TxnStatus::Aborted,
-            epoch: t.proto.epoch,
-            commit_ts: t.write_ts(),
-            unresolved,
-        });
+        finish_own(tx, t, TxnStatus::Aborted, t.write_ts(), &spans, unresolved, i)?;
         return answer(TxnStatus::Aborted, false);
     }
     let commit_ts = t.write_ts().max(tx.landed);
@@ -158,58 +141,52 @@ fn end_txn(tx: &mut TxnBatch, e: &kvpb::EndTxnRequest, i: usize) -> Result<Resp,
         };
         s.start_key.as_slice() >= tx.cx.range_start && end_ok
     };
+    let one_phase = e.one_phase && rec.is_none() && spans.iter().all(in_range);
     let resolution = Resolution::Commit {
         ts: commit_ts,
         epoch: t.proto.epoch,
     };
-    if e.one_phase && rec.is_none() && spans.iter().all(in_range) {
+    let unresolved = resolve_local(tx, &spans, t.meta.id, resolution, i)?;
+    if one_phase && unresolved.is_empty() {
         // 1PC: the batch laid every intent of the transaction; committing
         // them in the same command leaves neither intents nor a record.
-        let left = resolve_local(tx, &spans, t.meta.id, resolution, i)?;
-        if left.is_empty() {
-            return answer(TxnStatus::Committed, true);
-        }
-        // Too many to resolve in one command: a record after all.
-        write_record(
-            tx,
-            &e.key,
-            &t.id,
-            TxnStatus::Committed,
-            t.proto.epoch,
-            commit_ts,
-            &spans,
-            t.proto.priority,
-            i,
-        )?;
-        tx.finished.push(Finished {
-            id: t.id,
-            status: TxnStatus::Committed,
-            epoch: t.proto.epoch,
-            commit_ts,
-            unresolved: left,
-        });
-        return answer(TxnStatus::Committed, false);
+        return answer(TxnStatus::Committed, true);
     }
-    let unresolved = resolve_local(tx, &spans, t.meta.id, resolution, i)?;
+    // Two phases (or too many intents for one command): a record.
+    finish_own(tx, t, TxnStatus::Committed, commit_ts, &spans, unresolved, i)?;
+    answer(TxnStatus::Committed, false)
+}
+
+/// Writes the batch's own transaction's final record and notes it finished
+/// (its waiters told, `unresolved` resolved in the background, once applied).
+fn finish_own(
+    tx: &mut TxnBatch,
+    t: &crate::batcheval::TxnCtx,
+    status: TxnStatus,
+    ts: Timestamp,
+    spans: &[kvpb::Span],
+    unresolved: Vec<kvpb::Span>,
+    i: usize,
+) -> Result<(), EvalError> {
     write_record(
         tx,
-        &e.key,
+        &t.proto.key,
         &t.id,
-        TxnStatus::Committed,
+        status,
         t.proto.epoch,
-        commit_ts,
-        &spans,
+        ts,
+        spans,
         t.proto.priority,
         i,
     )?;
     tx.finished.push(Finished {
         id: t.id,
-        status: TxnStatus::Committed,
+        status,
         epoch: t.proto.epoch,
-        commit_ts,
+        commit_ts: ts,
         unresolved,
     });
-    answer(TxnStatus::Committed, false)
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
