@@ -16,7 +16,7 @@ STORE ?= $(CURDIR)/data/single-node
 LISTEN ?= 127.0.0.1:2379
 HTTP ?= 127.0.0.1:8080
 
-.PHONY: run test build setup bench bench-storage bench-raft bench-vs-etcd clean-target
+.PHONY: run test build image setup bench bench-storage bench-raft bench-vs-etcd clean-target
 
 setup:
 	@scripts/setup.sh
@@ -30,6 +30,10 @@ run: build
 
 test:
 	@scripts/test.sh
+
+# The container image tardigrade:dev, from our own binary (nothing pulled).
+image: build
+	scripts/image.sh
 
 bench: bench-storage bench-raft
 

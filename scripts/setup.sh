@@ -16,6 +16,10 @@ if [ "${1:-}" = "test" ]; then
     command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
     command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
     command -v curl >/dev/null 2>&1 || need+=(curl)
+    # The container tests drive Compose; the engine itself is the machine's.
+    if command -v docker >/dev/null 2>&1 && ! docker compose version >/dev/null 2>&1; then
+        command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
+    fi
 fi
 
 if ((${#need[@]})); then

@@ -187,14 +187,70 @@ pub async fn run(cmd: KvCmd, host: &str, raw: bool) -> Result<()> {
     Ok(())
 }
 
-pub async fn init(host: &str) -> Result<()> {
-    let mut m = proto::cluster::membership_client::MembershipClient::new(connect(host).await?);
-    let r = m
-        .init(proto::cluster::InitRequest {})
+/// Initializes the cluster through `host`. Waits up to `wait` for the node to
+/// answer (it may still be starting, as in a container); with
+/// `ok_if_initialized`, a cluster that already exists is success, so a
+/// one-shot init service can run at every start.
+pub async fn init(host: &str, wait: std::time::Duration, ok_if_initialized: bool) -> Result<()> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let attempt = async {
+            let mut m = proto::cluster::membership_client::MembershipClient::new(connect(host).await?);
+            m.init(proto::cluster::InitRequest {})
+                .await
+                .map_err(|s| anyhow::Error::new(s))
+        };
+        let err = match attempt.await {
+            Ok(r) => {
+                println!("cluster {} initialized", r.into_inner().cluster_id);
+                return Ok(());
+            }
+            Err(e) => e,
+        };
+        if let Some(s) = err.downcast_ref::<tonic::Status>() {
+            if s.code() == tonic::Code::AlreadyExists {
+                if ok_if_initialized {
+                    println!("{}: nothing to do", s.message());
+                    return Ok(());
+                }
+                bail!("init failed: {}", s.message());
+            }
+            if s.code() != tonic::Code::Unavailable {
+                bail!("init failed: {}", s.message());
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(err.context(format!("init failed: {host} does not answer")));
+        }
+        eprintln!("waiting for {host} to answer: {err:#}");
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+/// Asks a node's HTTP endpoint whether it can serve (`GET /health`): the
+/// health check of containers, whose image has no shell or curl. Prints the
+/// answer; fails unless it is 200.
+pub async fn node_health(http_addr: &str, timeout: std::time::Duration) -> Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let ask = async {
+        let mut s = tokio::net::TcpStream::connect(http_addr)
+            .await
+            .with_context(|| format!("cannot reach {http_addr}"))?;
+        s.write_all(format!("GET /health HTTP/1.0\r\nHost: {http_addr}\r\n\r\n").as_bytes())
+            .await?;
+        let mut buf = Vec::new();
+        s.take(64 << 10).read_to_end(&mut buf).await?;
+        anyhow::Ok(String::from_utf8_lossy(&buf).into_owned())
+    };
+    let answer = tokio::time::timeout(timeout, ask)
         .await
-        .map_err(|s| anyhow::anyhow!("init failed: {}", s.message()))?
-        .into_inner();
-    println!("cluster {} initialized", r.cluster_id);
+        .map_err(|_| anyhow::anyhow!("{http_addr} did not answer within {timeout:?}"))??;
+    let status = answer.split_whitespace().nth(1).unwrap_or("");
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b).trim();
+    println!("{body}");
+    if status != "200" {
+        bail!("{http_addr} is not healthy (HTTP {status})");
+    }
     Ok(())
 }
 

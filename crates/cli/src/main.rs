@@ -8,6 +8,7 @@
 //! Errors end the program with a message and a non-zero exit status.
 
 mod kv;
+mod nemesis_args;
 mod raw_kv;
 mod txn_workloads;
 
@@ -90,6 +91,14 @@ enum Cmd {
         /// The node to initialize (its --listen-addr).
         #[arg(long, default_value = "127.0.0.1:2379")]
         host: String,
+        /// Keep trying this many seconds while the node does not answer
+        /// (it may still be starting).
+        #[arg(long, default_value_t = 0)]
+        wait_secs: u64,
+        /// Succeed if the cluster is already initialized (for an init step
+        /// that runs at every start, as in docker-compose).
+        #[arg(long)]
+        ok_if_initialized: bool,
     },
     /// The nodes of a cluster.
     Node {
@@ -151,6 +160,15 @@ enum NodeCmd {
         #[arg(long, default_value = "127.0.0.1:2379")]
         host: String,
     },
+    /// Whether a node can serve (its HTTP `/health`): exits 0 if so, 1 with
+    /// the reason otherwise. The health check of the container image.
+    Health {
+        /// The node's --http-addr.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http_addr: String,
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -172,18 +190,8 @@ enum WorkloadCmd {
         /// An operation not answered within this many milliseconds is unknown.
         #[arg(long, default_value_t = 2000)]
         op_timeout_ms: u64,
-        /// Inject faults: SIGKILL and restart, SIGSTOP and SIGCONT.
-        #[arg(long)]
-        nemesis: bool,
-        /// The processes the nemesis may hit (the nodes' PIDs), comma-separated.
-        #[arg(long, value_delimiter = ',')]
-        pids: Vec<u32>,
-        /// Average seconds between faults.
-        #[arg(long, default_value_t = 4.0)]
-        fault_interval: f64,
-        /// Seconds a fault lasts.
-        #[arg(long, default_value_t = 2.0)]
-        fault_duration: f64,
+        #[command(flatten)]
+        nemesis: nemesis_args::NemesisArgs,
         /// Also move the etcd range's lease to another node about every this
         /// many seconds (admin TransferLease); 0 never.
         #[arg(long, default_value_t = 0.0)]
@@ -397,7 +405,14 @@ fn real_main() -> Result<()> {
                 ranges.apply(&mut cfg);
                 run_node(cfg, &store).await
             }
-            Cmd::Init { host } => kv::init(&host).await,
+            Cmd::Init {
+                host,
+                wait_secs,
+                ok_if_initialized,
+            } => kv::init(&host, Duration::from_secs(wait_secs), ok_if_initialized).await,
+            Cmd::Node {
+                cmd: NodeCmd::Health { http_addr, timeout_ms },
+            } => kv::node_health(&http_addr, Duration::from_millis(timeout_ms.max(1))).await,
             Cmd::Node {
                 cmd: NodeCmd::Status { host },
             } => kv::node_status(&host).await,
@@ -429,18 +444,13 @@ fn real_main() -> Result<()> {
                         duration,
                         op_timeout_ms,
                         nemesis,
-                        pids,
-                        fault_interval,
-                        fault_duration,
                         lease_transfers,
                         seed,
                         check_seconds,
                         api,
                     },
             } => {
-                if nemesis && pids.is_empty() {
-                    anyhow::bail!("--nemesis needs the nodes' --pids");
-                }
+                let nemesis_on = nemesis.nemesis;
                 let cfg = workload::register::RegisterConfig {
                     endpoints: hosts.clone(),
                     api,
@@ -449,19 +459,14 @@ fn real_main() -> Result<()> {
                     duration: Duration::from_secs(duration.max(1)),
                     op_timeout: Duration::from_millis(op_timeout_ms.max(10)),
                     seed,
-                    nemesis: nemesis.then(|| workload::register::NemesisConfig {
-                        pids,
-                        interval: Duration::from_secs_f64(fault_interval.max(0.1)),
-                        fault_duration: Duration::from_secs_f64(fault_duration.max(0.1)),
-                        clock_skew: None,
-                    }),
+                    nemesis: nemesis.config()?,
                     lease_transfers: (lease_transfers > 0.0)
                         .then(|| Duration::from_secs_f64(lease_transfers.max(0.05))),
                     check_budget: Duration::from_secs(check_seconds.max(1)),
                 };
                 eprintln!(
                     "register workload: {clients} clients on {keys} keys for {duration}s against {hosts:?}{}",
-                    match (nemesis, lease_transfers > 0.0) {
+                    match (nemesis_on, lease_transfers > 0.0) {
                         (true, true) => " with the nemesis and lease transfers",
                         (true, false) => " with the nemesis",
                         (false, true) => " with lease transfers",
@@ -469,19 +474,7 @@ fn real_main() -> Result<()> {
                     }
                 );
                 let r = workload::register::run(cfg).await;
-                for f in &r.faults {
-                    println!("nemesis: {f}");
-                }
-                if !r.restarted_pids.is_empty() {
-                    println!(
-                        "restarted pids: {}",
-                        r.restarted_pids
-                            .iter()
-                            .map(|p| p.to_string())
-                            .collect::<Vec<_>>()
-                            .join(",")
-                    );
-                }
+                txn_workloads::faults(&r.faults, &r.restarted_pids);
                 print!("{}", r.check);
                 println!("checked in {:.2}s", r.check_time.as_secs_f64());
                 println!(
@@ -492,6 +485,16 @@ fn real_main() -> Result<()> {
                     r.longest_unavailability_from.as_secs_f64(),
                     r.longest_operation.as_secs_f64()
                 );
+                for (why, n) in &r.unknown_causes {
+                    println!("unknown outcomes: {n} x {why}");
+                }
+                if let Some((gap, from)) = r.longest_unavailability_after_partition {
+                    println!(
+                        "longest unavailability after a partition: {:.2}s (from {:.1}s)",
+                        gap.as_secs_f64(),
+                        from.as_secs_f64()
+                    );
+                }
                 if !r.read_back {
                     anyhow::bail!(
                         "the cluster could not be read back after the run (every insert counts as lost): no node answered the final reads within 20 s"
@@ -703,7 +706,7 @@ async fn run_node(cfg: server::NodeConfig, store: &std::path::Path) -> Result<()
     println!("  tardigrade debug split --key m --host {g}       # ranges split (and merge: debug merge)");
     println!("  tardigrade debug ranges --host {g}");
     println!("Press Ctrl-C to stop.");
-    // Stop on Ctrl-C, or when the node finds it cannot be part of the cluster.
+    // Stop on Ctrl-C or SIGTERM, or when the node finds it cannot be part of the cluster.
     let fatal = async {
         loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -712,8 +715,13 @@ async fn run_node(cfg: server::NodeConfig, store: &std::path::Path) -> Result<()
             }
         }
     };
+    // SIGTERM too: `docker stop` sends it, and a container's first process
+    // that does not handle it is killed after the grace period.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot watch for SIGTERM")?;
     tokio::select! {
         r = tokio::signal::ctrl_c() => { r.context("waiting for Ctrl-C")?; }
+        _ = term.recv() => {}
         p = fatal => {
             node.shutdown().await;
             anyhow::bail!("{p}");

@@ -26,37 +26,8 @@ pub struct Common {
     /// with leases spread over the nodes).
     #[arg(long)]
     no_split: bool,
-    /// Inject faults: SIGKILL and restart, SIGSTOP and SIGCONT.
-    #[arg(long)]
-    nemesis: bool,
-    /// The processes the nemesis may hit (the nodes' PIDs), comma-separated.
-    #[arg(long, value_delimiter = ',')]
-    pids: Vec<u32>,
-    /// Average seconds between faults.
-    #[arg(long, default_value_t = 4.0)]
-    fault_interval: f64,
-    /// Seconds a fault lasts.
-    #[arg(long, default_value_t = 2.0)]
-    fault_duration: f64,
-    /// Also restart nodes with their wall clock up to this many ms off,
-    /// either way (keep it within half the nodes' --max-offset-ms: two
-    /// nodes may be off in opposite directions); 0: no clock faults.
-    #[arg(long, default_value_t = 0)]
-    clock_skew_ms: u64,
-}
-
-impl Common {
-    fn nemesis(&self) -> anyhow::Result<Option<workload::nemesis::NemesisConfig>> {
-        if self.nemesis && self.pids.is_empty() {
-            bail!("--nemesis needs the nodes' --pids");
-        }
-        Ok(self.nemesis.then(|| workload::nemesis::NemesisConfig {
-            pids: self.pids.clone(),
-            interval: Duration::from_secs_f64(self.fault_interval.max(0.1)),
-            fault_duration: Duration::from_secs_f64(self.fault_duration.max(0.1)),
-            clock_skew: (self.clock_skew_ms > 0).then(|| Duration::from_millis(self.clock_skew_ms)),
-        }))
-    }
+    #[command(flatten)]
+    nemesis: crate::nemesis_args::NemesisArgs,
 }
 
 #[derive(clap::Args)]
@@ -87,7 +58,8 @@ pub struct AppendArgs {
     history: Option<std::path::PathBuf>,
 }
 
-fn faults(faults: &[String], restarted: &[u32]) {
+/// Prints what the nemesis did, and the processes it left running.
+pub(crate) fn faults(faults: &[String], restarted: &[u32]) {
     for f in faults {
         println!("nemesis: {f}");
     }
@@ -117,7 +89,7 @@ pub async fn bank(a: BankArgs) -> anyhow::Result<()> {
         read_percent: a.read_percent.min(100),
         split: !c.no_split,
         seed: c.seed,
-        nemesis: c.nemesis()?,
+        nemesis: c.nemesis.config()?,
     };
     eprintln!(
         "bank workload: {} accounts, {} clients for {}s against {:?}{}",
@@ -125,7 +97,7 @@ pub async fn bank(a: BankArgs) -> anyhow::Result<()> {
         cfg.clients,
         c.duration,
         c.hosts,
-        if c.nemesis { " with the nemesis" } else { "" }
+        if c.nemesis.nemesis { " with the nemesis" } else { "" }
     );
     let r = workload::bank::run(cfg, |m| eprintln!("{m}"))
         .await
@@ -182,7 +154,7 @@ pub async fn append(a: AppendArgs) -> anyhow::Result<()> {
         max_ops: a.max_ops.max(1),
         split: !c.no_split,
         seed: c.seed,
-        nemesis: c.nemesis()?,
+        nemesis: c.nemesis.config()?,
     };
     eprintln!(
         "append workload: {} keys, {} clients for {}s against {:?}{}",
@@ -190,7 +162,7 @@ pub async fn append(a: AppendArgs) -> anyhow::Result<()> {
         cfg.clients,
         c.duration,
         c.hosts,
-        if c.nemesis { " with the nemesis" } else { "" }
+        if c.nemesis.nemesis { " with the nemesis" } else { "" }
     );
     let r = workload::append::run(cfg, |m| eprintln!("{m}"))
         .await

@@ -22,6 +22,9 @@ fn every_command_has_help() {
         vec!["debug", "ranges", "--help"],
         vec!["workload", "put", "--help"],
         vec!["workload", "check-append", "--help"],
+        vec!["workload", "register", "--help"],
+        vec!["node", "health", "--help"],
+        vec!["init", "--help"],
     ] {
         let (code, out, _) = tardigrade(&args);
         assert_eq!(code, 0, "{args:?}");
@@ -120,6 +123,33 @@ fn kv_commands_debug_ranges_health_and_metrics() {
     assert!(fsyncs >= 4, "{fsyncs} syncs after 4 writes");
     assert!(metrics.contains("tardigrade_request_duration_seconds_bucket{method=\"put\""));
     assert!(metrics.contains("tardigrade_ranges 3"));
+    // The container health check: 0 when healthy, 1 and a reason otherwise.
+    let (code, out, err) = tardigrade(&["node", "health", "--http-addr", &node.health]);
+    assert_eq!((code, out.trim()), (0, "{\"health\":\"true\"}"), "{err}");
+    let nobody = format!("127.0.0.1:{}", common::free_port());
+    let (code, _, err) = tardigrade(&["node", "health", "--http-addr", &nobody, "--timeout-ms", "500"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot reach") && !err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn a_node_stops_cleanly_on_sigterm() {
+    // `docker stop` sends SIGTERM to the container's first process, which
+    // had no handler for it and was killed after the grace period.
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = start_tardigrade(&dir.path().join("store"));
+    node.wait_healthy(Duration::from_secs(30));
+    // SAFETY: plain libc call on our own child.
+    unsafe { libc::kill(node.pid(), libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(8);
+    let status = loop {
+        if let Some(s) = node.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "still running 8 s after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "a clean exit: {status}");
 }
 
 #[test]

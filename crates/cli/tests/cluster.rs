@@ -428,6 +428,22 @@ async fn init_on_a_second_node_founds_no_second_cluster() {
     let (code, out, err) = tardigrade(&["init", "--host", &c.nodes[1].grpc]);
     assert_eq!(code, 1, "a second init succeeded: {out}{err}");
     assert!(err.contains("already initialized"), "{err}");
+    // As the one-shot init of docker-compose runs it at every start: an
+    // existing cluster is success, and nothing changes.
+    for n in [0, 1] {
+        let (code, out, err) = tardigrade(&["init", "--host", &c.nodes[n].grpc, "--ok-if-initialized"]);
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.contains("already initialized: nothing to do"), "{out}");
+    }
+    // A node that does not answer yet is waited for, up to --wait-secs.
+    let nobody = format!("127.0.0.1:{}", common::free_port());
+    let t = std::time::Instant::now();
+    let (code, _, err) = tardigrade(&["init", "--host", &nobody, "--wait-secs", "2"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("does not answer") && t.elapsed() >= Duration::from_secs(2),
+        "{err}"
+    );
     c.wait_replicated().await;
     put(&c.nodes[1].grpc, "one", "cluster").await.unwrap();
     for n in &c.nodes {

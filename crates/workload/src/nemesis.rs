@@ -1,29 +1,105 @@
-//! The process nemesis shared by the workloads: at random times it kills
-//! a node's process (SIGKILL) and restarts it the same way (its command
-//! line, environment and directory read from /proc), or pauses it
-//! (SIGSTOP) and resumes it, or (if asked) kills it and restarts it with
-//! its wall clock off by up to a bound; and records what it did.
+//! The nemesis shared by the workloads: at random times it hits one node
+//! and records what it did. Nodes are either processes or containers.
 //!
-//! It only signals and spawns the processes it was given; it never reads
-//! or writes their data.
+//! - Processes: kill (SIGKILL, then restarted the same way, its command
+//!   line, environment and directory read from /proc), pause (SIGSTOP and
+//!   SIGCONT), or (if asked) kill and restart with the wall clock off by up
+//!   to a bound.
+//! - Containers (the `docker` command): kill (`docker kill`, then `docker
+//!   start`), pause (`docker pause`/`unpause`), and partition (`docker
+//!   network disconnect` from the network between the nodes, then `connect`
+//!   again with the same aliases), which cuts a node off from its peers
+//!   while clients on the host still reach it through its published ports.
+//!
+//! Faults are dealt in rounds holding each enabled kind once, in a random
+//! order, so even a short run sees every kind. It only signals, spawns and
+//! reconnects what it was given; it never reads or writes their data.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Faults injected into the nodes' processes.
+/// What the nemesis hits.
+#[derive(Clone, Debug)]
+pub enum Targets {
+    /// The nodes' processes (their command lines are read from /proc, so a
+    /// killed one is restarted the same way).
+    Processes(Vec<u32>),
+    /// The nodes' containers, by name; `network` is the one between the
+    /// nodes (partitions disconnect a container from it; none: no
+    /// partitions).
+    Containers {
+        names: Vec<String>,
+        network: Option<String>,
+    },
+}
+
+/// Faults injected into the nodes.
 #[derive(Clone, Debug)]
 pub struct NemesisConfig {
-    /// The processes to torment (their command lines are read from /proc, so
-    /// a killed one is restarted the same way).
-    pub pids: Vec<u32>,
+    pub targets: Targets,
     /// A fault every this long on average.
     pub interval: Duration,
     /// How long a fault lasts before the process is restarted or resumed.
     pub fault_duration: Duration,
     /// Also restart nodes with their wall clock up to this far off (the
-    /// `TARDIGRADE_TESTING_CLOCK_SKEW_MS` knob), as a third kind of fault.
+    /// `TARDIGRADE_TESTING_CLOCK_SKEW_MS` knob), as a third kind of fault
+    /// (processes only).
     pub clock_skew: Option<Duration>,
+    /// The kinds of fault to deal (empty: every kind the targets allow).
+    pub kinds: Vec<FaultKind>,
+}
+
+/// A kind of fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultKind {
+    Kill,
+    Pause,
+    /// Restart with a skewed wall clock (processes).
+    ClockSkew,
+    /// Cut off from the other nodes (containers on a named network).
+    Partition,
+}
+
+impl std::str::FromStr for FaultKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "kill" => Ok(FaultKind::Kill),
+            "pause" => Ok(FaultKind::Pause),
+            "clock-skew" | "skew" => Ok(FaultKind::ClockSkew),
+            "partition" => Ok(FaultKind::Partition),
+            _ => Err(format!("unknown fault {s:?} (kill, pause, clock-skew, partition)")),
+        }
+    }
+}
+
+impl NemesisConfig {
+    /// The kinds this configuration deals: those asked for that the targets
+    /// allow (clock skew needs processes and a bound, partitions need
+    /// containers on a named network).
+    pub fn effective_kinds(&self) -> Vec<FaultKind> {
+        let asked = if self.kinds.is_empty() {
+            vec![
+                FaultKind::Kill,
+                FaultKind::Pause,
+                FaultKind::ClockSkew,
+                FaultKind::Partition,
+            ]
+        } else {
+            self.kinds.clone()
+        };
+        asked
+            .into_iter()
+            .filter(|k| match (k, &self.targets) {
+                (FaultKind::ClockSkew, Targets::Processes(_)) => self.clock_skew.is_some(),
+                (FaultKind::ClockSkew, Targets::Containers { .. }) => false,
+                (FaultKind::Partition, Targets::Processes(_)) => false,
+                (FaultKind::Partition, Targets::Containers { network, .. }) => network.is_some(),
+                _ => true,
+            })
+            .collect()
+    }
 }
 
 /// A small seeded xorshift generator (runs are reproducible by seed).
@@ -103,69 +179,263 @@ fn respawn(v: &Victim) -> Option<u32> {
     Some(child.id())
 }
 
+/// The nodes as the nemesis holds them.
+enum Nodes {
+    Processes(Vec<Victim>),
+    Containers {
+        names: Vec<String>,
+        network: Option<String>,
+    },
+}
+
+impl Nodes {
+    fn len(&self) -> usize {
+        match self {
+            Nodes::Processes(v) => v.len(),
+            Nodes::Containers { names, .. } => names.len(),
+        }
+    }
+}
+
+/// Deals faults until `deadline` (none starts unless it ends before), and
+/// returns the processes it restarted (the caller owns them now; empty for
+/// containers, which Docker owns).
 pub async fn nemesis(cfg: NemesisConfig, seed: u64, deadline: Instant, faults: Arc<Mutex<Vec<String>>>) -> Vec<u32> {
-    let mut victims: Vec<Victim> = cfg.pids.iter().filter_map(|&p| read_victim(p)).collect();
+    let mut nodes = match &cfg.targets {
+        Targets::Processes(pids) => Nodes::Processes(pids.iter().filter_map(|&p| read_victim(p)).collect()),
+        Targets::Containers { names, network } => Nodes::Containers {
+            names: names.clone(),
+            network: network.clone(),
+        },
+    };
+    let kinds = cfg.effective_kinds();
     let mut rng = Rng(seed | 1);
     let start = Instant::now();
     let mut restarted = Vec::new();
+    let mut round: Vec<FaultKind> = Vec::new();
     loop {
         let wait = cfg.interval / 2 + Duration::from_millis(rng.below(cfg.interval.as_millis() as u64));
         if Instant::now() + wait + cfg.fault_duration >= deadline {
             return restarted;
         }
         tokio::time::sleep(wait).await;
-        if victims.is_empty() {
+        if nodes.len() == 0 || kinds.is_empty() {
             return restarted;
         }
-        let i = rng.below(victims.len() as u64) as usize;
-        let pid = victims[i].pid;
+        if round.is_empty() {
+            // A new round: every kind once, in a random order.
+            round = kinds.clone();
+            for j in (1..round.len()).rev() {
+                round.swap(j, rng.below(j as u64 + 1) as usize);
+            }
+        }
+        let Some(kind) = round.pop() else { continue };
+        let i = rng.below(nodes.len() as u64) as usize;
         let at = start.elapsed().as_secs_f64();
-        let kinds = if cfg.clock_skew.is_some() { 3 } else { 2 };
-        let kind = rng.below(kinds);
-        if kind == 2 {
+        let what = match &mut nodes {
+            Nodes::Processes(victims) => hit_process(&mut victims[i], kind, &cfg, &mut rng, &mut restarted).await,
+            Nodes::Containers { names, network } => {
+                hit_container(&names[i], kind, network.as_deref(), cfg.fault_duration).await
+            }
+        };
+        faults
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(format!("{at:.1}s: {what}"));
+    }
+}
+
+/// One fault on a process; says what it did.
+async fn hit_process(
+    v: &mut Victim,
+    kind: FaultKind,
+    cfg: &NemesisConfig,
+    rng: &mut Rng,
+    restarted: &mut Vec<u32>,
+) -> String {
+    let pid = v.pid;
+    match kind {
+        FaultKind::Pause | FaultKind::Partition => {
+            signal(pid, libc::SIGSTOP);
+            tokio::time::sleep(cfg.fault_duration).await;
+            signal(pid, libc::SIGCONT);
+            format!("SIGSTOP pid {pid} for {:?}", cfg.fault_duration)
+        }
+        FaultKind::Kill => {
+            signal(pid, libc::SIGKILL);
+            tokio::time::sleep(cfg.fault_duration).await;
+            match respawn(v) {
+                Some(new) => {
+                    v.pid = new;
+                    restarted.push(new);
+                    format!("SIGKILL pid {pid}, restarted as {new}")
+                }
+                None => format!("SIGKILL pid {pid}, restart failed"),
+            }
+        }
+        FaultKind::ClockSkew => {
             // Restart with the clock off by up to the bound, either way.
             let bound = cfg.clock_skew.map_or(0, |d| d.as_millis() as i64).max(1);
             let skew = rng.below(2 * bound as u64 + 1) as i64 - bound;
             signal(pid, libc::SIGKILL);
             tokio::time::sleep(cfg.fault_duration).await;
-            let v = &mut victims[i];
             v.env.retain(|(k, _)| k != "TARDIGRADE_TESTING_CLOCK_SKEW_MS");
             v.env
                 .push(("TARDIGRADE_TESTING_CLOCK_SKEW_MS".into(), skew.to_string()));
-            let what = match respawn(v) {
+            match respawn(v) {
                 Some(new) => {
                     v.pid = new;
                     restarted.push(new);
-                    format!("{at:.1}s: SIGKILL pid {pid}, restarted as {new} with its clock {skew} ms off")
+                    format!("SIGKILL pid {pid}, restarted as {new} with its clock {skew} ms off")
                 }
-                None => format!("{at:.1}s: SIGKILL pid {pid}, restart with a skewed clock failed"),
-            };
-            faults.lock().unwrap_or_else(|e| e.into_inner()).push(what);
-        } else if kind == 0 {
-            signal(pid, libc::SIGKILL);
-            tokio::time::sleep(cfg.fault_duration).await;
-            match respawn(&victims[i]) {
-                Some(new) => {
-                    faults
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push(format!("{at:.1}s: SIGKILL pid {pid}, restarted as {new}"));
-                    victims[i].pid = new;
-                    restarted.push(new);
-                }
-                None => faults
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(format!("{at:.1}s: SIGKILL pid {pid}, restart failed")),
+                None => format!("SIGKILL pid {pid}, restart with a skewed clock failed"),
             }
-        } else {
-            signal(pid, libc::SIGSTOP);
-            tokio::time::sleep(cfg.fault_duration).await;
-            signal(pid, libc::SIGCONT);
-            faults
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(format!("{at:.1}s: SIGSTOP pid {pid} for {:?}", cfg.fault_duration));
         }
+    }
+}
+
+/// Runs `docker` with these arguments; its stdout, or why it failed.
+pub async fn docker(args: &[&str]) -> Result<String, String> {
+    let run = tokio::process::Command::new("docker")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(Duration::from_secs(60), run).await {
+        Err(_) => Err(format!("docker {} took over 60 s", args.join(" "))),
+        Ok(Err(e)) => Err(format!("cannot run docker: {e}")),
+        Ok(Ok(out)) if out.status.success() => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
+        Ok(Ok(out)) => Err(format!(
+            "docker {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+    }
+}
+
+/// The aliases `container` answers to on `network` (to give them back when
+/// it is connected again).
+async fn aliases(container: &str, network: &str) -> Result<Vec<String>, String> {
+    let out = docker(&["inspect", "--format", "{{json .NetworkSettings.Networks}}", container]).await?;
+    let nets: serde_json::Value = serde_json::from_str(out.trim()).map_err(|e| format!("docker inspect: {e}"))?;
+    let net = nets
+        .get(network)
+        .ok_or_else(|| format!("{container} is not on network {network}"))?;
+    Ok(net
+        .get("Aliases")
+        .and_then(|a| a.as_array())
+        .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+        .unwrap_or_default())
+}
+
+/// What a partition's record starts with, after its time.
+const PARTITION: &str = "cut ";
+
+/// When each partition in a nemesis record began, from the start of the run
+/// (the records are `"{secs}s: {what}"`).
+pub fn partition_starts(faults: &[String]) -> Vec<Duration> {
+    faults
+        .iter()
+        .filter_map(|f| {
+            let (at, what) = f.split_once("s: ")?;
+            what.starts_with(PARTITION)
+                .then(|| at.parse::<f64>().ok())
+                .flatten()
+                .map(Duration::from_secs_f64)
+        })
+        .collect()
+}
+
+/// One fault on a container; says what it did (and what went wrong: a
+/// failed step is reported, never fatal, and the undo is always tried).
+async fn hit_container(name: &str, kind: FaultKind, network: Option<&str>, duration: Duration) -> String {
+    let note = |r: Result<String, String>| r.err().map(|e| format!(" ({e})")).unwrap_or_default();
+    match (kind, network) {
+        (FaultKind::Partition, Some(net)) => {
+            let names = match aliases(name, net).await {
+                Ok(a) => a,
+                Err(e) => return format!("partition of {name} not started: {e}"),
+            };
+            let cut = docker(&["network", "disconnect", "--force", net, name]).await;
+            if let Err(e) = cut {
+                return format!("partition of {name} not started: {e}");
+            }
+            tokio::time::sleep(duration).await;
+            let mut args = vec!["network", "connect"];
+            for a in &names {
+                args.push("--alias");
+                args.push(a);
+            }
+            args.push(net);
+            args.push(name);
+            let mut healed = docker(&args).await;
+            // A container killed meanwhile (by the user) cannot be
+            // connected; keep trying briefly so no partition outlives us.
+            for _ in 0..5 {
+                if healed.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                healed = docker(&args).await;
+            }
+            format!("{PARTITION}{name} off from {net} for {duration:?}{}", note(healed))
+        }
+        (FaultKind::Pause, _) => {
+            let p = docker(&["pause", name]).await;
+            tokio::time::sleep(duration).await;
+            let u = docker(&["unpause", name]).await;
+            format!("docker pause {name} for {duration:?}{}{}", note(p), note(u))
+        }
+        _ => {
+            let k = docker(&["kill", name]).await;
+            tokio::time::sleep(duration).await;
+            let s = docker(&["start", name]).await;
+            format!(
+                "docker kill {name}, started again after {duration:?}{}{}",
+                note(k),
+                note(s)
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_starts_are_read_back_from_the_records() {
+        let faults = vec![
+            "1.5s: docker kill a, started again after 2s".to_string(),
+            format!("7.25s: {PARTITION}b off from net for 3s"),
+            "9.0s: docker pause c for 3s".to_string(),
+            format!("12.0s: {PARTITION}a off from net for 3s (docker network connect failed: x)"),
+        ];
+        assert_eq!(
+            partition_starts(&faults),
+            vec![Duration::from_millis(7250), Duration::from_secs(12)]
+        );
+    }
+
+    #[test]
+    fn every_round_deals_each_kind_the_targets_allow() {
+        let cfg = NemesisConfig {
+            targets: Targets::Containers {
+                names: vec!["a".into()],
+                network: None,
+            },
+            interval: Duration::from_secs(1),
+            fault_duration: Duration::from_secs(1),
+            clock_skew: Some(Duration::from_millis(5)),
+            kinds: vec![],
+        };
+        // No network: no partitions; containers: no clock skew.
+        assert_eq!(cfg.effective_kinds(), vec![FaultKind::Kill, FaultKind::Pause]);
+        let procs = NemesisConfig {
+            targets: Targets::Processes(vec![1]),
+            kinds: vec![FaultKind::Partition, FaultKind::ClockSkew],
+            ..cfg
+        };
+        assert_eq!(procs.effective_kinds(), vec![FaultKind::ClockSkew]);
     }
 }

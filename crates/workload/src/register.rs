@@ -10,7 +10,7 @@
 //! apply (no leader, leader changed before proposing, bad request); `unknown`
 //! for time-outs, lost connections and `request timed out`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -54,10 +54,17 @@ pub struct RegisterReport {
     pub longest_unavailability: Duration,
     /// When that stretch began, from the start of the run.
     pub longest_unavailability_from: Duration,
+    /// The longest stretch with no operation completing successfully that
+    /// began within a partition or the 10 s after it healed, and when (none:
+    /// no partition).
+    pub longest_unavailability_after_partition: Option<(Duration, Duration)>,
     /// The longest any operation took, from invoke to completion (including
     /// ones cut off at the operation timeout).
     pub longest_operation: Duration,
     pub faults: Vec<String>,
+    /// Why operations ended with an unknown outcome (error or timeout), and
+    /// how many.
+    pub unknown_causes: BTreeMap<String, usize>,
     /// Processes restarted by the nemesis (the caller owns them now).
     pub restarted_pids: Vec<u32>,
 }
@@ -94,9 +101,20 @@ struct Shared {
     start: Instant,
     history: Mutex<Vec<Event>>,
     inserts: Mutex<Vec<String>>,
+    /// Why operations ended unknown, counted.
+    unknown: Mutex<BTreeMap<String, usize>>,
 }
 
 impl Shared {
+    fn note_unknown(&self, why: String) {
+        *self
+            .unknown
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(why)
+            .or_default() += 1;
+    }
+
     fn now(&self) -> u64 {
         self.start.elapsed().as_nanos() as u64
     }
@@ -108,6 +126,12 @@ async fn client(cfg: Arc<RegisterConfig>, id: u64, shared: Arc<Shared>, deadline
     let mut kv: Option<RegClient> = None;
     let mut counter = 0u64;
     let mut last_seen: Option<u64> = None;
+    // After an unknown outcome the client only reads until a read answers:
+    // its node may be down (behind a published port, a dead container still
+    // accepts connections and fails each request at once), and every
+    // unknown write stays open to the end of the history, which the checker
+    // pays for; an unknown read is simply dropped.
+    let mut probing = false;
     while Instant::now() < deadline {
         if kv.is_none() {
             kv = RegClient::connect(cfg.api, &addr, cfg.op_timeout).await;
@@ -122,17 +146,20 @@ async fn client(cfg: Arc<RegisterConfig>, id: u64, shared: Arc<Shared>, deadline
         let fresh = id * 1_000_000_000 + counter;
         let roll = rng.below(100);
         let invoke = shared.now();
-        if roll < 15 {
+        if roll < 15 && !probing {
             // A unique insert: it must survive everything once acknowledged.
             let k = cfg.api.insert_key(&shared.prefix, id, counter);
             match tokio::time::timeout(cfg.op_timeout, c.put(&k, "x")).await {
                 Ok(Ok(())) => shared.inserts.lock().unwrap_or_else(|e| e.into_inner()).push(k),
                 Ok(Err(s)) if definitely_failed(&s) => {}
-                _ => kv = None,
+                _ => {
+                    kv = None;
+                    probing = true;
+                }
             }
             continue;
         }
-        let op = if roll < 50 {
+        let op = if roll < 50 || probing {
             Op::Read
         } else if roll < 75 {
             Op::Write(fresh)
@@ -157,11 +184,19 @@ async fn client(cfg: Arc<RegisterConfig>, id: u64, shared: Arc<Shared>, deadline
         let outcome = match result {
             Ok(Ok(o)) => o,
             Ok(Err(s)) if definitely_failed(&s) => Outcome::Fail,
-            Ok(Err(_)) | Err(_) => {
+            Ok(Err(s)) => {
                 kv = None; // reconnect: the node may be gone
+                let m: String = s.message().chars().take(60).collect();
+                shared.note_unknown(format!("{:?}: {m}", s.code()));
+                Outcome::Unknown
+            }
+            Err(_) => {
+                kv = None;
+                shared.note_unknown("no answer within the operation timeout".into());
                 Outcome::Unknown
             }
         };
+        probing = outcome == Outcome::Unknown || (probing && !matches!(outcome, Outcome::Got(_)));
         match outcome {
             Outcome::Got(v) => last_seen = v,
             Outcome::Swapped(true) | Outcome::Written => last_seen = Some(fresh),
@@ -233,6 +268,7 @@ pub async fn run(cfg: RegisterConfig) -> RegisterReport {
         start: Instant::now(),
         history: Mutex::new(Vec::new()),
         inserts: Mutex::new(Vec::new()),
+        unknown: Mutex::new(BTreeMap::new()),
     });
     let deadline = Instant::now() + cfg.duration;
     let faults = Arc::new(Mutex::new(Vec::new()));
@@ -329,10 +365,21 @@ pub async fn run(cfg: RegisterConfig) -> RegisterReport {
         .map(|e| e.complete.saturating_sub(e.invoke))
         .max()
         .unwrap_or(0);
+    let faults = faults.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let unknown_causes = shared.unknown.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let fault_duration = cfg.nemesis.as_ref().map_or(Duration::ZERO, |n| n.fault_duration);
+    let longest_unavailability_after_partition = crate::nemesis::partition_starts(&faults)
+        .into_iter()
+        .map(|at| {
+            let from = at.as_nanos() as u64;
+            let to = (from + (fault_duration + Duration::from_secs(10)).as_nanos() as u64).min(end);
+            let (gap, gap_from) = longest_gap(&oks, from, to);
+            (Duration::from_nanos(gap), Duration::from_nanos(gap_from))
+        })
+        .max();
     let check_started = std::time::Instant::now();
     let check = linearizability::check(&history, cfg.check_budget);
     let check_time = check_started.elapsed();
-    let faults = faults.lock().unwrap_or_else(|e| e.into_inner()).clone();
     RegisterReport {
         history,
         check,
@@ -342,15 +389,41 @@ pub async fn run(cfg: RegisterConfig) -> RegisterReport {
         read_back,
         longest_unavailability: Duration::from_nanos(longest),
         longest_unavailability_from: Duration::from_nanos(longest_from),
+        longest_unavailability_after_partition,
         longest_operation: Duration::from_nanos(longest_operation),
         faults,
+        unknown_causes,
         restarted_pids,
     }
+}
+
+/// The longest stretch within `[from, to]` holding none of `oks` (sorted
+/// completion times), and where it began.
+fn longest_gap(oks: &[u64], from: u64, to: u64) -> (u64, u64) {
+    let inside = oks.iter().copied().filter(|&t| t > from && t < to);
+    let (mut best, mut best_from, mut prev) = (0u64, from, from);
+    for t in inside.chain(std::iter::once(to)) {
+        if t.saturating_sub(prev) > best {
+            (best, best_from) = (t - prev, prev);
+        }
+        prev = t;
+    }
+    (best, best_from)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_longest_gap_is_measured_inside_the_window_only() {
+        let oks = [1, 2, 10, 11, 30, 31];
+        // From 5 to 20: 5..10 then 11..20 (9 long, from 11).
+        assert_eq!(longest_gap(&oks, 5, 20), (9, 11));
+        // A window holding no success at all is one gap.
+        assert_eq!(longest_gap(&oks, 12, 25), (13, 12));
+        assert_eq!(longest_gap(&[], 0, 4), (4, 0));
+    }
     use proto::etcdserverpb::kv_server::{Kv, KvServer};
     use proto::etcdserverpb::{
         CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse,
