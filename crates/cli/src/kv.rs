@@ -196,9 +196,7 @@ pub async fn init(host: &str, wait: std::time::Duration, ok_if_initialized: bool
     loop {
         let attempt = async {
             let mut m = proto::cluster::membership_client::MembershipClient::new(connect(host).await?);
-            m.init(proto::cluster::InitRequest {})
-                .await
-                .map_err(anyhow::Error::new)
+            m.init(proto::cluster::InitRequest {}).await.map_err(anyhow::Error::new)
         };
         let err = match attempt.await {
             Ok(r) => {

@@ -295,7 +295,9 @@ impl<S: RangeSender> DistSender<S> {
         let header = req.header.clone().unwrap_or_default();
         let first = match self.send_parts(req).await {
             // The commit was not sent: the transaction did not commit, and
-            // may restart (its writes are in its lock spans either way).
+            // restarts (its writes are in its lock spans either way). Never
+            // a retry in the same epoch: a write still in flight could land
+            // after the commit, above its timestamp, and never resolve.
             Err(DistError::Ambiguous) => {
                 return Ok(kvpb::BatchResponse {
                     error: Some(kvpb::Error {
@@ -304,7 +306,7 @@ impl<S: RangeSender> DistSender<S> {
                         index: 0,
                         condition_failed: None,
                         txn_error: Some(kvpb::TxnError {
-                            kind: kvpb::txn_error::Kind::Retry as i32,
+                            kind: kvpb::txn_error::Kind::Restart as i32,
                             retry_timestamp: None,
                             reason: "a write's outcome is unknown; the commit was not sent".into(),
                         }),
@@ -779,6 +781,11 @@ mod tests {
         data: Mutex<Map<Vec<u8>, Vec<u8>>>,
         /// Every part received: (range, the kinds of its requests).
         log: Mutex<Vec<(u64, Vec<&'static str>)>>,
+        /// The transaction epoch of every part received, in the same order.
+        epochs: Mutex<Vec<u32>>,
+        /// The next part holding a put on this range gets no answer
+        /// (ambiguous), once.
+        ambiguous_put_on: Mutex<Option<u64>>,
         /// Parts being answered now, and the most at once.
         in_flight: AtomicU64,
         max_in_flight: AtomicU64,
@@ -858,7 +865,7 @@ mod tests {
                     return Err(RangeError::KeyMismatch(over));
                 }
             }
-            let kinds = req
+            let kinds: Vec<&'static str> = req
                 .requests
                 .iter()
                 .map(|r| match r.value {
@@ -867,7 +874,15 @@ mod tests {
                     _ => "other",
                 })
                 .collect();
+            let has_put = kinds.contains(&"put");
             self.log.lock().push((desc.range_id, kinds));
+            self.epochs
+                .lock()
+                .push(req.header.as_ref().and_then(|h| h.txn.as_ref()).map_or(0, |t| t.epoch));
+            if has_put && *self.ambiguous_put_on.lock() == Some(desc.range_id) {
+                *self.ambiguous_put_on.lock() = None;
+                return Err(RangeError::Ambiguous);
+            }
             // Parts sent together overlap here.
             let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
             self.max_in_flight.fetch_max(now, Ordering::SeqCst);
@@ -1171,6 +1186,40 @@ mod tests {
             r.txn.unwrap().write_timestamp.map(|t| t.wall_nanos),
             Some(99),
             "the commit carried the moved timestamp"
+        );
+    }
+
+    #[tokio::test]
+    async fn writes_whose_outcome_is_unknown_are_never_sent_again_in_the_same_epoch() {
+        // A commit batch spanning two ranges: the write on range 8 gets no
+        // answer, so the commit is held back. That write may still land
+        // later; sent again in the same epoch and committed, the late copy
+        // would land above the commit timestamp and never resolve (the
+        // container soak wedged two bank accounts this way).
+        let fake = Fake::default();
+        *fake.meta.lock() = vec![d(3, b"\x11", b"m", 1), d(8, b"m", b"\xff\xff", 1)];
+        *fake.ranges.lock() = fake.meta.lock().clone();
+        *fake.ambiguous_put_on.lock() = Some(8);
+        let ds = Arc::new(DistSender::new(fake));
+        let t = crate::txn::Txn::begin(ds.clone());
+        let r = t
+            .commit_with(vec![crate::txn::put(b"a", b"1"), crate::txn::put(b"q", b"2")])
+            .await;
+        assert!(r.as_ref().is_err_and(|e| e.is_retryable()), "{r:?}");
+        let log = ds.sender.log.lock().clone();
+        let epochs = ds.sender.epochs.lock().clone();
+        let puts_in_first_epoch = log
+            .iter()
+            .zip(&epochs)
+            .filter(|((_, kinds), e)| kinds.contains(&"put") && **e == 0)
+            .count();
+        assert_eq!(
+            puts_in_first_epoch, 2,
+            "one part per range, never again: {log:?} {epochs:?}"
+        );
+        assert!(
+            log.iter().all(|(_, k)| !k.contains(&"end")) || epochs.iter().any(|&e| e > 0),
+            "no commit in the first epoch: {log:?} {epochs:?}"
         );
     }
 
