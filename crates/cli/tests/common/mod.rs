@@ -25,11 +25,28 @@ pub fn tardigrade(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// A port free now, picked at random below Linux's ephemeral range
+/// (32768 and up): a port the kernel handed out for `bind(0)` can be taken
+/// by any outgoing connection before the node binds it (it happened after
+/// the container tests, whose clients reconnect by the thousand).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+        ^ (u64::from(std::process::id()) << 32);
+    for _ in 0..1000 {
+        let mut x = seed.wrapping_add(NEXT.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed));
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        x ^= x >> 33;
+        let port = 10_000 + (x % 22_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below 32000 after 1000 tries")
 }
 
 /// A child process, killed (SIGKILL) when dropped.
