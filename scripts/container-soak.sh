@@ -10,7 +10,7 @@
 #
 #   scripts/container-soak.sh [seconds, default 600]
 #
-# Ports are published on 127.0.0.1:3x379/3x080; everything (containers,
+# Ports are published on 127.0.0.1:2x479/2x480 (below the ephemeral range); everything (containers,
 # networks, volumes, the image tag) is removed at the end unless KEEP=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,8 +20,8 @@ T="${CARGO_TARGET_DIR:-$HOME/.cache/tardigrade/target}/debug/tardigrade"
 if docker compose version >/dev/null 2>&1; then DC=(docker compose); else DC=(docker-compose); fi
 project=tdgsoak$$
 export TARDIGRADE_IMAGE=tardigrade:soak-$$
-export NODE1_ETCD_PORT=31379 NODE2_ETCD_PORT=32379 NODE3_ETCD_PORT=33379 NODE4_ETCD_PORT=34379
-export NODE1_HTTP_PORT=31080 NODE2_HTTP_PORT=32080 NODE3_HTTP_PORT=33080 NODE4_HTTP_PORT=34080
+export NODE1_ETCD_PORT=21479 NODE2_ETCD_PORT=22479 NODE3_ETCD_PORT=23479 NODE4_ETCD_PORT=24479
+export NODE1_HTTP_PORT=21480 NODE2_HTTP_PORT=22480 NODE3_HTTP_PORT=23480 NODE4_HTTP_PORT=24480
 dc() { "${DC[@]}" -f deploy/docker-compose.yml -p "$project" "$@"; }
 dir="$(mktemp -d /tmp/container-soak.XXXXXX)"
 cleanup() {

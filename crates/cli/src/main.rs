@@ -681,6 +681,11 @@ async fn start_single_node(
 
 async fn run_node(cfg: server::NodeConfig, store: &std::path::Path) -> Result<()> {
     let single = matches!(cfg.mode, server::Mode::SingleNode);
+    // SIGTERM too: `docker stop` sends it, and a container's first process
+    // that does not handle it is killed after the grace period. Watched
+    // before start-up, so one sent while the node starts is not lost.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot watch for SIGTERM")?;
     let node = server::Node::start(cfg)
         .await
         .with_context(|| format!("cannot start a node on store {}", store.display()))?;
@@ -715,10 +720,6 @@ async fn run_node(cfg: server::NodeConfig, store: &std::path::Path) -> Result<()
             }
         }
     };
-    // SIGTERM too: `docker stop` sends it, and a container's first process
-    // that does not handle it is killed after the grace period.
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot watch for SIGTERM")?;
     tokio::select! {
         r = tokio::signal::ctrl_c() => { r.context("waiting for Ctrl-C")?; }
         _ = term.recv() => {}

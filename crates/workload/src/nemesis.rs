@@ -386,7 +386,10 @@ async fn hit_container(name: &str, kind: FaultKind, network: Option<&str>, durat
             let u = docker(&["unpause", name]).await;
             format!("docker pause {name} for {duration:?}{}{}", note(p), note(u))
         }
-        _ => {
+        (FaultKind::Partition, None) | (FaultKind::ClockSkew, _) => {
+            format!("{kind:?} of {name} skipped: containers take kill, pause and (with a network) partition")
+        }
+        (FaultKind::Kill, _) => {
             let k = docker(&["kill", name]).await;
             tokio::time::sleep(duration).await;
             let s = docker(&["start", name]).await;

@@ -86,8 +86,11 @@ impl Compose {
     pub fn new_or_skip(test: &str, extra_env: &[(&str, &str)]) -> Option<Compose> {
         let cmd = docker_or_skip(test)?;
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let project = format!("tdgtest{}", std::process::id());
-        let image = format!("tardigrade:test-{}", std::process::id());
+        // Unique per test even when tests share a process (cargo test).
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let project = format!("tdgtest{}x{n}", std::process::id());
+        let image = format!("tardigrade:test-{}x{n}", std::process::id());
         let built = Command::new(root.join("scripts/image.sh"))
             .args([env!("CARGO_BIN_EXE_tardigrade"), &image])
             .output()

@@ -42,7 +42,11 @@ pub fn free_port() -> u16 {
         x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
         x ^= x >> 33;
         let port = 10_000 + (x % 22_000) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        // Never the same port twice in one process (nothing holds it).
+        static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
             return port;
         }
     }
