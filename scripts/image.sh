@@ -2,7 +2,9 @@
 # Builds the container image of Tardigrade from our own binary, pulling
 # nothing: a root filesystem holding the binary (debug info stripped), the
 # shared libraries `ldd` lists for it and the dynamic loader, a few files
-# under /etc, and an empty /data; brought in with `docker import`.
+# under /etc, and an empty /data (no VOLUME: Compose mounts one per node,
+# and a declared VOLUME left anonymous volumes behind one-shot containers);
+# brought in with `docker import`.
 #
 #   scripts/image.sh [BINARY] [TAG]     (defaults: the dev build, tardigrade:dev)
 #
@@ -34,7 +36,6 @@ tar -C "$root" -c . | docker import \
     --change 'ENTRYPOINT ["/tardigrade"]' \
     --change 'CMD ["--help"]' \
     --change 'WORKDIR /data' \
-    --change 'VOLUME /data' \
     --change 'EXPOSE 2379 8080' \
     --change "ENV TARDIGRADE_VERSION=$version" \
     --message "tardigrade $version, built from $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \

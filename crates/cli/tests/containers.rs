@@ -200,7 +200,7 @@ async fn data_survives_down_up_a_killed_node_and_a_recreated_container() {
     let new = c.container_id("node2");
     assert_ne!(old, new, "a new container");
     let new_ip = c.peer_ip("node2");
-    let _ = docker(&["rm", "-f", &squatter]);
+    let _ = docker(&["rm", "-f", "-v", &squatter]);
     assert_ne!(old_ip, new_ip, "the new container has a new address");
     eprintln!("node2 recreated: {old_ip} became {new_ip}");
     c.wait_healthy(&NODES, HEALTHY);

@@ -241,7 +241,7 @@ impl Drop for Compose {
             return;
         }
         let _ = self.run(&["--profile", "scale", "down", "-v", "--remove-orphans", "-t", "1"]);
-        let _ = docker(&["rm", "-f", &format!("{}_squatter", self.project)]);
+        let _ = docker(&["rm", "-f", "-v", &format!("{}_squatter", self.project)]);
         let _ = docker(&["image", "rm", "-f", &self.image()]);
     }
 }
