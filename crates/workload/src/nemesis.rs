@@ -261,34 +261,29 @@ async fn hit_process(
             signal(pid, libc::SIGCONT);
             format!("SIGSTOP pid {pid} for {:?}", cfg.fault_duration)
         }
-        FaultKind::Kill => {
+        FaultKind::Kill | FaultKind::ClockSkew => {
+            // A clock fault restarts with the clock off by up to the bound,
+            // either way.
+            let skew = (kind == FaultKind::ClockSkew).then(|| {
+                let bound = cfg.clock_skew.map_or(0, |d| d.as_millis() as i64).max(1);
+                rng.below(2 * bound as u64 + 1) as i64 - bound
+            });
             signal(pid, libc::SIGKILL);
             tokio::time::sleep(cfg.fault_duration).await;
-            match respawn(v) {
-                Some(new) => {
-                    v.pid = new;
-                    restarted.push(new);
-                    format!("SIGKILL pid {pid}, restarted as {new}")
-                }
-                None => format!("SIGKILL pid {pid}, restart failed"),
+            if let Some(skew) = skew {
+                v.env.retain(|(k, _)| k != "TARDIGRADE_TESTING_CLOCK_SKEW_MS");
+                v.env
+                    .push(("TARDIGRADE_TESTING_CLOCK_SKEW_MS".into(), skew.to_string()));
             }
-        }
-        FaultKind::ClockSkew => {
-            // Restart with the clock off by up to the bound, either way.
-            let bound = cfg.clock_skew.map_or(0, |d| d.as_millis() as i64).max(1);
-            let skew = rng.below(2 * bound as u64 + 1) as i64 - bound;
-            signal(pid, libc::SIGKILL);
-            tokio::time::sleep(cfg.fault_duration).await;
-            v.env.retain(|(k, _)| k != "TARDIGRADE_TESTING_CLOCK_SKEW_MS");
-            v.env
-                .push(("TARDIGRADE_TESTING_CLOCK_SKEW_MS".into(), skew.to_string()));
-            match respawn(v) {
-                Some(new) => {
+            match (respawn(v), skew) {
+                (Some(new), skew) => {
                     v.pid = new;
                     restarted.push(new);
-                    format!("SIGKILL pid {pid}, restarted as {new} with its clock {skew} ms off")
+                    let clock = skew.map(|s| format!(" with its clock {s} ms off")).unwrap_or_default();
+                    format!("SIGKILL pid {pid}, restarted as {new}{clock}")
                 }
-                None => format!("SIGKILL pid {pid}, restart with a skewed clock failed"),
+                (None, None) => format!("SIGKILL pid {pid}, restart failed"),
+                (None, Some(_)) => format!("SIGKILL pid {pid}, restart with a skewed clock failed"),
             }
         }
     }
