@@ -16,6 +16,11 @@ if [ "${1:-}" = "test" ]; then
     command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
     command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
     command -v curl >/dev/null 2>&1 || need+=(curl)
+    # The Patroni test: Debian's Patroni and PostgreSQL 15 (run as the
+    # postgres user through runuser).
+    command -v patroni >/dev/null 2>&1 || need+=(patroni)
+    [ -x /usr/lib/postgresql/15/bin/postgres ] || need+=(postgresql-15)
+    command -v runuser >/dev/null 2>&1 || need+=(util-linux)
     # The container tests drive Compose; the engine itself is the machine's.
     if command -v docker >/dev/null 2>&1 && ! docker compose version >/dev/null 2>&1; then
         command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)

@@ -212,6 +212,11 @@ enum WorkloadCmd {
     /// balance; every read and the final one must see the initial total.
     /// Exits non-zero when one does not.
     Bank(txn_workloads::BankArgs),
+    /// etcd's watches, leases and a fenced lock recipe under load (and the
+    /// nemesis): watchers must see every acknowledged write once and in
+    /// order, leases kept alive in time must never expire, and no write of
+    /// a lock holder that had lost the lock may apply.
+    Coordination(txn_workloads::CoordArgs),
     /// Elle's list-append workload over transactions: reads and appends on
     /// a few keys, the history written in Elle's format and checked for
     /// serializability (`check-append`). Exits non-zero on an anomaly.
@@ -611,6 +616,9 @@ fn real_main() -> Result<()> {
             Cmd::Workload {
                 cmd: WorkloadCmd::Append(a),
             } => txn_workloads::append(a).await,
+            Cmd::Workload {
+                cmd: WorkloadCmd::Coordination(a),
+            } => txn_workloads::coordination(a).await,
             Cmd::Workload {
                 cmd: WorkloadCmd::CheckAppend { history },
             } => {

@@ -1,5 +1,5 @@
-//! `tardigrade workload bank` and `tardigrade workload append`: the
-//! transaction workloads and their verdicts, as commands.
+//! `tardigrade workload bank`, `append` and `coordination`: the
+//! workloads with a checker and a verdict, as commands.
 
 use std::time::Duration;
 
@@ -188,5 +188,97 @@ pub async fn append(a: AppendArgs) -> anyhow::Result<()> {
         bail!("the history is not serializable (see above)");
     }
     println!("append: serializable");
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct CoordArgs {
+    /// host:port of each node's etcd API, comma-separated (clients spread
+    /// over them).
+    #[arg(long, value_delimiter = ',', required = true)]
+    hosts: Vec<String>,
+    /// Seconds of load.
+    #[arg(long, default_value_t = 30)]
+    duration: u64,
+    /// Clients putting the values the watchers must see.
+    #[arg(long, default_value_t = 2)]
+    writers: usize,
+    #[arg(long, default_value_t = 2)]
+    watchers: usize,
+    /// Leases kept alive (and checked never to expire while kept in time).
+    #[arg(long, default_value_t = 3)]
+    leases: usize,
+    /// Clients taking the lock in turn and writing under it.
+    #[arg(long, default_value_t = 3)]
+    lockers: usize,
+    /// TTL in seconds of the leases and of the lockers' sessions.
+    #[arg(long, default_value_t = 4)]
+    lease_ttl: i64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Keys of the run start with this (default: one of its own).
+    #[arg(long)]
+    prefix: Option<String>,
+    #[command(flatten)]
+    nemesis: crate::nemesis_args::NemesisArgs,
+}
+
+pub async fn coordination(a: CoordArgs) -> anyhow::Result<()> {
+    let prefix = a.prefix.clone().unwrap_or_else(|| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        format!("coord-{t}/")
+    });
+    let cfg = workload::coordination::CoordConfig {
+        hosts: a.hosts.clone(),
+        duration: Duration::from_secs(a.duration.max(1)),
+        writers: a.writers.max(1),
+        watchers: a.watchers.max(1),
+        leases: a.leases,
+        lockers: a.lockers,
+        lease_ttl: a.lease_ttl.max(2),
+        seed: a.seed,
+        prefix,
+        nemesis: a.nemesis.config()?,
+    };
+    eprintln!(
+        "coordination workload: {} writers, {} watchers, {} leases, {} lockers for {}s against {:?}{}",
+        cfg.writers,
+        cfg.watchers,
+        cfg.leases,
+        cfg.lockers,
+        a.duration,
+        a.hosts,
+        if a.nemesis.nemesis { " with the nemesis" } else { "" }
+    );
+    let r = workload::coordination::run(cfg, |m| eprintln!("{m}"))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    faults(&r.faults, &r.restarted_pids);
+    println!(
+        "watches: {} writes acknowledged, {} unknown; events seen per watcher {:?}; {} resumes",
+        r.writes_ok, r.writes_unknown, r.watch_events, r.watch_resumes
+    );
+    println!(
+        "leases: {} keep-alives answered; {} leases expired after keep-alives came late",
+        r.keepalives_ok, r.leases_expired_excused
+    );
+    println!(
+        "locks: {} taken; guarded writes {} acknowledged, {} refused by their fence, {} applied",
+        r.locks_taken, r.guarded_ok, r.guarded_refused, r.guarded_applied
+    );
+    for p in r.watch_problems.iter().chain(&r.lease_problems).chain(&r.fencing_problems).take(20) {
+        println!("PROBLEM: {p}");
+    }
+    if !r.ok() {
+        bail!(
+            "coordination checks failed: {} watch, {} lease, {} fencing problems",
+            r.watch_problems.len(),
+            r.lease_problems.len(),
+            r.fencing_problems.len()
+        );
+    }
+    println!("coordination: every watch complete and in order, no lease expired while kept alive, every guarded write fenced");
     Ok(())
 }

@@ -407,6 +407,292 @@ async fn script(addr: &str) -> Vec<String> {
     out
 }
 
+/// One watch response, revisions by order.
+fn watch_resp(revs: &mut Revs, r: &etcd_client::WatchResponse) -> String {
+    let events: Vec<String> = r
+        .events()
+        .iter()
+        .map(|e| {
+            let prev = e.prev_kv().map(|p| kv(revs, p));
+            let this = e.kv().map(|k| match e.event_type() {
+                etcd_client::EventType::Put => kv(revs, k),
+                etcd_client::EventType::Delete => {
+                    format!("{} m={}", String::from_utf8_lossy(k.key()), revs.r(k.mod_revision()))
+                }
+            });
+            format!("{:?} {this:?} prev={prev:?}", e.event_type())
+        })
+        .collect();
+    format!(
+        "created={} canceled={} compact={} reason={:?} events={events:?}",
+        r.created(),
+        r.canceled(),
+        revs.r(r.compact_revision()),
+        r.cancel_reason()
+    )
+}
+
+/// Reads watch responses until `n` events came (or 3 s passed).
+async fn watch_until(revs: &mut Revs, s: &mut etcd_client::WatchStream, n: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut seen = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while seen < n || out.is_empty() {
+        match tokio::time::timeout_at(deadline, s.message()).await {
+            Ok(Ok(Some(r))) => {
+                seen += r.events().len();
+                out.push(watch_resp(revs, &r));
+                if r.canceled() {
+                    break;
+                }
+            }
+            Ok(Ok(None)) => {
+                out.push("stream ended".into());
+                break;
+            }
+            Ok(Err(e)) => {
+                out.push(err(e));
+                break;
+            }
+            Err(_) => {
+                out.push(format!("timed out after {seen} events"));
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// Leases and watches: the same calls against both servers.
+async fn lease_watch_script(addr: &str) -> Vec<String> {
+    use etcd_client::{LeaseGrantOptions, LeaseTimeToLiveOptions, WatchFilterType, WatchOptions};
+    let mut c = Client::connect([addr], None).await.expect("etcd-client connects");
+    let mut revs = Revs::default();
+    let mut out: Vec<String> = Vec::new();
+
+    // Leases: grants, errors, keys attached, keep-alive, time to live.
+    let g = |r: Result<etcd_client::LeaseGrantResponse, etcd_client::Error>| {
+        r.map(|g| format!("id={} ttl={}", g.id(), g.ttl())).map_err(err)
+    };
+    out.push(format!("grant 1000 ttl 60 -> {:?}", g(c.lease_grant(60, Some(LeaseGrantOptions::new().with_id(1000))).await)));
+    out.push(format!("grant 1000 again -> {:?}", g(c.lease_grant(60, Some(LeaseGrantOptions::new().with_id(1000))).await)));
+    out.push(format!("grant 1001 ttl 1 -> {:?}", g(c.lease_grant(1, Some(LeaseGrantOptions::new().with_id(1001))).await)));
+    out.push(format!("grant ttl too large -> {:?}", g(c.lease_grant(9_000_000_001, Some(LeaseGrantOptions::new().with_id(1002))).await)));
+    let auto = c.lease_grant(30, None).await.map(|g| (g.id() > 0, g.ttl())).map_err(err);
+    out.push(format!("grant with no id -> {auto:?}"));
+    for k in ["l1", "l2"] {
+        let r = c.put(k, "v", Some(PutOptions::new().with_lease(1000))).await.map(|p| revs.r(p.header().unwrap().revision())).map_err(err);
+        out.push(format!("put {k} lease 1000 -> {r:?}"));
+    }
+    let r = c.put("l3", "v", Some(PutOptions::new().with_lease(4242))).await.map(|_| ()).map_err(err);
+    out.push(format!("put with unknown lease -> {r:?}"));
+    let got = c.get("l1", None).await.unwrap();
+    out.push(format!("get l1 -> lease={}", got.kvs()[0].lease()));
+    let t = c.lease_time_to_live(1000, Some(LeaseTimeToLiveOptions::new().with_keys())).await.map_err(err).map(|t| {
+        let keys: Vec<String> = t.keys().iter().map(|k| String::from_utf8_lossy(k).into_owned()).collect();
+        format!("ttl in [58,60]={} granted={} keys={keys:?}", (58..=60).contains(&t.ttl()), t.granted_ttl())
+    });
+    out.push(format!("timetolive 1000 -> {t:?}"));
+    let t = c.lease_time_to_live(4242, None).await.map(|t| (t.ttl(), t.granted_ttl())).map_err(err);
+    out.push(format!("timetolive unknown -> {t:?}"));
+    let mut ids: Vec<i64> = c.leases().await.unwrap().leases().iter().map(|l| l.id()).filter(|&id| id < 2000).collect();
+    ids.sort();
+    out.push(format!("leases -> {ids:?}"));
+    let (mut keeper, mut stream) = c.lease_keep_alive(1000).await.unwrap();
+    keeper.keep_alive().await.unwrap();
+    let k = stream.message().await.map(|m| m.map(|m| (m.id(), m.ttl()))).map_err(err);
+    out.push(format!("keep-alive 1000 -> {k:?}"));
+    let (mut keeper, mut stream) = c.lease_keep_alive(4242).await.unwrap();
+    keeper.keep_alive().await.unwrap();
+    let k = stream.message().await.map(|m| m.map(|m| (m.id(), m.ttl()))).map_err(err);
+    out.push(format!("keep-alive unknown -> {k:?}"));
+
+    // A watch from now on the lease's keys sees the revoke's deletes, in
+    // one revision.
+    let mut w = c.watch("l", Some(WatchOptions::new().with_prefix().with_prev_key())).await.unwrap();
+    out.extend(watch_until(&mut revs, &mut w, 0).await);
+    let r = c.lease_revoke(1000).await.map(|r| revs.r(r.header().unwrap().revision())).map_err(err);
+    out.push(format!("revoke 1000 -> {r:?}"));
+    out.extend(watch_until(&mut revs, &mut w, 2).await);
+    let r = c.lease_revoke(1000).await.map(|_| ()).map_err(err);
+    out.push(format!("revoke 1000 again -> {r:?}"));
+    out.push(format!("get l prefix after revoke -> {}", c.get("l", Some(GetOptions::new().with_prefix())).await.unwrap().kvs().len()));
+
+    // Expiry deletes the keys (and a watcher sees it).
+    c.put("e1", "v", Some(PutOptions::new().with_lease(1001))).await.unwrap();
+    let mut w = c.watch("e1", None).await.unwrap();
+    out.extend(watch_until(&mut revs, &mut w, 0).await);
+    let t0 = std::time::Instant::now();
+    out.extend(watch_until(&mut revs, &mut w, 1).await);
+    out.push(format!("expired within 4 s -> {}", t0.elapsed() < Duration::from_secs(4)));
+    out.push(format!("get e1 after expiry -> {}", c.get("e1", None).await.unwrap().kvs().len()));
+    let t = c.lease_time_to_live(1001, None).await.map(|t| t.ttl()).map_err(err);
+    out.push(format!("timetolive expired -> {t:?}"));
+
+    // History: a watch from a past revision, with filters and prev_kv.
+    let first = c.put("w/a", "1", None).await.unwrap().header().unwrap().revision();
+    out.push(format!("put w/a=1 -> {}", revs.r(first)));
+    c.put("w/b", "1", None).await.unwrap();
+    c.put("w/a", "2", None).await.unwrap();
+    c.delete("w/b", None).await.unwrap();
+    let last = c.put("w/c", "1", None).await.unwrap().header().unwrap().revision();
+    let mut w = c.watch("w/", Some(WatchOptions::new().with_prefix().with_start_revision(first))).await.unwrap();
+    out.extend(watch_until(&mut revs, &mut w, 5).await);
+    let mut w = c
+        .watch("w/", Some(WatchOptions::new().with_prefix().with_start_revision(first).with_prev_key().with_filters([WatchFilterType::NoPut])))
+        .await
+        .unwrap();
+    out.extend(watch_until(&mut revs, &mut w, 1).await);
+    let mut w = c.watch("w/a", Some(WatchOptions::new().with_start_revision(first).with_filters([WatchFilterType::NoDelete]))).await.unwrap();
+    out.extend(watch_until(&mut revs, &mut w, 2).await);
+    // Live events after catching up.
+    c.put("w/d", "live", None).await.unwrap();
+    out.extend(watch_until(&mut revs, &mut w, 0).await);
+    let mut w = c.watch("w/", Some(WatchOptions::new().with_prefix().with_start_revision(last))).await.unwrap();
+    out.extend(watch_until(&mut revs, &mut w, 2).await);
+    // Bad ranges: inverted.
+    let mut w = c.watch("z", Some(WatchOptions::new().with_range("a"))).await.unwrap();
+    out.extend(watch_until(&mut revs, &mut w, 0).await);
+    // Compaction: a watch from before it is cancelled with its revision.
+    let r = c.compact(last, None).await.map(|_| ()).map_err(err);
+    out.push(format!("compact to put w/c -> {r:?}"));
+    let mut w = c.watch("w/", Some(WatchOptions::new().with_prefix().with_start_revision(first))).await.unwrap();
+    out.extend(watch_until(&mut revs, &mut w, 1).await);
+    let mut w = c.watch("w/", Some(WatchOptions::new().with_prefix().with_start_revision(last))).await.unwrap();
+    out.extend(watch_until(&mut revs, &mut w, 2).await);
+    out
+}
+
+/// One JSON gateway call: the status and the body with revisions by order
+/// and ids that differ between servers blanked.
+fn gateway_call(revs: &mut Revs, addr: &str, path: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the client port");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let method = if body.is_empty() { "GET" } else { "POST" };
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let code = text.split_whitespace().nth(1).unwrap_or("?").to_string();
+    let chunked = text.to_ascii_lowercase().contains("transfer-encoding: chunked");
+    let mut payload = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    if chunked {
+        // Drop the chunk sizes: keep the JSON lines.
+        payload = payload.lines().filter(|l| l.trim_start().starts_with('{')).collect::<Vec<_>>().join("\n");
+    }
+    let mut parts = Vec::new();
+    for v in serde_json::Deserializer::from_str(&payload).into_iter::<serde_json::Value>() {
+        match v {
+            Ok(mut v) => {
+                normalize(revs, &mut v);
+                parts.push(v.to_string());
+            }
+            Err(_) => {
+                parts.push(format!("not JSON: {payload:?}"));
+                break;
+            }
+        }
+    }
+    format!("{path} {body} -> {code} {}", parts.join(" "))
+}
+
+fn normalize(revs: &mut Revs, v: &mut serde_json::Value) {
+    use serde_json::Value;
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m.iter_mut() {
+                match k.as_str() {
+                    "revision" | "mod_revision" | "create_revision" | "compact_revision" => {
+                        let n = x.as_str().and_then(|s| s.parse().ok()).unwrap_or(0);
+                        *x = Value::String(revs.r(n));
+                    }
+                    "cluster_id" | "member_id" | "raft_term" | "raftIndex" | "raftTerm" | "raftAppliedIndex"
+                    | "dbSize" | "dbSizeInUse" | "leader" | "version" | "ID" | "name" | "peerURLs" | "clientURLs"
+                    | "etcdserver" | "etcdcluster" => *x = Value::String("*".into()),
+                    _ => normalize(revs, x),
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| normalize(revs, x)),
+        _ => {}
+    }
+}
+
+/// The JSON gateway: the same requests against both servers' client ports.
+fn gateway_script(addr: &str) -> Vec<String> {
+    let mut revs = Revs::default();
+    let b = |s: &str| {
+        use std::fmt::Write;
+        // base64 of a short ASCII string
+        const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let bytes = s.as_bytes();
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let n = chunk.len();
+            let v = (chunk[0] as u32) << 16 | (*chunk.get(1).unwrap_or(&0) as u32) << 8 | *chunk.get(2).unwrap_or(&0) as u32;
+            for i in 0..4 {
+                if i <= n {
+                    out.push(T[(v >> (18 - 6 * i) & 63) as usize] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        let mut q = String::new();
+        let _ = write!(q, "\"{out}\"");
+        q
+    };
+    let calls: Vec<(&str, String)> = vec![
+        ("/version", String::new()),
+        ("/health", String::new()),
+        ("/v3/kv/put", format!("{{\"key\":{},\"value\":{}}}", b("g1"), b("v1"))),
+        ("/v3/kv/put", format!("{{\"key\":{},\"value\":{},\"prev_kv\":true}}", b("g1"), b("v2"))),
+        ("/v3/kv/range", format!("{{\"key\":{}}}", b("g1"))),
+        ("/v3/kv/range", format!("{{\"key\":{},\"range_end\":{}}}", b("g"), b("h"))),
+        ("/v3/kv/range", format!("{{\"key\":{},\"serializable\":true}}", b("missing"))),
+        ("/v3/kv/range", "{}".into()),
+        ("/v3/kv/range", "{not json".into()),
+        (
+            "/v3/kv/txn",
+            format!(
+                "{{\"compare\":[{{\"target\":\"CREATE\",\"create_revision\":0,\"key\":{}}}],\"success\":[{{\"request_put\":{{\"key\":{},\"value\":{}}}}}]}}",
+                b("g1"),
+                b("g1"),
+                b("x")
+            ),
+        ),
+        (
+            "/v3/kv/txn",
+            format!(
+                "{{\"compare\":[{{\"target\":\"CREATE\",\"create_revision\":\"0\",\"key\":{}}}],\"success\":[{{\"request_put\":{{\"key\":{},\"value\":{}}}}}]}}",
+                b("g2"),
+                b("g2"),
+                b("y")
+            ),
+        ),
+        ("/v3/lease/grant", "{\"TTL\":30,\"ID\":77}".into()),
+        ("/v3/lease/grant", "{\"TTL\":\"30\",\"ID\":\"77\"}".into()),
+        ("/v3/kv/put", format!("{{\"key\":{},\"value\":{},\"lease\":\"77\"}}", b("g3"), b("v"))),
+        ("/v3/kv/put", format!("{{\"key\":{},\"value\":{},\"lease\":\"78\"}}", b("g4"), b("v"))),
+        ("/v3/lease/keepalive", "{\"ID\":77}".into()),
+        ("/v3/lease/keepalive", "{\"ID\":78}".into()),
+        ("/v3/lease/timetolive", "{\"ID\":78}".into()),
+        ("/v3/lease/revoke", "{\"ID\":77}".into()),
+        ("/v3/lease/revoke", "{\"ID\":77}".into()),
+        ("/v3/kv/deleterange", format!("{{\"key\":{},\"range_end\":{}}}", b("g"), b("h"))),
+        ("/v3/cluster/member/list", "{}".into()),
+        ("/v3/maintenance/status", "{}".into()),
+        ("/v3/kv/nothing", "{}".into()),
+    ];
+    calls.iter().map(|(path, body)| gateway_call(&mut revs, addr, path, body)).collect()
+}
+
 fn etcdctl(addr: &str, args: &[&str], stdin: Option<&str>) -> String {
     use std::io::Write;
     let mut cmd = Command::new("etcdctl");
@@ -481,6 +767,23 @@ async fn tardigrade_answers_like_etcd() {
         }
     }
     assert_eq!(want.len(), got.len());
+    let want = lease_watch_script(&etcd.grpc).await;
+    let got = lease_watch_script(&node.grpc).await;
+    assert_eq!(want.len(), got.len(), "lease and watch transcripts:\n{want:#?}\n{got:#?}");
+    for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+        if w != g {
+            diffs.push(format!("lease/watch step {i}:\n  etcd:       {w}\n  tardigrade: {g}"));
+        }
+    }
+    let lease_watch_steps = want.len();
+    let want = gateway_script(&etcd.grpc);
+    let got = gateway_script(&node.grpc);
+    for (w, g) in want.iter().zip(&got) {
+        if w != g {
+            diffs.push(format!("gateway:\n  etcd:       {w}\n  tardigrade: {g}"));
+        }
+    }
+    let gateway_steps = want.len();
     let have_etcdctl = Path::new("/usr/bin/etcdctl").exists();
     if have_etcdctl {
         let want = etcdctl_script(&etcd.grpc);
@@ -500,8 +803,7 @@ async fn tardigrade_answers_like_etcd() {
         diffs.join("\n")
     );
     println!(
-        "{} etcd-client calls and {} etcdctl commands answered as etcd answers them",
-        want.len(),
+        "etcd-client KV calls, {lease_watch_steps} lease and watch steps, {gateway_steps} gateway calls and {} etcdctl commands answered as etcd answers them",
         if have_etcdctl { 12 } else { 0 }
     );
 }

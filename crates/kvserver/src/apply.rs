@@ -394,6 +394,8 @@ impl Replica {
                         Some(raft_command::Op::EtcdDeleteRange(d)) => Some(EtcdWrite::DeleteRange(d)),
                         Some(raft_command::Op::EtcdTxn(t)) => Some(EtcdWrite::Txn(t)),
                         Some(raft_command::Op::EtcdCompact(c)) => Some(EtcdWrite::Compact(c)),
+                        Some(raft_command::Op::EtcdLeaseGrant(g)) => Some(EtcdWrite::LeaseGrant(g)),
+                        Some(raft_command::Op::EtcdLeaseRevoke(r)) => Some(EtcdWrite::LeaseRevoke(r)),
                     };
                     if let (Some(w), Some(mut state)) = (write, self.rev) {
                         let ops_before = batch.len();

@@ -321,6 +321,10 @@ impl Scheduler {
         out.flush(&*self.transport, &self.metrics);
         // After the statuses moved (see `StoreHandle::status_version`).
         self.status_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(r) = self.replicas.get(&crate::keyspace::ETCD_RANGE_ID) {
+            let a = r.applied.index;
+            self.etcd_applied.send_if_modified(|v| std::mem::replace(v, a) != a);
+        }
         self.metrics
             .scheduler_cycle_seconds
             .observe(cycle.started.elapsed().as_secs_f64());

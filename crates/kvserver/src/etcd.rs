@@ -14,13 +14,14 @@ use std::collections::BTreeSet;
 use prost::Message as _;
 use proto::etcdserverpb::{
     compare, range_request, request_op, response_op, CompactionRequest, Compare, DeleteRangeRequest,
-    DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, RequestOp, ResponseHeader, ResponseOp,
-    TxnRequest, TxnResponse,
+    DeleteRangeResponse, LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, PutRequest,
+    PutResponse, RangeRequest, RangeResponse, RequestOp, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
 };
 use proto::mvccpb::KeyValue;
 use storage::mvcc::{self, MvccStats, ReadOptions, ScanOptions};
 use storage::{Batch, Reader, Timestamp};
 
+use crate::etcd_lease;
 use crate::keyspace::{etcd_key, etcd_span_end, ETCD_PREFIX};
 
 /// etcd's own limits.
@@ -42,9 +43,12 @@ pub enum EtcdError {
     TooManyOps,
     #[error("etcdserver: request is too large")]
     TooLarge,
-    /// Leases come in a later issue: every lease is unknown.
     #[error("etcdserver: requested lease not found")]
     LeaseNotFound(i64),
+    #[error("etcdserver: lease already exists")]
+    LeaseExists,
+    #[error("etcdserver: too large lease TTL")]
+    LeaseTtlTooLarge,
     #[error("etcdserver: value is provided")]
     ValueProvided,
     #[error("etcdserver: lease is provided")]
@@ -117,8 +121,9 @@ impl EtcdError {
             | EtcdError::KeyNotFound
             | EtcdError::ValueProvided
             | EtcdError::LeaseProvided => grpc_code::INVALID_ARGUMENT,
-            EtcdError::FutureRev | EtcdError::Compacted => grpc_code::OUT_OF_RANGE,
+            EtcdError::FutureRev | EtcdError::Compacted | EtcdError::LeaseTtlTooLarge => grpc_code::OUT_OF_RANGE,
             EtcdError::LeaseNotFound(_) => grpc_code::NOT_FOUND,
+            EtcdError::LeaseExists => grpc_code::FAILED_PRECONDITION,
             EtcdError::Timeout => grpc_code::UNAVAILABLE,
             EtcdError::Refused(_) => grpc_code::INTERNAL,
         }
@@ -403,6 +408,8 @@ struct Writer<'a> {
     state: &'a mut RevState,
     hlc_wall: u64,
     rev: Option<i64>,
+    /// The keys this write changed, in order (the revision's history).
+    changed: Vec<Vec<u8>>,
 }
 
 impl Writer<'_> {
@@ -421,14 +428,25 @@ impl Writer<'_> {
     }
 
     fn put(&mut self, p: &PutRequest) -> Result<PutResponse, EtcdFailure> {
-        if p.lease != 0 {
-            return Err(EtcdError::LeaseNotFound(p.lease).into());
-        }
         let prev = get_at(&*self.batch, &p.key, self.read_rev())?;
         if (p.ignore_value || p.ignore_lease) && prev.is_none() {
             return Err(EtcdError::KeyNotFound.into());
         }
+        let old_lease = prev.as_ref().map_or(0, |kv| kv.lease);
+        let lease = if p.ignore_lease { old_lease } else { p.lease };
+        if lease != 0 && etcd_lease::granted_ttl(&*self.batch, lease)?.is_none() {
+            return Err(EtcdError::LeaseNotFound(lease).into());
+        }
         let rev = self.rev();
+        if old_lease != lease {
+            if old_lease != 0 {
+                etcd_lease::detach(self.batch, old_lease, &p.key)?;
+            }
+            if lease != 0 {
+                etcd_lease::attach(self.batch, lease, &p.key)?;
+            }
+        }
+        self.changed.push(p.key.clone());
         let value = if p.ignore_value {
             prev.as_ref().map(|kv| kv.value.clone()).unwrap_or_default()
         } else {
@@ -444,7 +462,7 @@ impl Writer<'_> {
             mod_revision: rev,
             version,
             value,
-            lease: 0,
+            lease,
         };
         mvcc::put(
             self.batch,
@@ -477,6 +495,10 @@ impl Writer<'_> {
         let rev = self.rev();
         for kv in &doomed {
             mvcc::delete(self.batch, self.stats, &etcd_key(&kv.key), ts(rev), None)?;
+            if kv.lease != 0 {
+                etcd_lease::detach(self.batch, kv.lease, &kv.key)?;
+            }
+            self.changed.push(kv.key.clone());
         }
         resp.deleted = doomed.len() as i64;
         resp.header = Some(rev_header(rev));
@@ -596,6 +618,11 @@ pub enum EtcdWrite {
     DeleteRange(DeleteRangeRequest),
     Txn(TxnRequest),
     Compact(CompactionRequest),
+    /// A grant whose id the proposer chose (never 0).
+    LeaseGrant(LeaseGrantRequest),
+    /// A revoke, asked for or an expiry: the lease's keys are deleted in
+    /// one revision.
+    LeaseRevoke(LeaseRevokeRequest),
 }
 
 /// What a write answers: the response for the client, with the header's
@@ -606,6 +633,8 @@ pub enum EtcdWriteResponse {
     DeleteRange(DeleteRangeResponse),
     Txn(TxnResponse),
     Compact,
+    LeaseGrant(LeaseGrantResponse),
+    LeaseRevoke(LeaseRevokeResponse),
 }
 
 /// Applies one write in log order. On error the batch may hold part of the
@@ -625,6 +654,7 @@ pub fn apply(
         state,
         hlc_wall,
         rev: None,
+        changed: Vec::new(),
     };
     let resp = match w {
         EtcdWrite::Put(p) => {
@@ -649,12 +679,38 @@ pub fn apply(
             // Keep what reads at or above the revision see; drop the rest.
             let (start, end) = (ETCD_PREFIX.to_vec(), etcd_span_end());
             mvcc::gc(wr.batch, wr.stats, &start, &end, ts(c.revision))?;
+            crate::etcd_history::compact(wr.batch, c.revision)?;
             wr.state.compact_rev = c.revision;
             EtcdWriteResponse::Compact
+        }
+        EtcdWrite::LeaseGrant(g) => {
+            let ttl = etcd_lease::grant(wr.batch, g.id, g.ttl)?;
+            EtcdWriteResponse::LeaseGrant(LeaseGrantResponse {
+                header: None,
+                id: g.id,
+                ttl,
+                error: String::new(),
+            })
+        }
+        EtcdWrite::LeaseRevoke(r) => {
+            if etcd_lease::granted_ttl(&*wr.batch, r.id)?.is_none() {
+                return Err(EtcdError::LeaseNotFound(r.id).into());
+            }
+            // Every key in one revision, as etcd deletes them.
+            for key in etcd_lease::keys_of(&*wr.batch, r.id)? {
+                let d = DeleteRangeRequest {
+                    key,
+                    ..Default::default()
+                };
+                wr.delete(&d)?;
+            }
+            etcd_lease::remove(wr.batch, r.id)?;
+            EtcdWriteResponse::LeaseRevoke(LeaseRevokeResponse { header: None })
         }
     };
     let new_rev = wr.rev;
     if let Some(r) = new_rev {
+        crate::etcd_history::record(wr.batch, r, &wr.changed)?;
         wr.state.rev = r;
     }
     Ok((resp, new_rev))
@@ -687,6 +743,11 @@ pub fn with_header(resp: EtcdWriteResponse, header: ResponseHeader) -> EtcdWrite
             EtcdWriteResponse::Txn(t)
         }
         EtcdWriteResponse::Compact => EtcdWriteResponse::Compact,
+        EtcdWriteResponse::LeaseGrant(mut g) => {
+            g.header = Some(header);
+            EtcdWriteResponse::LeaseGrant(g)
+        }
+        EtcdWriteResponse::LeaseRevoke(_) => EtcdWriteResponse::LeaseRevoke(LeaseRevokeResponse { header: Some(header) }),
     }
 }
 

@@ -17,6 +17,7 @@ use proto::kvserver::{
 };
 
 use crate::etcd::{self, grpc_code, EtcdError, EtcdFailure, EtcdWriteResponse};
+use crate::etcd_lease;
 use crate::keyspace::{ETCD_RANGE_ID, SYSTEM_RANGE_ID};
 use crate::replica::{ApplyOutcome, ProposeError};
 use crate::store::StoreHandle;
@@ -75,7 +76,12 @@ fn misdirected(req: &BatchRequest) -> Option<String> {
     use proto::kvserver::raft_command::Op;
     let wants = match &req.request {
         None => return None, // answered as an empty request
-        Some(batch_request::Request::EtcdRange(_)) => ETCD_RANGE_ID,
+        Some(
+            batch_request::Request::EtcdRange(_)
+            | batch_request::Request::EtcdLeaseKeepAlive(_)
+            | batch_request::Request::EtcdLeaseTimeToLive(_)
+            | batch_request::Request::EtcdLeaseLeases(_),
+        ) => ETCD_RANGE_ID,
         Some(batch_request::Request::RangeLookup(_)) => SYSTEM_RANGE_ID,
         // Checked against the range's span by `kv_batch` and `split`.
         Some(
@@ -93,7 +99,14 @@ fn misdirected(req: &BatchRequest) -> Option<String> {
             }
             match &cmd.op {
                 None => return Some("a write without an operation".into()),
-                Some(Op::EtcdPut(_) | Op::EtcdDeleteRange(_) | Op::EtcdTxn(_) | Op::EtcdCompact(_)) => ETCD_RANGE_ID,
+                Some(
+                    Op::EtcdPut(_)
+                    | Op::EtcdDeleteRange(_)
+                    | Op::EtcdTxn(_)
+                    | Op::EtcdCompact(_)
+                    | Op::EtcdLeaseGrant(_)
+                    | Op::EtcdLeaseRevoke(_),
+                ) => ETCD_RANGE_ID,
                 Some(Op::AllocateNode(_) | Op::Heartbeat(_) | Op::MetaUpdate(_) | Op::AllocateRangeId(_)) => {
                     SYSTEM_RANGE_ID
                 }
@@ -170,6 +183,11 @@ pub async fn evaluate(store: &StoreHandle, req: BatchRequest, opts: &EvalOptions
     match req.request {
         None => internal("empty batch request".into()),
         Some(batch_request::Request::EtcdRange(r)) => read(store, range_id, &r, opts),
+        Some(
+            r @ (batch_request::Request::EtcdLeaseKeepAlive(_)
+            | batch_request::Request::EtcdLeaseTimeToLive(_)
+            | batch_request::Request::EtcdLeaseLeases(_)),
+        ) => lease_request(store, range_id, r),
         Some(batch_request::Request::Kv(b)) => crate::kv_batch::evaluate(store, range_id, b, opts).await,
         Some(batch_request::Request::RangeLookup(l)) => crate::kv_batch::range_lookup(store, range_id, &l),
         Some(batch_request::Request::AdminSplit(s)) => crate::split::admin_split(store, range_id, s, opts).await,
@@ -234,11 +252,98 @@ fn answer(store: &StoreHandle, outcome: ApplyOutcome) -> BatchResponse {
             EtcdWriteResponse::Compact => R::EtcdCompact(CompactionResponse {
                 header: Some(header(store, rev, term)),
             }),
+            EtcdWriteResponse::LeaseGrant(g) => {
+                // Its clock starts now, at the leaseholder that granted it.
+                store.lessor().lock().deadline(term, g.id, g.ttl, Instant::now());
+                R::EtcdLeaseGrant(g)
+            }
+            EtcdWriteResponse::LeaseRevoke(r) => R::EtcdLeaseRevoke(r),
         },
     };
     BatchResponse {
         response: Some(response),
     }
+}
+
+/// A lease request answered by the leaseholder from its lease clock and
+/// the lease records, without raft.
+fn lease_request(store: &StoreHandle, range_id: u64, req: batch_request::Request) -> BatchResponse {
+    use batch_request::Request as Q;
+    use batch_response::Response as R;
+    let Some(serving) = store.with_status(range_id, |st| st.can_serve(Instant::now())) else {
+        return error(batch_error::Kind::RangeNotFound(range_id));
+    };
+    if !serving {
+        return not_leaseholder(store, range_id);
+    }
+    let snap = store.engine().snapshot();
+    let now = Instant::now();
+    let Some((term, true)) = store.with_status(range_id, |s| (s.term, s.can_serve(now))) else {
+        return not_leaseholder(store, range_id);
+    };
+    let rev = match store.rev_state(&snap) {
+        Ok(r) => r.rev,
+        Err(e) => return internal(e.to_string()),
+    };
+    let hdr = Some(header(store, rev, term));
+    let answer = (|| -> Result<R, EtcdFailure> {
+        Ok(match req {
+            Q::EtcdLeaseKeepAlive(k) => {
+                let ttl = match etcd_lease::granted_ttl(&snap, k.id)? {
+                    Some(ttl) if store.lessor().lock().renew(term, k.id, ttl, now) => ttl,
+                    // Unknown or expired: etcd answers a TTL of 0.
+                    _ => 0,
+                };
+                R::EtcdLeaseKeepAlive(proto::etcdserverpb::LeaseKeepAliveResponse {
+                    header: hdr,
+                    id: k.id,
+                    ttl,
+                })
+            }
+            Q::EtcdLeaseTimeToLive(t) => {
+                let mut resp = proto::etcdserverpb::LeaseTimeToLiveResponse {
+                    header: hdr,
+                    id: t.id,
+                    ttl: -1,
+                    ..Default::default()
+                };
+                if let Some(ttl) = etcd_lease::granted_ttl(&snap, t.id)? {
+                    resp.ttl = store.lessor().lock().remaining(term, t.id, ttl, now);
+                    resp.granted_ttl = ttl;
+                    if t.keys {
+                        resp.keys = etcd_lease::keys_of(&snap, t.id)?;
+                    }
+                }
+                R::EtcdLeaseTimeToLive(resp)
+            }
+            Q::EtcdLeaseLeases(_) => R::EtcdLeaseLeases(proto::etcdserverpb::LeaseLeasesResponse {
+                header: hdr,
+                leases: etcd_lease::all(&snap)?
+                    .into_iter()
+                    .map(|(id, _)| proto::etcdserverpb::LeaseStatus { id })
+                    .collect(),
+            }),
+            other => return Err(EtcdFailure::Corrupt(format!("not a lease request: {other:?}"))),
+        })
+    })();
+    match answer {
+        Ok(r) => BatchResponse { response: Some(r) },
+        Err(EtcdFailure::Refused(e)) => etcd_error(&e),
+        Err(e) => internal(e.to_string()),
+    }
+}
+
+/// The leases this store, holding the etcd range's lease, finds expired
+/// now (empty when it does not hold that lease): the expiry loop revokes
+/// them through raft.
+pub fn expired_leases(store: &StoreHandle) -> Result<Vec<i64>, String> {
+    let now = Instant::now();
+    let Some((term, true)) = store.with_status(ETCD_RANGE_ID, |s| (s.term, s.can_serve(now))) else {
+        return Ok(Vec::new());
+    };
+    let snap = store.engine().snapshot();
+    let leases = etcd_lease::all(&snap).map_err(|e| e.to_string())?;
+    Ok(store.lessor().lock().expired(term, &leases, now))
 }
 
 fn read(

@@ -16,6 +16,8 @@ pub mod command;
 pub mod concurrency;
 mod cycle;
 pub mod etcd;
+pub mod etcd_history;
+pub mod etcd_lease;
 pub mod evaluator;
 pub mod hlc;
 pub mod intent_resolver;

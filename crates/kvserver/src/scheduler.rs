@@ -88,6 +88,9 @@ pub(crate) struct Scheduler {
     /// Raised after every pass that handled a `Ready` (see
     /// `StoreHandle::status_version`).
     pub status_version: Arc<std::sync::atomic::AtomicU64>,
+    /// The applied index of this store's replica of the etcd range, for
+    /// the watches fed from it (`StoreHandle::etcd_applied`).
+    pub etcd_applied: Arc<tokio::sync::watch::Sender<u64>>,
     /// To send events to itself (snapshot outcomes).
     pub events: crossbeam_channel::Sender<Event>,
     /// Set when the loop stops on an error: why.

@@ -148,10 +148,24 @@ pub struct StoreHandle {
     known_stores: Arc<RwLock<BTreeMap<u64, String>>>,
     stopped: Arc<Mutex<Option<String>>>,
     status_version: Arc<std::sync::atomic::AtomicU64>,
+    etcd_applied: Arc<tokio::sync::watch::Sender<u64>>,
+    lessor: Arc<Mutex<crate::etcd_lease::Lessor>>,
     txnwait: Arc<crate::txnwait::TxnWait>,
 }
 
 impl StoreHandle {
+    /// Changes whenever this store's replica of the etcd range applied
+    /// more (its value: the applied index), so watches read what is new.
+    pub fn etcd_applied(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.etcd_applied.subscribe()
+    }
+
+    /// The clock of etcd leases, kept while this store holds the etcd
+    /// range's lease (see `etcd_lease::Lessor`).
+    pub fn lessor(&self) -> &Arc<Mutex<crate::etcd_lease::Lessor>> {
+        &self.lessor
+    }
+
     /// The queue where pushes of transactions anchored here wait.
     pub fn txnwait(&self) -> &Arc<crate::txnwait::TxnWait> {
         &self.txnwait
@@ -399,6 +413,7 @@ impl Store {
             dirty: Default::default(),
             ticking: Default::default(),
             status_version: Default::default(),
+            etcd_applied: Arc::new(tokio::sync::watch::Sender::new(0)),
             cfg: cfg.clone(),
             engine: engine.clone(),
             rx,
@@ -476,6 +491,8 @@ impl Store {
             known_stores,
             stopped: sched.stopped.clone(),
             status_version: sched.status_version.clone(),
+            etcd_applied: sched.etcd_applied.clone(),
+            lessor: Arc::default(),
             txnwait: Arc::default(),
         };
         let thread = std::thread::Builder::new()

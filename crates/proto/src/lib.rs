@@ -9,6 +9,10 @@
 // prost's oneofs hold messages by value; their sizes are the wire format's.
 #![allow(clippy::large_enum_variant)]
 
+/// Every message of `proto/*.proto` described (a `FileDescriptorSet`), for
+/// mapping them to JSON as etcd's gateway does.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));
+
 /// Tardigrade's own packages.
 pub mod tardigrade {
     /// On-disk records of the storage crate (`proto/storage.proto`).

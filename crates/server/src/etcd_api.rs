@@ -60,7 +60,7 @@ fn send_status(e: SendError) -> Status {
 
 impl EtcdApi {
     fn header(&self, store: &StoreHandle, revision: i64, raft_term: u64) -> ResponseHeader {
-        kvserver::evaluator::header(store, revision, raft_term)
+        self.shared.header(store, revision, raft_term)
     }
 
     fn observe(&self, method: &str, t0: Instant) {
@@ -79,14 +79,38 @@ impl EtcdApi {
     }
 
     /// Sends to the etcd range's leaseholder (wherever it is) and times it.
-    async fn send(&self, method: &str, request: batch_request::Request) -> Result<batch_response::Response, Status> {
+    pub(crate) async fn send(&self, method: &str, request: batch_request::Request) -> Result<batch_response::Response, Status> {
         let t0 = Instant::now();
-        let r = self.shared.send(ETCD_RANGE_ID, request).await.map_err(send_status);
+        let mut r = self.shared.send(ETCD_RANGE_ID, request).await.map_err(send_status);
         self.observe(method, t0);
+        if let Ok(resp) = &mut r {
+            self.fix_term(resp);
+        }
         r
     }
 
-    async fn write(&self, method: &str, op: raft_command::Op) -> Result<batch_response::Response, Status> {
+    /// Keeps the raft term a client sees from going down (see `Shared::fix_term`).
+    fn fix_term(&self, r: &mut batch_response::Response) {
+        use batch_response::Response as R;
+        let h = match r {
+            R::EtcdRange(x) => &mut x.header,
+            R::EtcdPut(x) => &mut x.header,
+            R::EtcdDeleteRange(x) => &mut x.header,
+            R::EtcdTxn(x) => &mut x.header,
+            R::EtcdCompact(x) => &mut x.header,
+            R::EtcdLeaseGrant(x) => &mut x.header,
+            R::EtcdLeaseRevoke(x) => &mut x.header,
+            R::EtcdLeaseKeepAlive(x) => &mut x.header,
+            R::EtcdLeaseTimeToLive(x) => &mut x.header,
+            R::EtcdLeaseLeases(x) => &mut x.header,
+            _ => return,
+        };
+        if let Some(h) = h {
+            self.shared.fix_term(h);
+        }
+    }
+
+    pub(crate) async fn write(&self, method: &str, op: raft_command::Op) -> Result<batch_response::Response, Status> {
         let cmd = RaftCommand {
             proposer_term: 0,
             max_lease_index: 0,
@@ -97,7 +121,7 @@ impl EtcdApi {
     }
 }
 
-fn unexpected(r: batch_response::Response) -> Status {
+pub(crate) fn unexpected(r: batch_response::Response) -> Status {
     Status::internal(format!("unexpected answer {r:?}"))
 }
 

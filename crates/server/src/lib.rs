@@ -7,11 +7,15 @@
 //! holds no storage or consensus logic.
 
 pub mod admin_api;
+pub mod client_port;
 pub mod clock_check;
 pub mod dist_sender;
 pub mod errors;
 pub mod etcd_api;
+pub mod etcd_lease_api;
+pub mod etcd_watch_api;
 pub mod forward;
+pub mod gateway;
 pub mod http;
 pub mod internal_api;
 pub mod kv_api;
@@ -29,7 +33,10 @@ use kvserver::{Bootstrap, Store, StoreConfig, StoreHandle, StoreOptions};
 use parking_lot::Mutex;
 use proto::admin::admin_server::AdminServer;
 use proto::cluster::membership_server::MembershipServer;
-use proto::etcdserverpb::{cluster_server::ClusterServer, kv_server::KvServer, maintenance_server::MaintenanceServer};
+use proto::etcdserverpb::{
+    cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer, maintenance_server::MaintenanceServer,
+    watch_server::WatchServer, ResponseHeader,
+};
 use proto::kvpb::kv_server::KvServer as NativeKvServer;
 use proto::kvserver::internal_server::InternalServer;
 use proto::transport::raft_transport_server::RaftTransportServer;
@@ -125,6 +132,10 @@ pub struct Shared {
     pub dist: kv::DistSender<kv_api::NodeRangeSender>,
     /// `dist` as kvserver sees it (`EvalOptions::router`).
     pub txn_router: Arc<dyn kvserver::intent_resolver::TxnRouter>,
+    /// The highest raft term this node put in an etcd header: no header it
+    /// sends carries a lower one (clients such as Patroni refuse a term
+    /// that goes down).
+    max_term: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -141,6 +152,20 @@ impl Shared {
             return Err(Status::unavailable(format!("etcdserver: unhealthy cluster ({p})")));
         }
         Ok(l.store.clone())
+    }
+
+    /// The header of an etcd answer from this node (`raft_term` never below
+    /// one it sent before).
+    pub fn header(&self, store: &StoreHandle, revision: i64, raft_term: u64) -> ResponseHeader {
+        let mut h = kvserver::evaluator::header(store, revision, raft_term);
+        self.fix_term(&mut h);
+        h
+    }
+
+    /// Raises `h.raft_term` to the highest this node has sent.
+    pub fn fix_term(&self, h: &mut ResponseHeader) {
+        let prev = self.max_term.fetch_max(h.raft_term, std::sync::atomic::Ordering::Relaxed);
+        h.raft_term = h.raft_term.max(prev);
     }
 
     /// Why the node cannot serve, if it cannot.
@@ -254,6 +279,7 @@ pub struct Node {
     http_addr: SocketAddr,
     stop_grpc: Option<oneshot::Sender<()>>,
     stop_http: Option<oneshot::Sender<()>>,
+    stop_gateway: Option<oneshot::Sender<()>>,
     /// The gRPC and HTTP servers: stopped gracefully, so that no connection
     /// still holds the store when `shutdown` returns.
     servers: Vec<JoinHandle<()>>,
@@ -292,6 +318,7 @@ impl Node {
             ranges: Default::default(),
             kv_metrics,
             cfg: cfg.clone(),
+            max_term: Default::default(),
         });
         let mut tasks = Vec::new();
         match &cfg.mode {
@@ -338,11 +365,14 @@ impl Node {
             )));
         }
         tasks.push(tokio::spawn(kv_api::merge_loop(shared.clone())));
+        tasks.push(tokio::spawn(etcd_lease_api::expiry_loop(shared.clone())));
         let etcd = etcd_api::EtcdApi { shared: shared.clone() };
         let limit = 4 << 20;
         let grpc = tonic::transport::Server::builder()
             .add_service(KvServer::new(etcd.clone()).max_decoding_message_size(limit))
             .add_service(MaintenanceServer::new(etcd.clone()))
+            .add_service(LeaseServer::new(etcd.clone()))
+            .add_service(WatchServer::new(etcd.clone()).max_decoding_message_size(limit))
             .add_service(NativeKvServer::new(kv_api::KvApi::new(shared.clone())).max_decoding_message_size(limit))
             .add_service(ClusterServer::new(etcd.clone()))
             .add_service(
@@ -361,8 +391,20 @@ impl Node {
                 .max_decoding_message_size(64 << 20),
             );
         let (stop_grpc, grpc_stopped) = oneshot::channel::<()>();
-        let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+        // gRPC and etcd's JSON gateway share the client port.
+        let (incoming, http1, accept) = client_port::split(grpc_listener);
+        tasks.push(tokio::spawn(accept));
         let mut servers = Vec::new();
+        let (stop_gateway, gateway_stopped) = oneshot::channel::<()>();
+        let gateway_app = gateway::router(etcd.clone());
+        servers.push(tokio::spawn(async move {
+            let served = axum::serve(http1, gateway_app).with_graceful_shutdown(async {
+                let _ = gateway_stopped.await;
+            });
+            if let Err(e) = served.await {
+                tracing::error!(error = %e, "JSON gateway stopped");
+            }
+        }));
         servers.push(tokio::spawn(async move {
             if let Err(e) = grpc
                 .serve_with_incoming_shutdown(incoming, async {
@@ -390,6 +432,7 @@ impl Node {
             http_addr,
             stop_grpc: Some(stop_grpc),
             stop_http: Some(stop_http),
+            stop_gateway: Some(stop_gateway),
             servers,
             tasks,
         })
@@ -419,6 +462,9 @@ impl Node {
             let _ = s.send(());
         }
         if let Some(s) = self.stop_http.take() {
+            let _ = s.send(());
+        }
+        if let Some(s) = self.stop_gateway.take() {
             let _ = s.send(());
         }
         for t in self.tasks.drain(..) {

@@ -6,6 +6,7 @@
 
 pub mod append;
 pub mod bank;
+pub mod coordination;
 pub mod kv;
 pub mod linearizability;
 pub mod list_append;
