@@ -489,7 +489,9 @@ async fn lease_watch_script(addr: &str) -> Vec<String> {
     let got = c.get("l1", None).await.unwrap();
     out.push(format!("get l1 -> lease={}", got.kvs()[0].lease()));
     let t = c.lease_time_to_live(1000, Some(LeaseTimeToLiveOptions::new().with_keys())).await.map_err(err).map(|t| {
-        let keys: Vec<String> = t.keys().iter().map(|k| String::from_utf8_lossy(k).into_owned()).collect();
+        // etcd lists them in no particular order (a Go map's).
+        let mut keys: Vec<String> = t.keys().iter().map(|k| String::from_utf8_lossy(k).into_owned()).collect();
+        keys.sort();
         format!("ttl in [58,60]={} granted={} keys={keys:?}", (58..=60).contains(&t.ttl()), t.granted_ttl())
     });
     out.push(format!("timetolive 1000 -> {t:?}"));
@@ -502,9 +504,9 @@ async fn lease_watch_script(addr: &str) -> Vec<String> {
     keeper.keep_alive().await.unwrap();
     let k = stream.message().await.map(|m| m.map(|m| (m.id(), m.ttl()))).map_err(err);
     out.push(format!("keep-alive 1000 -> {k:?}"));
-    let (mut keeper, mut stream) = c.lease_keep_alive(4242).await.unwrap();
-    keeper.keep_alive().await.unwrap();
-    let k = stream.message().await.map(|m| m.map(|m| (m.id(), m.ttl()))).map_err(err);
+    // etcd-client opens the stream with a first keep-alive and reports an
+    // answer of TTL 0 (unknown lease) as an error.
+    let k = c.lease_keep_alive(4242).await.map(|_| ()).map_err(err);
     out.push(format!("keep-alive unknown -> {k:?}"));
 
     // A watch from now on the lease's keys sees the revoke's deletes, in
@@ -566,9 +568,16 @@ async fn lease_watch_script(addr: &str) -> Vec<String> {
 /// One JSON gateway call: the status and the body with revisions by order
 /// and ids that differ between servers blanked.
 fn gateway_call(revs: &mut Revs, addr: &str, path: &str, body: &str) -> String {
+    gateway_call_raw(revs, addr, path, body).0
+}
+
+/// `gateway_call`, also giving the first answer as it came (unnormalized).
+fn gateway_call_raw(revs: &mut Revs, addr: &str, path: &str, body: &str) -> (String, serde_json::Value) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).expect("connect to the client port");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // A watch streams until the client goes: take what came in a second.
+    let wait = if path.ends_with("/watch") { 1 } else { 5 };
+    s.set_read_timeout(Some(Duration::from_secs(wait))).unwrap();
     let method = if body.is_empty() { "GET" } else { "POST" };
     write!(
         s,
@@ -586,11 +595,25 @@ fn gateway_call(revs: &mut Revs, addr: &str, path: &str, body: &str) -> String {
         // Drop the chunk sizes: keep the JSON lines.
         payload = payload.lines().filter(|l| l.trim_start().starts_with('{')).collect::<Vec<_>>().join("\n");
     }
+    let malformed = !body.is_empty() && serde_json::from_str::<serde_json::Value>(body).is_err();
     let mut parts = Vec::new();
+    let mut first = serde_json::Value::Null;
     for v in serde_json::Deserializer::from_str(&payload).into_iter::<serde_json::Value>() {
         match v {
             Ok(mut v) => {
+                if first.is_null() {
+                    first = v.clone();
+                }
                 normalize(revs, &mut v);
+                if malformed {
+                    // Go's JSON parser and ours word a syntax error each
+                    // their own way: the status and code must agree.
+                    for k in ["error", "message"] {
+                        if let Some(x) = v.get_mut(k).filter(|x| x.is_string()) {
+                            *x = serde_json::Value::String("<the parser's message>".into());
+                        }
+                    }
+                }
                 parts.push(v.to_string());
             }
             Err(_) => {
@@ -599,7 +622,7 @@ fn gateway_call(revs: &mut Revs, addr: &str, path: &str, body: &str) -> String {
             }
         }
     }
-    format!("{path} {body} -> {code} {}", parts.join(" "))
+    (format!("{path} {body} -> {code} {}", parts.join(" ")), first)
 }
 
 fn normalize(revs: &mut Revs, v: &mut serde_json::Value) {
@@ -690,7 +713,40 @@ fn gateway_script(addr: &str) -> Vec<String> {
         ("/v3/maintenance/status", "{}".into()),
         ("/v3/kv/nothing", "{}".into()),
     ];
-    calls.iter().map(|(path, body)| gateway_call(&mut revs, addr, path, body)).collect()
+    let mut out: Vec<String> = calls.iter().map(|(path, body)| gateway_call(&mut revs, addr, path, body)).collect();
+    // Watches through the gateway: from a past revision (with prev_kv and
+    // a filter), and from a compacted one.
+    let (line, first) = gateway_call_raw(&mut revs, addr, "/v3/kv/put", &format!("{{\"key\":{},\"value\":{}}}", b("gw/a"), b("1")));
+    out.push(line);
+    let from = first["header"]["revision"].as_str().unwrap_or("0").to_string();
+    for (path, body) in [
+        ("/v3/kv/put", format!("{{\"key\":{},\"value\":{}}}", b("gw/a"), b("2"))),
+        ("/v3/kv/put", format!("{{\"key\":{},\"value\":{}}}", b("gw/b"), b("1"))),
+        ("/v3/kv/deleterange", format!("{{\"key\":{}}}", b("gw/a"))),
+        (
+            "/v3/watch",
+            format!("{{\"create_request\":{{\"key\":{},\"range_end\":{},\"start_revision\":\"{from}\"}}}}", b("gw/"), b("gw0")),
+        ),
+        (
+            "/v3/watch",
+            format!(
+                "{{\"create_request\":{{\"key\":{},\"range_end\":{},\"start_revision\":{from},\"prev_kv\":true,\"filters\":[\"NOPUT\"]}}}}",
+                b("gw/"),
+                b("gw0")
+            ),
+        ),
+        ("/v3/watch", format!("{{\"create_request\":{{\"key\":{},\"start_revision\":\"1\"}}}}", b("gw/a"))),
+        ("/v3/watch", format!("{{\"create_request\":{{\"key\":{},\"range_end\":{}}}}}", b("z"), b("a"))),
+        ("/v3/lease/keepalive", "not json".into()),
+        ("/v3/watch", "{not json".into()),
+    ] {
+        // The start revision differs between the servers: not the answers.
+        let line = gateway_call(&mut revs, addr, path, &body)
+            .replace(&format!("\"start_revision\":\"{from}\""), "\"start_revision\":\"FROM\"")
+            .replace(&format!("\"start_revision\":{from}"), "\"start_revision\":FROM");
+        out.push(line);
+    }
+    out
 }
 
 fn etcdctl(addr: &str, args: &[&str], stdin: Option<&str>) -> String {

@@ -211,8 +211,6 @@ impl Cluster for EtcdApi {
     async fn member_list(&self, _req: Request<MemberListRequest>) -> Result<Response<MemberListResponse>, Status> {
         let store = self.shared.store()?;
         let st = store.status(ETCD_RANGE_ID);
-        let snap = store.engine().snapshot();
-        let rev = store.rev_state(&snap).map(|r| r.rev).unwrap_or(0);
         let members = store
             .known_stores()
             .read()
@@ -232,8 +230,11 @@ impl Cluster for EtcdApi {
                 }
             })
             .collect();
+        // etcd's cluster answers carry no revision.
+        let mut header = self.header(&store, 0, st.map_or(0, |s| s.term));
+        header.revision = 0;
         Ok(Response::new(MemberListResponse {
-            header: Some(self.header(&store, rev, st.map_or(0, |s| s.term))),
+            header: Some(header),
             members,
         }))
     }

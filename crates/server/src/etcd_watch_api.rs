@@ -191,11 +191,11 @@ impl StreamTask {
         if next < state.compact_rev {
             return self
                 .send(WatchResponse {
-                    header,
+                    // etcd's answer carries no revision here.
+                    header: Some(self.header(&store, 0)),
                     watch_id: id,
                     canceled: true,
                     compact_revision: state.compact_rev,
-                    cancel_reason: "mvcc: required revision has been compacted".into(),
                     ..Default::default()
                 })
                 .await;
@@ -257,12 +257,11 @@ impl StreamTask {
                     for id in ids {
                         self.watchers.remove(&id);
                         self.send(WatchResponse {
-                            header,
+                            header: Some(self.header(&store, 0)),
                             watch_id: id,
                             canceled: true,
                             compact_revision: state.compact_rev,
-                            cancel_reason: "mvcc: required revision has been compacted".into(),
-                            ..Default::default()
+                                    ..Default::default()
                         })
                         .await?;
                     }

@@ -233,7 +233,7 @@ fn cluster_version() -> String {
 /// etcd's `/health`: `{"health":"true"}` when the node can serve.
 async fn health(State(api): State<EtcdApi>) -> Response {
     match api.shared.health_problem() {
-        None => json(StatusCode::OK, &serde_json::json!({"health": "true", "reason": ""})),
+        None => json(StatusCode::OK, &serde_json::json!({"health": "true"})),
         Some(why) => json(
             StatusCode::SERVICE_UNAVAILABLE,
             &serde_json::json!({"health": "false", "reason": why}),
@@ -241,13 +241,15 @@ async fn health(State(api): State<EtcdApi>) -> Response {
     }
 }
 
-/// The JSON requests of a streaming call's body, one after another.
+/// The JSON requests of a streaming call's body, one after another. A body
+/// that does not parse gets UNKNOWN (HTTP 500), as from etcd's gateway,
+/// whose stream handlers report a decode failure so.
 fn requests<T: Named>(body: &[u8]) -> Result<Vec<T>, Status> {
     let mut out = Vec::new();
     let mut rest = serde_json::Deserializer::from_slice(body).into_iter::<serde_json::Value>();
     for v in rest.by_ref() {
-        let v = v.map_err(bad_body)?;
-        out.push(decode::<T>(v.to_string().as_bytes())?);
+        let v = v.map_err(|e| Status::unknown(e.to_string()))?;
+        out.push(decode::<T>(v.to_string().as_bytes()).map_err(|s| Status::unknown(s.message()))?);
     }
     Ok(out)
 }
