@@ -199,6 +199,7 @@ async fn patroni_elects_replicates_and_fails_over_on_tardigrade() {
         return;
     }
     let c = Cluster::start(3, &[]);
+    c.wait_replicated().await;
     let hosts: Vec<String> = c.nodes.iter().map(|n| n.grpc.clone()).collect();
     let mut cl = Client::connect([hosts[0].as_str()], None).await.unwrap();
     common::cluster::wait("the cluster to serve", Duration::from_secs(20), || {
