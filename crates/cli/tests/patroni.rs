@@ -252,6 +252,12 @@ async fn patroni_elects_replicates_and_fails_over_on_tardigrade() {
     let got = cl.get(key.as_str(), None).await.unwrap();
     let now_leader = got.kvs().first().map(|kv| kv.value_str().unwrap_or("").to_string());
     assert_eq!(now_leader.as_deref(), Some(replica.name.as_str()), "leader key after failover");
+    // What Patroni complained of (its DCS calls through our gateway).
+    for n in [&*leader, &*replica] {
+        let log = std::fs::read_to_string(&n.log).unwrap_or_default();
+        let complaints: Vec<&str> = log.lines().filter(|l| l.contains("ERROR") || l.contains("WARNING") || l.contains("Exception")).collect();
+        println!("{}: {} warnings or errors in its log{}", n.name, complaints.len(), complaints.iter().take(10).map(|l| format!("\n  {l}")).collect::<String>());
+    }
     println!(
         "{old} killed; {} promoted after {promoted:?} ({:?} since the kill)",
         replica.name,
