@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use proto::etcdserverpb::{
-    compare, kv_client::KvClient, lease_client::LeaseClient, request_op, watch_client::WatchClient,
+    compare, kv_client::KvClient, range_request, lease_client::LeaseClient, request_op, watch_client::WatchClient,
     watch_request::RequestUnion, Compare, DeleteRangeRequest, LeaseGrantRequest, LeaseKeepAliveRequest,
     LeaseRevokeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest, WatchCreateRequest, WatchRequest,
 };
@@ -432,13 +432,18 @@ async fn acquire(hosts: &Hosts, pfx: &[u8], my_key: &[u8], lease: i64, deadline:
         let older = timed(KvClient::new(hosts.any()).range(RangeRequest {
             key: pfx.to_vec(),
             range_end: end.clone(),
+            // etcd's `waitDeletes`: the newest key older than ours (a
+            // count would not do: etcd's ignores the revision filters).
             max_create_revision: my_rev - 1,
-            count_only: true,
+            sort_target: range_request::SortTarget::Create as i32,
+            sort_order: range_request::SortOrder::Descend as i32,
+            limit: 1,
+            keys_only: true,
             ..Default::default()
         }))
         .await;
         match older {
-            Ok(r) if r.count == 0 => return Some(my_rev),
+            Ok(r) if r.kvs.is_empty() => return Some(my_rev),
             _ => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
