@@ -268,7 +268,13 @@ pub async fn coordination(a: CoordArgs) -> anyhow::Result<()> {
         "locks: {} taken; guarded writes {} acknowledged, {} refused by their fence, {} applied",
         r.locks_taken, r.guarded_ok, r.guarded_refused, r.guarded_applied
     );
-    for p in r.watch_problems.iter().chain(&r.lease_problems).chain(&r.fencing_problems).take(20) {
+    for p in r
+        .watch_problems
+        .iter()
+        .chain(&r.lease_problems)
+        .chain(&r.fencing_problems)
+        .take(20)
+    {
         println!("PROBLEM: {p}");
     }
     if !r.ok() {

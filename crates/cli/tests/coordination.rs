@@ -111,7 +111,10 @@ async fn etcdctl_leases_watches_elections_and_locks_work_against_a_cluster() {
     assert_eq!(code, 0, "{out}");
     let (code, out) = etcdctl(&n2, &["lease", "timetolive", &id, "--keys"]);
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("granted with TTL(30s)") && out.contains("attached keys([leased])"), "{out}");
+    assert!(
+        out.contains("granted with TTL(30s)") && out.contains("attached keys([leased])"),
+        "{out}"
+    );
     let (code, out) = etcdctl(&n2, &["lease", "keep-alive", "--once", &id]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains(&format!("lease {id} keepalived with TTL(30)")), "{out}");
@@ -129,10 +132,17 @@ async fn etcdctl_leases_watches_elections_and_locks_work_against_a_cluster() {
     let first = cl.put("w/1", "a", None).await.unwrap().header().unwrap().revision();
     cl.put("w/2", "b", None).await.unwrap();
     cl.delete("w/1", None).await.unwrap();
-    let (mut watcher, rx) = etcdctl_bg(&c.nodes[2].grpc, &["watch", "--prefix", "--rev", &first.to_string(), "w/"]);
+    let (mut watcher, rx) = etcdctl_bg(
+        &c.nodes[2].grpc,
+        &["watch", "--prefix", "--rev", &first.to_string(), "w/"],
+    );
     // etcdctl prints type, key and value per event (a delete's value empty).
     let got = lines(&rx, 9, Duration::from_secs(10));
-    assert_eq!(got, ["PUT", "w/1", "a", "PUT", "w/2", "b", "DELETE", "w/1", ""], "{got:?}");
+    assert_eq!(
+        got,
+        ["PUT", "w/1", "a", "PUT", "w/2", "b", "DELETE", "w/1", ""],
+        "{got:?}"
+    );
     cl.put("w/3", "live", None).await.unwrap();
     assert_eq!(lines(&rx, 3, Duration::from_secs(10)), ["PUT", "w/3", "live"]);
     interrupt(&mut watcher);
@@ -174,7 +184,10 @@ async fn etcdctl_leases_watches_elections_and_locks_work_against_a_cluster() {
     };
     let (sa, ea) = span(a.wait_with_output().unwrap());
     let (sb, eb) = span(b.wait_with_output().unwrap());
-    assert!(ea < sb || eb < sa, "lock holders overlapped: [{sa}, {ea}] and [{sb}, {eb}]");
+    assert!(
+        ea < sb || eb < sa,
+        "lock holders overlapped: [{sa}, {ea}] and [{sb}, {eb}]"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,7 +205,9 @@ async fn a_lease_kept_alive_survives_the_loss_of_the_leaseholder_and_expires_onc
     let mut cl = Client::connect([c.nodes[other].grpc.as_str()], None).await.unwrap();
     let ttl = 3;
     let lease = cl.lease_grant(ttl, None).await.unwrap().id();
-    cl.put("owned", "x", Some(PutOptions::new().with_lease(lease))).await.unwrap();
+    cl.put("owned", "x", Some(PutOptions::new().with_lease(lease)))
+        .await
+        .unwrap();
     // Keep it alive every second through a node that stays up, as a
     // client does (reconnecting after errors).
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -231,7 +246,12 @@ async fn a_lease_kept_alive_survives_the_loss_of_the_leaseholder_and_expires_onc
     while t0.elapsed() < Duration::from_secs(3 * ttl as u64) {
         let r = cl.get("owned", None).await;
         if let Ok(r) = r {
-            assert_eq!(r.kvs().len(), 1, "the kept-alive lease expired {:?} after the kill", t0.elapsed());
+            assert_eq!(
+                r.kvs().len(),
+                1,
+                "the kept-alive lease expired {:?} after the kill",
+                t0.elapsed()
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -241,10 +261,14 @@ async fn a_lease_kept_alive_survives_the_loss_of_the_leaseholder_and_expires_onc
     // Let go: it expires within its TTL and a little more.
     let let_go = Instant::now();
     let mut cl3 = Client::connect([c.nodes[third].grpc.as_str()], None).await.unwrap();
-    wait("the abandoned lease's key to go", Duration::from_secs(ttl as u64 + 5), || {
-        let mut cl3 = cl3.clone();
-        async move { cl3.get("owned", None).await.is_ok_and(|r| r.kvs().is_empty()) }
-    })
+    wait(
+        "the abandoned lease's key to go",
+        Duration::from_secs(ttl as u64 + 5),
+        || {
+            let mut cl3 = cl3.clone();
+            async move { cl3.get("owned", None).await.is_ok_and(|r| r.kvs().is_empty()) }
+        },
+    )
     .await;
     println!("expired {:?} after its last keep-alive", let_go.elapsed());
     let left = cl3.get("", Some(GetOptions::new().with_prefix())).await.unwrap();
@@ -279,7 +303,11 @@ async fn watches_leases_and_fenced_locks_hold_under_the_nemesis() {
     // The checks had something to check.
     let num = |label: &str| -> u64 {
         let at = stdout.find(label).unwrap_or_else(|| panic!("{label} in {stdout}"));
-        stdout[..at].split_whitespace().last().and_then(|n| n.parse().ok()).unwrap_or(0)
+        stdout[..at]
+            .split_whitespace()
+            .last()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
     };
     assert!(num(" writes acknowledged") > 50, "{stdout}");
     assert!(num(" keep-alives answered") > 20, "{stdout}");

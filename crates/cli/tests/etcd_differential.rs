@@ -474,35 +474,90 @@ async fn lease_watch_script(addr: &str) -> Vec<String> {
     let g = |r: Result<etcd_client::LeaseGrantResponse, etcd_client::Error>| {
         r.map(|g| format!("id={} ttl={}", g.id(), g.ttl())).map_err(err)
     };
-    out.push(format!("grant 1000 ttl 60 -> {:?}", g(c.lease_grant(60, Some(LeaseGrantOptions::new().with_id(1000))).await)));
-    out.push(format!("grant 1000 again -> {:?}", g(c.lease_grant(60, Some(LeaseGrantOptions::new().with_id(1000))).await)));
-    out.push(format!("grant 1001 ttl 1 -> {:?}", g(c.lease_grant(1, Some(LeaseGrantOptions::new().with_id(1001))).await)));
-    out.push(format!("grant ttl too large -> {:?}", g(c.lease_grant(9_000_000_001, Some(LeaseGrantOptions::new().with_id(1002))).await)));
-    let auto = c.lease_grant(30, None).await.map(|g| (g.id() > 0, g.ttl())).map_err(err);
+    out.push(format!(
+        "grant 1000 ttl 60 -> {:?}",
+        g(c.lease_grant(60, Some(LeaseGrantOptions::new().with_id(1000))).await)
+    ));
+    out.push(format!(
+        "grant 1000 again -> {:?}",
+        g(c.lease_grant(60, Some(LeaseGrantOptions::new().with_id(1000))).await)
+    ));
+    out.push(format!(
+        "grant 1001 ttl 1 -> {:?}",
+        g(c.lease_grant(1, Some(LeaseGrantOptions::new().with_id(1001))).await)
+    ));
+    out.push(format!(
+        "grant ttl too large -> {:?}",
+        g(
+            c.lease_grant(9_000_000_001, Some(LeaseGrantOptions::new().with_id(1002)))
+                .await
+        )
+    ));
+    let auto = c
+        .lease_grant(30, None)
+        .await
+        .map(|g| (g.id() > 0, g.ttl()))
+        .map_err(err);
     out.push(format!("grant with no id -> {auto:?}"));
     for k in ["l1", "l2"] {
-        let r = c.put(k, "v", Some(PutOptions::new().with_lease(1000))).await.map(|p| revs.r(p.header().unwrap().revision())).map_err(err);
+        let r = c
+            .put(k, "v", Some(PutOptions::new().with_lease(1000)))
+            .await
+            .map(|p| revs.r(p.header().unwrap().revision()))
+            .map_err(err);
         out.push(format!("put {k} lease 1000 -> {r:?}"));
     }
-    let r = c.put("l3", "v", Some(PutOptions::new().with_lease(4242))).await.map(|_| ()).map_err(err);
+    let r = c
+        .put("l3", "v", Some(PutOptions::new().with_lease(4242)))
+        .await
+        .map(|_| ())
+        .map_err(err);
     out.push(format!("put with unknown lease -> {r:?}"));
     let got = c.get("l1", None).await.unwrap();
     out.push(format!("get l1 -> lease={}", got.kvs()[0].lease()));
-    let t = c.lease_time_to_live(1000, Some(LeaseTimeToLiveOptions::new().with_keys())).await.map_err(err).map(|t| {
-        // etcd lists them in no particular order (a Go map's).
-        let mut keys: Vec<String> = t.keys().iter().map(|k| String::from_utf8_lossy(k).into_owned()).collect();
-        keys.sort();
-        format!("ttl in [58,60]={} granted={} keys={keys:?}", (58..=60).contains(&t.ttl()), t.granted_ttl())
-    });
+    let t = c
+        .lease_time_to_live(1000, Some(LeaseTimeToLiveOptions::new().with_keys()))
+        .await
+        .map_err(err)
+        .map(|t| {
+            // etcd lists them in no particular order (a Go map's).
+            let mut keys: Vec<String> = t
+                .keys()
+                .iter()
+                .map(|k| String::from_utf8_lossy(k).into_owned())
+                .collect();
+            keys.sort();
+            format!(
+                "ttl in [58,60]={} granted={} keys={keys:?}",
+                (58..=60).contains(&t.ttl()),
+                t.granted_ttl()
+            )
+        });
     out.push(format!("timetolive 1000 -> {t:?}"));
-    let t = c.lease_time_to_live(4242, None).await.map(|t| (t.ttl(), t.granted_ttl())).map_err(err);
+    let t = c
+        .lease_time_to_live(4242, None)
+        .await
+        .map(|t| (t.ttl(), t.granted_ttl()))
+        .map_err(err);
     out.push(format!("timetolive unknown -> {t:?}"));
-    let mut ids: Vec<i64> = c.leases().await.unwrap().leases().iter().map(|l| l.id()).filter(|&id| id < 2000).collect();
+    let mut ids: Vec<i64> = c
+        .leases()
+        .await
+        .unwrap()
+        .leases()
+        .iter()
+        .map(|l| l.id())
+        .filter(|&id| id < 2000)
+        .collect();
     ids.sort();
     out.push(format!("leases -> {ids:?}"));
     let (mut keeper, mut stream) = c.lease_keep_alive(1000).await.unwrap();
     keeper.keep_alive().await.unwrap();
-    let k = stream.message().await.map(|m| m.map(|m| (m.id(), m.ttl()))).map_err(err);
+    let k = stream
+        .message()
+        .await
+        .map(|m| m.map(|m| (m.id(), m.ttl())))
+        .map_err(err);
     out.push(format!("keep-alive 1000 -> {k:?}"));
     // etcd-client opens the stream with a first keep-alive and reports an
     // answer of TTL 0 (unknown lease) as an error.
@@ -511,23 +566,45 @@ async fn lease_watch_script(addr: &str) -> Vec<String> {
 
     // A watch from now on the lease's keys sees the revoke's deletes, in
     // one revision.
-    let mut w = c.watch("l", Some(WatchOptions::new().with_prefix().with_prev_key())).await.unwrap();
+    let mut w = c
+        .watch("l", Some(WatchOptions::new().with_prefix().with_prev_key()))
+        .await
+        .unwrap();
     out.extend(watch_until(&mut revs, &mut w, 0).await);
-    let r = c.lease_revoke(1000).await.map(|r| revs.r(r.header().unwrap().revision())).map_err(err);
+    let r = c
+        .lease_revoke(1000)
+        .await
+        .map(|r| revs.r(r.header().unwrap().revision()))
+        .map_err(err);
     out.push(format!("revoke 1000 -> {r:?}"));
     out.extend(watch_until(&mut revs, &mut w, 2).await);
     let r = c.lease_revoke(1000).await.map(|_| ()).map_err(err);
     out.push(format!("revoke 1000 again -> {r:?}"));
-    out.push(format!("get l prefix after revoke -> {}", c.get("l", Some(GetOptions::new().with_prefix())).await.unwrap().kvs().len()));
+    out.push(format!(
+        "get l prefix after revoke -> {}",
+        c.get("l", Some(GetOptions::new().with_prefix()))
+            .await
+            .unwrap()
+            .kvs()
+            .len()
+    ));
 
     // Expiry deletes the keys (and a watcher sees it).
-    c.put("e1", "v", Some(PutOptions::new().with_lease(1001))).await.unwrap();
+    c.put("e1", "v", Some(PutOptions::new().with_lease(1001)))
+        .await
+        .unwrap();
     let mut w = c.watch("e1", None).await.unwrap();
     out.extend(watch_until(&mut revs, &mut w, 0).await);
     let t0 = std::time::Instant::now();
     out.extend(watch_until(&mut revs, &mut w, 1).await);
-    out.push(format!("expired within 4 s -> {}", t0.elapsed() < Duration::from_secs(4)));
-    out.push(format!("get e1 after expiry -> {}", c.get("e1", None).await.unwrap().kvs().len()));
+    out.push(format!(
+        "expired within 4 s -> {}",
+        t0.elapsed() < Duration::from_secs(4)
+    ));
+    out.push(format!(
+        "get e1 after expiry -> {}",
+        c.get("e1", None).await.unwrap().kvs().len()
+    ));
     let t = c.lease_time_to_live(1001, None).await.map(|t| t.ttl()).map_err(err);
     out.push(format!("timetolive expired -> {t:?}"));
 
@@ -538,19 +615,44 @@ async fn lease_watch_script(addr: &str) -> Vec<String> {
     c.put("w/a", "2", None).await.unwrap();
     c.delete("w/b", None).await.unwrap();
     let last = c.put("w/c", "1", None).await.unwrap().header().unwrap().revision();
-    let mut w = c.watch("w/", Some(WatchOptions::new().with_prefix().with_start_revision(first))).await.unwrap();
+    let mut w = c
+        .watch("w/", Some(WatchOptions::new().with_prefix().with_start_revision(first)))
+        .await
+        .unwrap();
     out.extend(watch_until(&mut revs, &mut w, 5).await);
     let mut w = c
-        .watch("w/", Some(WatchOptions::new().with_prefix().with_start_revision(first).with_prev_key().with_filters([WatchFilterType::NoPut])))
+        .watch(
+            "w/",
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(first)
+                    .with_prev_key()
+                    .with_filters([WatchFilterType::NoPut]),
+            ),
+        )
         .await
         .unwrap();
     out.extend(watch_until(&mut revs, &mut w, 1).await);
-    let mut w = c.watch("w/a", Some(WatchOptions::new().with_start_revision(first).with_filters([WatchFilterType::NoDelete]))).await.unwrap();
+    let mut w = c
+        .watch(
+            "w/a",
+            Some(
+                WatchOptions::new()
+                    .with_start_revision(first)
+                    .with_filters([WatchFilterType::NoDelete]),
+            ),
+        )
+        .await
+        .unwrap();
     out.extend(watch_until(&mut revs, &mut w, 2).await);
     // Live events after catching up.
     c.put("w/d", "live", None).await.unwrap();
     out.extend(watch_until(&mut revs, &mut w, 0).await);
-    let mut w = c.watch("w/", Some(WatchOptions::new().with_prefix().with_start_revision(last))).await.unwrap();
+    let mut w = c
+        .watch("w/", Some(WatchOptions::new().with_prefix().with_start_revision(last)))
+        .await
+        .unwrap();
     out.extend(watch_until(&mut revs, &mut w, 2).await);
     // Bad ranges: inverted.
     let mut w = c.watch("z", Some(WatchOptions::new().with_range("a"))).await.unwrap();
@@ -558,9 +660,15 @@ async fn lease_watch_script(addr: &str) -> Vec<String> {
     // Compaction: a watch from before it is cancelled with its revision.
     let r = c.compact(last, None).await.map(|_| ()).map_err(err);
     out.push(format!("compact to put w/c -> {r:?}"));
-    let mut w = c.watch("w/", Some(WatchOptions::new().with_prefix().with_start_revision(first))).await.unwrap();
+    let mut w = c
+        .watch("w/", Some(WatchOptions::new().with_prefix().with_start_revision(first)))
+        .await
+        .unwrap();
     out.extend(watch_until(&mut revs, &mut w, 1).await);
-    let mut w = c.watch("w/", Some(WatchOptions::new().with_prefix().with_start_revision(last))).await.unwrap();
+    let mut w = c
+        .watch("w/", Some(WatchOptions::new().with_prefix().with_start_revision(last)))
+        .await
+        .unwrap();
     out.extend(watch_until(&mut revs, &mut w, 2).await);
     out
 }
@@ -593,7 +701,11 @@ fn gateway_call_raw(revs: &mut Revs, addr: &str, path: &str, body: &str) -> (Str
     let mut payload = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
     if chunked {
         // Drop the chunk sizes: keep the JSON lines.
-        payload = payload.lines().filter(|l| l.trim_start().starts_with('{')).collect::<Vec<_>>().join("\n");
+        payload = payload
+            .lines()
+            .filter(|l| l.trim_start().starts_with('{'))
+            .collect::<Vec<_>>()
+            .join("\n");
     }
     let malformed = !body.is_empty() && serde_json::from_str::<serde_json::Value>(body).is_err();
     let mut parts = Vec::new();
@@ -658,7 +770,9 @@ fn gateway_script(addr: &str) -> Vec<String> {
         let mut out = String::new();
         for chunk in bytes.chunks(3) {
             let n = chunk.len();
-            let v = (chunk[0] as u32) << 16 | (*chunk.get(1).unwrap_or(&0) as u32) << 8 | *chunk.get(2).unwrap_or(&0) as u32;
+            let v = (chunk[0] as u32) << 16
+                | (*chunk.get(1).unwrap_or(&0) as u32) << 8
+                | *chunk.get(2).unwrap_or(&0) as u32;
             for i in 0..4 {
                 if i <= n {
                     out.push(T[(v >> (18 - 6 * i) & 63) as usize] as char);
@@ -713,10 +827,18 @@ fn gateway_script(addr: &str) -> Vec<String> {
         ("/v3/maintenance/status", "{}".into()),
         ("/v3/kv/nothing", "{}".into()),
     ];
-    let mut out: Vec<String> = calls.iter().map(|(path, body)| gateway_call(&mut revs, addr, path, body)).collect();
+    let mut out: Vec<String> = calls
+        .iter()
+        .map(|(path, body)| gateway_call(&mut revs, addr, path, body))
+        .collect();
     // Watches through the gateway: from a past revision (with prev_kv and
     // a filter), and from a compacted one.
-    let (line, first) = gateway_call_raw(&mut revs, addr, "/v3/kv/put", &format!("{{\"key\":{},\"value\":{}}}", b("gw/a"), b("1")));
+    let (line, first) = gateway_call_raw(
+        &mut revs,
+        addr,
+        "/v3/kv/put",
+        &format!("{{\"key\":{},\"value\":{}}}", b("gw/a"), b("1")),
+    );
     out.push(line);
     let from = first["header"]["revision"].as_str().unwrap_or("0").to_string();
     for (path, body) in [
@@ -825,7 +947,11 @@ async fn tardigrade_answers_like_etcd() {
     assert_eq!(want.len(), got.len());
     let want = lease_watch_script(&etcd.grpc).await;
     let got = lease_watch_script(&node.grpc).await;
-    assert_eq!(want.len(), got.len(), "lease and watch transcripts:\n{want:#?}\n{got:#?}");
+    assert_eq!(
+        want.len(),
+        got.len(),
+        "lease and watch transcripts:\n{want:#?}\n{got:#?}"
+    );
     for (i, (w, g)) in want.iter().zip(&got).enumerate() {
         if w != g {
             diffs.push(format!("lease/watch step {i}:\n  etcd:       {w}\n  tardigrade: {g}"));

@@ -25,7 +25,9 @@ const SCOPE: &str = "tardi";
 fn missing() -> Option<String> {
     for p in ["/usr/bin/patroni", &format!("{PG_BIN}/postgres"), "/usr/sbin/runuser"] {
         if !Path::new(p).exists() {
-            return Some(format!("{p} is not installed (`scripts/setup.sh test` installs patroni and postgresql-15)"));
+            return Some(format!(
+                "{p} is not installed (`scripts/setup.sh test` installs patroni and postgresql-15)"
+            ));
         }
     }
     None
@@ -46,7 +48,11 @@ impl Patroni {
         let api = format!("127.0.0.1:{}", free_port());
         let pg = format!("127.0.0.1:{}", free_port());
         let data = dir.join(name);
-        let hosts = etcd_hosts.iter().map(|h| format!("'{h}'")).collect::<Vec<_>>().join(", ");
+        let hosts = etcd_hosts
+            .iter()
+            .map(|h| format!("'{h}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
         let cfg = format!(
             "scope: {SCOPE}
 namespace: /service/
@@ -181,7 +187,10 @@ fn wait_for(what: &str, timeout: Duration, nodes: &[&Patroni], mut f: impl FnMut
     let t0 = Instant::now();
     while !f() {
         if t0.elapsed() > timeout {
-            let logs: Vec<String> = nodes.iter().map(|n| format!("---- {} ----\n{}", n.name, n.tail())).collect();
+            let logs: Vec<String> = nodes
+                .iter()
+                .map(|n| format!("---- {} ----\n{}", n.name, n.tail()))
+                .collect();
             panic!("timed out after {timeout:?} waiting for {what}\n{}", logs.join("\n"));
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -222,16 +231,26 @@ async fn patroni_elects_replicates_and_fails_over_on_tardigrade() {
     let elected = wait_for("a leader", Duration::from_secs(60), &[&p1, &p2], || {
         p1.is_primary() || p2.is_primary()
     });
-    let (leader, replica) = if p1.is_primary() { (&mut p1, &mut p2) } else { (&mut p2, &mut p1) };
+    let (leader, replica) = if p1.is_primary() {
+        (&mut p1, &mut p2)
+    } else {
+        (&mut p2, &mut p1)
+    };
     println!("{} elected after {elected:?}", leader.name);
-    let following = wait_for("the replica to stream from the leader", Duration::from_secs(60), &[&*leader, &*replica], || {
-        replica.role() == "replica"
-            && leader.status().is_some_and(|s| {
-                s.get("replication")
-                    .and_then(|r| r.as_array())
-                    .is_some_and(|r| r.iter().any(|x| x.get("state").and_then(|s| s.as_str()) == Some("streaming")))
-            })
-    });
+    let following = wait_for(
+        "the replica to stream from the leader",
+        Duration::from_secs(60),
+        &[&*leader, &*replica],
+        || {
+            replica.role() == "replica"
+                && leader.status().is_some_and(|s| {
+                    s.get("replication").and_then(|r| r.as_array()).is_some_and(|r| {
+                        r.iter()
+                            .any(|x| x.get("state").and_then(|s| s.as_str()) == Some("streaming"))
+                    })
+                })
+        },
+    );
     println!("{} streams from {} after {following:?}", replica.name, leader.name);
 
     // The leader key holds the leader's name under a live lease.
@@ -241,22 +260,45 @@ async fn patroni_elects_replicates_and_fails_over_on_tardigrade() {
     assert_eq!(kv.value_str().unwrap(), leader.name);
     assert_ne!(kv.lease(), 0, "the leader key is not under a lease");
     let ttl = cl.lease_time_to_live(kv.lease(), None).await.unwrap();
-    assert!(ttl.ttl() > 0 && ttl.granted_ttl() > 0, "leader lease {} ttl {}", kv.lease(), ttl.ttl());
+    assert!(
+        ttl.ttl() > 0 && ttl.granted_ttl() > 0,
+        "leader lease {} ttl {}",
+        kv.lease(),
+        ttl.ttl()
+    );
 
     // Kill the leader's Patroni and PostgreSQL: the key expires with its
     // lease, and the replica takes over.
     let old = leader.name.clone();
     leader.kill();
     let killed = Instant::now();
-    let promoted = wait_for("the replica's promotion", Duration::from_secs(60), &[&*replica], || replica.is_primary());
+    let promoted = wait_for("the replica's promotion", Duration::from_secs(60), &[&*replica], || {
+        replica.is_primary()
+    });
     let got = cl.get(key.as_str(), None).await.unwrap();
     let now_leader = got.kvs().first().map(|kv| kv.value_str().unwrap_or("").to_string());
-    assert_eq!(now_leader.as_deref(), Some(replica.name.as_str()), "leader key after failover");
+    assert_eq!(
+        now_leader.as_deref(),
+        Some(replica.name.as_str()),
+        "leader key after failover"
+    );
     // What Patroni complained of (its DCS calls through our gateway).
     for n in [&*leader, &*replica] {
         let log = std::fs::read_to_string(&n.log).unwrap_or_default();
-        let complaints: Vec<&str> = log.lines().filter(|l| l.contains("ERROR") || l.contains("WARNING") || l.contains("Exception")).collect();
-        println!("{}: {} warnings or errors in its log{}", n.name, complaints.len(), complaints.iter().take(10).map(|l| format!("\n  {l}")).collect::<String>());
+        let complaints: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("ERROR") || l.contains("WARNING") || l.contains("Exception"))
+            .collect();
+        println!(
+            "{}: {} warnings or errors in its log{}",
+            n.name,
+            complaints.len(),
+            complaints
+                .iter()
+                .take(10)
+                .map(|l| format!("\n  {l}"))
+                .collect::<String>()
+        );
     }
     println!(
         "{old} killed; {} promoted after {promoted:?} ({:?} since the kill)",

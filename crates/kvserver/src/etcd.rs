@@ -747,7 +747,9 @@ pub fn with_header(resp: EtcdWriteResponse, header: ResponseHeader) -> EtcdWrite
             g.header = Some(header);
             EtcdWriteResponse::LeaseGrant(g)
         }
-        EtcdWriteResponse::LeaseRevoke(_) => EtcdWriteResponse::LeaseRevoke(LeaseRevokeResponse { header: Some(header) }),
+        EtcdWriteResponse::LeaseRevoke(_) => {
+            EtcdWriteResponse::LeaseRevoke(LeaseRevokeResponse { header: Some(header) })
+        }
     }
 }
 

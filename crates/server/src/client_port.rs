@@ -48,7 +48,9 @@ pub type Http2Incoming = tokio_stream::wrappers::ReceiverStream<Result<TcpStream
 /// Splits `listener` into its gRPC and HTTP/1.1 connections; the returned
 /// future is the accept loop (run it as a task).
 pub fn split(listener: TcpListener) -> (Http2Incoming, Http1Listener, impl std::future::Future<Output = ()>) {
-    let addr = listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let (h2_tx, h2_rx) = mpsc::channel(64);
     let (h1_tx, h1_rx) = mpsc::channel(64);
     let accept = async move {

@@ -79,7 +79,11 @@ impl EtcdApi {
     }
 
     /// Sends to the etcd range's leaseholder (wherever it is) and times it.
-    pub(crate) async fn send(&self, method: &str, request: batch_request::Request) -> Result<batch_response::Response, Status> {
+    pub(crate) async fn send(
+        &self,
+        method: &str,
+        request: batch_request::Request,
+    ) -> Result<batch_response::Response, Status> {
         let t0 = Instant::now();
         let mut r = self.shared.send(ETCD_RANGE_ID, request).await.map_err(send_status);
         self.observe(method, t0);

@@ -35,7 +35,10 @@ type KeepAliveStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<LeaseKeepA
 fn new_lease_id(shared: &Shared) -> i64 {
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let (node, wall) = match shared.local.get() {
-        Some(l) => (l.store.ident().node_id, l.store.clock().now().map(|t| t.wall).unwrap_or(0)),
+        Some(l) => (
+            l.store.ident().node_id,
+            l.store.clock().now().map(|t| t.wall).unwrap_or(0),
+        ),
         None => (0, 0),
     };
     let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -180,7 +180,11 @@ impl StreamTask {
             }
             self.next_id
         };
-        let next = if c.start_revision > 0 { c.start_revision } else { state.rev + 1 };
+        let next = if c.start_revision > 0 {
+            c.start_revision
+        } else {
+            state.rev + 1
+        };
         self.send(WatchResponse {
             header,
             watch_id: id,
@@ -261,7 +265,7 @@ impl StreamTask {
                             watch_id: id,
                             canceled: true,
                             compact_revision: state.compact_rev,
-                                    ..Default::default()
+                            ..Default::default()
                         })
                         .await?;
                     }
@@ -517,8 +521,20 @@ mod tests {
         assert!(!w("a", "\0", true, false).matches(&ev("a", true, 0)));
         assert!(w("a", "\0", true, false).matches(&ev("a", false, 0)));
         assert!(!w("a", "\0", false, true).matches(&ev("a", false, 0)));
-        assert_eq!(check_create(&WatchCreateRequest { key: b"b".to_vec(), range_end: b"a".to_vec(), ..Default::default() }), Err("mvcc: watcher range is empty"));
-        assert!(check_create(&WatchCreateRequest { key: b"a".to_vec(), range_end: vec![0], ..Default::default() }).is_ok());
+        assert_eq!(
+            check_create(&WatchCreateRequest {
+                key: b"b".to_vec(),
+                range_end: b"a".to_vec(),
+                ..Default::default()
+            }),
+            Err("mvcc: watcher range is empty")
+        );
+        assert!(check_create(&WatchCreateRequest {
+            key: b"a".to_vec(),
+            range_end: vec![0],
+            ..Default::default()
+        })
+        .is_ok());
     }
 
     #[test]
@@ -530,6 +546,8 @@ mod tests {
         assert!(parts[..parts.len() - 1].iter().all(|r| r.fragment));
         assert!(!parts.last().unwrap().fragment);
         assert_eq!(parts.iter().map(|r| r.events.len()).sum::<usize>(), 5);
-        assert!(parts.iter().all(|r| r.encoded_len() <= kvserver::etcd::MAX_REQUEST_BYTES + 700 * 1024));
+        assert!(parts
+            .iter()
+            .all(|r| r.encoded_len() <= kvserver::etcd::MAX_REQUEST_BYTES + 700 * 1024));
     }
 }

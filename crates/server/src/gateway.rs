@@ -20,8 +20,8 @@ use axum::routing::{get, post};
 use axum::Router;
 use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage, SerializeOptions};
 use proto::etcdserverpb::{
-    cluster_server::Cluster, kv_server::Kv, lease_server::Lease, maintenance_server::Maintenance, LeaseKeepAliveRequest,
-    WatchRequest, WatchResponse,
+    cluster_server::Cluster, kv_server::Kv, lease_server::Lease, maintenance_server::Maintenance,
+    LeaseKeepAliveRequest, WatchRequest, WatchResponse,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -96,8 +96,9 @@ fn decode<T: Named>(body: &[u8]) -> Result<T, Status> {
         .get_message_by_name(T::NAME)
         .ok_or_else(|| Status::internal(format!("no descriptor of {}", T::NAME)))?;
     let mut de = serde_json::Deserializer::from_slice(body);
-    let dynamic = DynamicMessage::deserialize_with_options(desc, &mut de, &DeserializeOptions::new().deny_unknown_fields(false))
-        .map_err(bad_body)?;
+    let dynamic =
+        DynamicMessage::deserialize_with_options(desc, &mut de, &DeserializeOptions::new().deny_unknown_fields(false))
+            .map_err(bad_body)?;
     de.end().map_err(bad_body)?;
     T::decode(prost::Message::encode_to_vec(&dynamic).as_slice()).map_err(bad_body)
 }
@@ -107,8 +108,11 @@ fn encode_value<T: Named>(m: &T) -> Result<serde_json::Value, Status> {
     let desc = pool()
         .get_message_by_name(T::NAME)
         .ok_or_else(|| Status::internal(format!("no descriptor of {}", T::NAME)))?;
-    let dynamic = DynamicMessage::decode(desc, m.encode_to_vec().as_slice()).map_err(|e| Status::internal(e.to_string()))?;
-    let opts = SerializeOptions::new().use_proto_field_name(true).skip_default_fields(true);
+    let dynamic =
+        DynamicMessage::decode(desc, m.encode_to_vec().as_slice()).map_err(|e| Status::internal(e.to_string()))?;
+    let opts = SerializeOptions::new()
+        .use_proto_field_name(true)
+        .skip_default_fields(true);
     dynamic
         .serialize_with_options(serde_json::value::Serializer, &opts)
         .map_err(|e| Status::internal(e.to_string()))
@@ -178,7 +182,10 @@ where
 macro_rules! route {
     ($trait:ident :: $method:ident) => {
         |State(api): State<EtcdApi>, body: Bytes| async move {
-            unary(api, body, |api, req| async move { $trait::$method(&api, tonic::Request::new(req)).await }).await
+            unary(api, body, |api, req| async move {
+                $trait::$method(&api, tonic::Request::new(req)).await
+            })
+            .await
         }
     };
 }
@@ -199,8 +206,14 @@ pub fn router(api: EtcdApi) -> Router {
             .route(&format!("{p}/lease/grant"), post(route!(Lease::lease_grant)))
             .route(&format!("{p}/lease/revoke"), post(route!(Lease::lease_revoke)))
             .route(&format!("{p}/kv/lease/revoke"), post(route!(Lease::lease_revoke)))
-            .route(&format!("{p}/lease/timetolive"), post(route!(Lease::lease_time_to_live)))
-            .route(&format!("{p}/kv/lease/timetolive"), post(route!(Lease::lease_time_to_live)))
+            .route(
+                &format!("{p}/lease/timetolive"),
+                post(route!(Lease::lease_time_to_live)),
+            )
+            .route(
+                &format!("{p}/kv/lease/timetolive"),
+                post(route!(Lease::lease_time_to_live)),
+            )
             .route(&format!("{p}/lease/leases"), post(route!(Lease::lease_leases)))
             .route(&format!("{p}/kv/lease/leases"), post(route!(Lease::lease_leases)))
             .route(&format!("{p}/lease/keepalive"), post(keep_alive))

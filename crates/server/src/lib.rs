@@ -34,8 +34,8 @@ use parking_lot::Mutex;
 use proto::admin::admin_server::AdminServer;
 use proto::cluster::membership_server::MembershipServer;
 use proto::etcdserverpb::{
-    cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer, maintenance_server::MaintenanceServer,
-    watch_server::WatchServer, ResponseHeader,
+    cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
+    maintenance_server::MaintenanceServer, watch_server::WatchServer, ResponseHeader,
 };
 use proto::kvpb::kv_server::KvServer as NativeKvServer;
 use proto::kvserver::internal_server::InternalServer;
@@ -164,7 +164,9 @@ impl Shared {
 
     /// Raises `h.raft_term` to the highest this node has sent.
     pub fn fix_term(&self, h: &mut ResponseHeader) {
-        let prev = self.max_term.fetch_max(h.raft_term, std::sync::atomic::Ordering::Relaxed);
+        let prev = self
+            .max_term
+            .fetch_max(h.raft_term, std::sync::atomic::Ordering::Relaxed);
         h.raft_term = h.raft_term.max(prev);
     }
 

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use proto::etcdserverpb::{
-    compare, kv_client::KvClient, range_request, lease_client::LeaseClient, request_op, watch_client::WatchClient,
+    compare, kv_client::KvClient, lease_client::LeaseClient, range_request, request_op, watch_client::WatchClient,
     watch_request::RequestUnion, Compare, DeleteRangeRequest, LeaseGrantRequest, LeaseKeepAliveRequest,
     LeaseRevokeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest, WatchCreateRequest, WatchRequest,
 };
@@ -98,7 +98,9 @@ fn channel(host: &str) -> Option<Channel> {
         .map(|e| e.connect_timeout(CALL_TIMEOUT).connect_lazy())
 }
 
-async fn timed<T>(f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>) -> Result<T, String> {
+async fn timed<T>(
+    f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, String> {
     match tokio::time::timeout(CALL_TIMEOUT, f).await {
         Ok(Ok(r)) => Ok(r.into_inner()),
         Ok(Err(s)) => Err(format!("{:?}: {}", s.code(), s.message())),
@@ -113,7 +115,11 @@ struct Hosts {
 
 impl Hosts {
     fn any(&self) -> Channel {
-        let i = self.rng.lock().unwrap_or_else(|e| e.into_inner()).below(self.chans.len() as u64) as usize;
+        let i = self
+            .rng
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .below(self.chans.len() as u64) as usize;
         self.chans[i].clone()
     }
 
@@ -164,7 +170,14 @@ struct Seen {
 /// Watches `[key, end)` from `from` until an event at `until` or later
 /// arrives (or `deadline`), resuming after errors from the last revision
 /// seen. Returns the events and how many times it resumed.
-async fn watch_history(hosts: &Hosts, key: &[u8], end: &[u8], from: i64, until: Arc<Mutex<Option<i64>>>, deadline: Instant) -> (Vec<Seen>, usize, Vec<String>) {
+async fn watch_history(
+    hosts: &Hosts,
+    key: &[u8],
+    end: &[u8],
+    from: i64,
+    until: Arc<Mutex<Option<i64>>>,
+    deadline: Instant,
+) -> (Vec<Seen>, usize, Vec<String>) {
     let mut seen: Vec<Seen> = Vec::new();
     let mut problems = Vec::new();
     let mut resumes = 0;
@@ -183,7 +196,11 @@ async fn watch_history(hosts: &Hosts, key: &[u8], end: &[u8], from: i64, until: 
             break;
         }
         let mut client = WatchClient::new(hosts.any());
-        let stream = tokio::time::timeout(CALL_TIMEOUT, client.watch(tokio_stream::wrappers::ReceiverStream::new(rx))).await;
+        let stream = tokio::time::timeout(
+            CALL_TIMEOUT,
+            client.watch(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        )
+        .await;
         let mut stream = match stream {
             Ok(Ok(s)) => s.into_inner(),
             _ => {
@@ -193,7 +210,10 @@ async fn watch_history(hosts: &Hosts, key: &[u8], end: &[u8], from: i64, until: 
             }
         };
         loop {
-            let done = until.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|u| next > u);
+            let done = until
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some_and(|u| next > u);
             if done {
                 break 'outer;
             }
@@ -241,7 +261,10 @@ async fn watch_history(hosts: &Hosts, key: &[u8], end: &[u8], from: i64, until: 
             }
         }
     }
-    let reached = until.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|u| next > u);
+    let reached = until
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .is_some_and(|u| next > u);
     if !reached {
         problems.push(format!("the watch never reached the end marker (next revision {next})"));
     }
@@ -254,7 +277,10 @@ async fn keep_alive(hosts: &Hosts, id: i64) -> Result<i64, String> {
     let _ = tx.send(LeaseKeepAliveRequest { id }).await;
     let mut c = LeaseClient::new(hosts.any());
     let call = async {
-        let mut s = c.lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+        let mut s = c
+            .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
         match s.message().await? {
             Some(m) => Ok(m.ttl),
             None => Err(tonic::Status::unavailable("keep-alive stream ended")),
@@ -321,7 +347,14 @@ async fn lease_holder(hosts: Arc<Hosts>, ttl: i64, deadline: Instant, report: Ar
 
 /// A locker: takes the lock with etcd's recipe and writes under it, each
 /// write fenced by its lock key's create revision.
-async fn locker(hosts: Arc<Hosts>, me: usize, prefix: String, ttl: i64, deadline: Instant, report: Arc<Mutex<CoordReport>>) {
+async fn locker(
+    hosts: Arc<Hosts>,
+    me: usize,
+    prefix: String,
+    ttl: i64,
+    deadline: Instant,
+    report: Arc<Mutex<CoordReport>>,
+) {
     let lock_prefix = format!("{prefix}lock/").into_bytes();
     let guarded = format!("{prefix}fenced").into_bytes();
     let mut n = 0u64;
@@ -509,7 +542,9 @@ pub async fn run(cfg: CoordConfig, progress: impl Fn(String)) -> Result<CoordRep
     let mut watchers = Vec::new();
     for _ in 0..cfg.watchers.max(1) {
         let (h, k, e, u) = (hosts.clone(), pw.clone(), pw_end.clone(), end_rev.clone());
-        watchers.push(tokio::spawn(async move { watch_history(&h, &k, &e, from, u, drain).await }));
+        watchers.push(tokio::spawn(
+            async move { watch_history(&h, &k, &e, from, u, drain).await },
+        ));
     }
     // The history of everything of this run, for the fencing check.
     let whole = {
@@ -534,7 +569,10 @@ pub async fn run(cfg: CoordConfig, progress: impl Fn(String)) -> Result<CoordRep
                 }))
                 .await;
                 match r {
-                    Ok(r) => acked.lock().unwrap_or_else(|e| e.into_inner()).push((r.header.map_or(0, |h| h.revision), value)),
+                    Ok(r) => acked
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((r.header.map_or(0, |h| h.revision), value)),
                     Err(_) => {
                         unknown.lock().unwrap_or_else(|e| e.into_inner()).insert(value);
                         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -545,10 +583,22 @@ pub async fn run(cfg: CoordConfig, progress: impl Fn(String)) -> Result<CoordRep
         }));
     }
     for _ in 0..cfg.leases {
-        load.push(tokio::spawn(lease_holder(hosts.clone(), cfg.lease_ttl, deadline, report.clone())));
+        load.push(tokio::spawn(lease_holder(
+            hosts.clone(),
+            cfg.lease_ttl,
+            deadline,
+            report.clone(),
+        )));
     }
     for i in 0..cfg.lockers {
-        load.push(tokio::spawn(locker(hosts.clone(), i, cfg.prefix.clone(), cfg.lease_ttl, deadline, report.clone())));
+        load.push(tokio::spawn(locker(
+            hosts.clone(),
+            i,
+            cfg.prefix.clone(),
+            cfg.lease_ttl,
+            deadline,
+            report.clone(),
+        )));
     }
     let nemesis_task = cfg
         .nemesis
@@ -569,14 +619,19 @@ pub async fn run(cfg: CoordConfig, progress: impl Fn(String)) -> Result<CoordRep
 
     let acked = std::mem::take(&mut *acked.lock().unwrap_or_else(|e| e.into_inner()));
     let unknown = std::mem::take(&mut *unknown.lock().unwrap_or_else(|e| e.into_inner()));
-    let written: HashSet<Vec<u8>> = acked.iter().map(|(_, v)| v.clone()).chain(unknown.iter().cloned()).collect();
+    let written: HashSet<Vec<u8>> = acked
+        .iter()
+        .map(|(_, v)| v.clone())
+        .chain(unknown.iter().cloned())
+        .collect();
     let mut rep = std::mem::take(&mut *report.lock().unwrap_or_else(|e| e.into_inner()));
     rep.writes_ok = acked.len();
     rep.writes_unknown = unknown.len();
     for (i, w) in watchers.into_iter().enumerate() {
         let (seen, resumes, problems) = w.await.map_err(|e| e.to_string())?;
         rep.watch_resumes += resumes;
-        rep.watch_problems.extend(problems.into_iter().map(|p| format!("watcher {i}: {p}")));
+        rep.watch_problems
+            .extend(problems.into_iter().map(|p| format!("watcher {i}: {p}")));
         let by_value: BTreeMap<&[u8], i64> = seen.iter().map(|s| (s.value.as_slice(), s.rev)).collect();
         let mut missed = 0;
         for (rev, v) in &acked {
@@ -590,7 +645,8 @@ pub async fn run(cfg: CoordConfig, progress: impl Fn(String)) -> Result<CoordRep
             }
         }
         if missed > 0 {
-            rep.watch_problems.push(format!("watcher {i}: missed {missed} acknowledged writes"));
+            rep.watch_problems
+                .push(format!("watcher {i}: missed {missed} acknowledged writes"));
         }
         for s in &seen {
             if s.put && s.value != b"end" && !written.contains(&s.value) {
@@ -603,7 +659,8 @@ pub async fn run(cfg: CoordConfig, progress: impl Fn(String)) -> Result<CoordRep
         rep.watch_events.push(seen.len());
     }
     let (history, _, problems) = whole.await.map_err(|e| e.to_string())?;
-    rep.watch_problems.extend(problems.into_iter().map(|p| format!("history watch: {p}")));
+    rep.watch_problems
+        .extend(problems.into_iter().map(|p| format!("history watch: {p}")));
     let (applied, fencing) = check_fencing(
         &history,
         format!("{}lock/", cfg.prefix).as_bytes(),
