@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::cluster::{wait, Cluster};
-use etcd_client::{Client, GetOptions, PutOptions};
+use etcd_client::{Client, GetOptions, PutOptions, WatchOptions};
 
 fn etcdctl_installed() -> bool {
     std::path::Path::new("/usr/bin/etcdctl").exists()
@@ -289,9 +289,9 @@ async fn watches_leases_and_fenced_locks_hold_under_the_nemesis() {
     let hosts: Vec<String> = c.nodes.iter().map(|n| n.grpc.clone()).collect();
     let out = Command::new(env!("CARGO_BIN_EXE_tardigrade"))
         .args(["workload", "coordination", "--hosts", &hosts.join(",")])
-        .args(["--duration", "20", "--seed", "5", "--lease-ttl", "4"])
+        .args(["--duration", "15", "--seed", "5", "--lease-ttl", "4"])
         .args(["--nemesis", "--pids", &pids.join(","), "--faults", "kill,pause"])
-        .args(["--fault-interval", "3", "--fault-duration", "2"])
+        .args(["--fault-interval", "2.5", "--fault-duration", "2"])
         .output()
         .expect("run the workload");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -312,4 +312,74 @@ async fn watches_leases_and_fenced_locks_hold_under_the_nemesis() {
     assert!(num(" writes acknowledged") > 50, "{stdout}");
     assert!(num(" keep-alives answered") > 20, "{stdout}");
     assert!(num(" taken;") >= 3, "locks taken: {stdout}");
+}
+
+/// A watcher that does not read holds back neither the writes nor another
+/// watcher of the same keys, and once it reads it gets every event, in
+/// order, caught up from storage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_watcher_holds_back_neither_writes_nor_other_watchers() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("n")).unwrap();
+    let mut node = common::start_tardigrade(&dir.path().join("n"));
+    node.wait_healthy(Duration::from_secs(30));
+    // Each watcher on its own connection (HTTP/2 flow control is shared by
+    // a connection's streams: one unread stream would stall the client's
+    // other streams, whatever the server does).
+    let mut slow_cl = Client::connect([node.grpc.as_str()], None).await.unwrap();
+    let mut fast_cl = Client::connect([node.grpc.as_str()], None).await.unwrap();
+    let mut cl = Client::connect([node.grpc.as_str()], None).await.unwrap();
+    let mut slow = slow_cl
+        .watch("s/", Some(WatchOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    let mut fast = fast_cl
+        .watch("s/", Some(WatchOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    // ~24 MB of events: far more than the stream's buffers and gRPC's
+    // windows hold, so the slow watcher's task must stop and catch up.
+    let n = 1500usize;
+    let value = vec![b'x'; 16 * 1024];
+    let keys_of = |evs: &[etcd_client::Event]| -> Vec<String> {
+        evs.iter()
+            .filter_map(|e| e.kv().map(|kv| String::from_utf8_lossy(kv.key()).into_owned()))
+            .collect()
+    };
+    let fast_reader = tokio::spawn(async move {
+        let mut keys = Vec::new();
+        while keys.len() < n {
+            match fast.message().await {
+                Ok(Some(m)) => keys.extend(keys_of(m.events())),
+                other => panic!("the fast watcher's stream ended: {other:?}"),
+            }
+        }
+        keys
+    });
+    let t0 = Instant::now();
+    for i in 0..n {
+        cl.put(format!("s/{i:05}"), value.clone(), None).await.unwrap();
+    }
+    let wrote = t0.elapsed();
+    let fast_keys = tokio::time::timeout(Duration::from_secs(30), fast_reader)
+        .await
+        .expect("the fast watcher kept up")
+        .unwrap();
+    let want: Vec<String> = (0..n).map(|i| format!("s/{i:05}")).collect();
+    assert_eq!(fast_keys, want, "the fast watcher's events");
+    let mut slow_keys = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while slow_keys.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "the slow watcher got {} of {n}",
+            slow_keys.len()
+        );
+        match tokio::time::timeout(Duration::from_secs(10), slow.message()).await {
+            Ok(Ok(Some(m))) => slow_keys.extend(keys_of(m.events())),
+            other => panic!("the slow watcher's stream ended: {other:?}"),
+        }
+    }
+    assert_eq!(slow_keys, want, "the slow watcher's events");
+    println!("{n} puts of 16 KiB in {wrote:?} with one watcher not reading; it then caught up in order");
 }

@@ -426,8 +426,11 @@ fn responses(header: Option<ResponseHeader>, id: i64, events: Vec<Event>, fragme
         ..Default::default()
     };
     let limit = kvserver::etcd::MAX_REQUEST_BYTES;
-    if !fragment || whole.encoded_len() <= limit {
+    if whole.encoded_len() <= limit.min(SPLIT_BYTES) {
         return vec![whole];
+    }
+    if !fragment {
+        return split_at_revisions(whole);
     }
     let mut out = Vec::new();
     let mut cur = WatchResponse {
@@ -453,6 +456,36 @@ fn responses(header: Option<ResponseHeader>, id: i64, events: Vec<Event>, fragme
         cur.events.push(e);
     }
     cur.fragment = false;
+    out.push(cur);
+    out
+}
+
+/// Catch-up responses are cut at revision boundaries once they pass this
+/// size, so that no client's message limit (gRPC's default is 4 MiB) is
+/// met by a watcher that fell behind; one revision is never cut.
+const SPLIT_BYTES: usize = 1 << 20;
+
+/// `whole` as responses of whole revisions, each at most `SPLIT_BYTES`
+/// unless one revision alone is larger.
+fn split_at_revisions(whole: WatchResponse) -> Vec<WatchResponse> {
+    let empty = WatchResponse {
+        events: Vec::new(),
+        ..whole.clone()
+    };
+    let rev_of = |e: &Event| e.kv.as_ref().map_or(0, |kv| kv.mod_revision);
+    let mut out = Vec::new();
+    let mut cur = empty.clone();
+    let mut size = 0;
+    for e in whole.events {
+        let n = e.encoded_len() + 8;
+        let new_rev = cur.events.last().is_some_and(|last| rev_of(last) != rev_of(&e));
+        if new_rev && size + n > SPLIT_BYTES {
+            out.push(std::mem::replace(&mut cur, empty.clone()));
+            size = 0;
+        }
+        size += n;
+        cur.events.push(e);
+    }
     out.push(cur);
     out
 }
@@ -538,9 +571,22 @@ mod tests {
     }
 
     #[test]
-    fn big_responses_are_fragmented_only_when_asked() {
+    fn big_responses_are_cut_at_revisions_or_fragmented_when_asked() {
         let events: Vec<Event> = (0..5).map(|i| ev(&format!("k{i}"), true, 600 * 1024)).collect();
-        assert_eq!(responses(None, 1, events.clone(), false).len(), 1);
+        // Unfragmented: cut at revision boundaries only.
+        let mut same_rev = events.clone();
+        for e in &mut same_rev {
+            e.kv.as_mut().unwrap().mod_revision = 7;
+        }
+        assert_eq!(responses(None, 1, same_rev, false).len(), 1);
+        let mut distinct = events.clone();
+        for (i, e) in distinct.iter_mut().enumerate() {
+            e.kv.as_mut().unwrap().mod_revision = 7 + i as i64;
+        }
+        let parts = responses(None, 1, distinct, false);
+        assert!(parts.len() >= 3, "{} parts", parts.len());
+        assert!(parts.iter().all(|r| !r.fragment && r.encoded_len() <= 2 * SPLIT_BYTES));
+        assert_eq!(parts.iter().map(|r| r.events.len()).sum::<usize>(), 5);
         let parts = responses(None, 1, events, true);
         assert!(parts.len() >= 2, "{} parts", parts.len());
         assert!(parts[..parts.len() - 1].iter().all(|r| r.fragment));

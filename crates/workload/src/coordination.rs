@@ -35,6 +35,9 @@ use tonic::transport::Channel;
 
 use crate::nemesis::{self, NemesisConfig, Rng};
 
+/// The acknowledged writes: (revision, value).
+type Acked = Vec<(i64, Vec<u8>)>;
+
 /// What to run.
 #[derive(Clone, Debug)]
 pub struct CoordConfig {
@@ -551,7 +554,7 @@ pub async fn run(cfg: CoordConfig, progress: impl Fn(String)) -> Result<CoordRep
         let (h, k, e, u) = (hosts.clone(), all.clone(), all_end.clone(), end_rev.clone());
         tokio::spawn(async move { watch_history(&h, &k, &e, from, u, drain).await })
     };
-    let acked: Arc<Mutex<Vec<(i64, Vec<u8>)>>> = Arc::default();
+    let acked: Arc<Mutex<Acked>> = Arc::default();
     let unknown: Arc<Mutex<HashSet<Vec<u8>>>> = Arc::default();
     let mut load = Vec::new();
     for w in 0..cfg.writers.max(1) {
