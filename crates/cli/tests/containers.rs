@@ -268,10 +268,10 @@ async fn register_under_the_container_nemesis_is_linearizable_and_partitions_cat
     c.must(&["up", "-d"]);
     c.wait_healthy(&NODES, HEALTHY);
 
-    // 45 s of kills, pauses and partitions, each at least once (the nemesis
+    // 35 s of kills, pauses and partitions, each at least once (the nemesis
     // deals them in rounds holding each kind once).
     let t = Instant::now();
-    let (ok, out, err) = workload(&c, 45, "kill,pause,partition", "5", "7");
+    let (ok, out, err) = workload(&c, 35, "kill,pause,partition", "5", "7");
     eprintln!("{out}\n{err}");
     assert!(ok, "register under the container nemesis failed:\n{out}\n{err}");
     let faults: Vec<&str> = out.lines().filter(|l| l.starts_with("nemesis: ")).collect();
