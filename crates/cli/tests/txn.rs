@@ -69,7 +69,7 @@ async fn bank_and_append_under_the_nemesis_and_splits_stay_serializable() {
             "--clients",
             "6",
             "--duration",
-            "30",
+            "25",
             "--seed",
             "3",
             "--nemesis",
@@ -96,7 +96,7 @@ async fn bank_and_append_under_the_nemesis_and_splits_stay_serializable() {
             "--clients",
             "6",
             "--duration",
-            "30",
+            "25",
             "--seed",
             "5",
         ]
@@ -170,7 +170,7 @@ async fn knob_is_caught(knob: &str) -> String {
         "--clients",
         "6",
         "--duration",
-        "15",
+        "6", // every knob is caught within the first second
         "--read-percent",
         "50",
         "--seed",
