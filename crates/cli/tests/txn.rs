@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::cluster::*;
 use common::http_get;
-use kv::txn::{self, Txn};
+use kv::txn::{self, Txn, TxnError};
 use proto::kvpb;
 
 fn run_workload(args: Vec<String>) -> (bool, String, String) {
@@ -229,10 +229,27 @@ async fn a_transaction_of_100000_writes_commits_and_is_resolved_range_by_range()
     let committed = started.elapsed();
     // Every key reads back (a reader meeting a leftover intent resolves it),
     // and the background resolution leaves none.
-    let mut r = Txn::begin(s.clone());
-    let rows = r.scan(b"big/", b"big0").await.expect("scan");
+    // Right after the commit the background resolution of 100,000 intents
+    // loads every node, and a scan that meets them resolves them itself:
+    // it may time out (Unavailable, or an unknown outcome) and is retried,
+    // as a client retries a read. Seen in about one `make test` in three
+    // under load; see the closing note of issue 14.
+    let mut tries = 0;
+    let rows = loop {
+        tries += 1;
+        let mut r = Txn::begin(s.clone());
+        match r.scan(b"big/", b"big0").await {
+            Ok(rows) => {
+                r.commit().await.unwrap();
+                break rows;
+            }
+            Err(e @ (TxnError::Retry(_) | TxnError::Unavailable(_))) if tries < 5 => {
+                eprintln!("scan try {tries}: {e}; again");
+            }
+            Err(e) => panic!("scan: {e:?}"),
+        }
+    };
     assert_eq!(rows.len(), 100_000);
-    r.commit().await.unwrap();
     // No intent is left on any range (the statistics count them).
     wait("no intents left", Duration::from_secs(60), || async {
         let ranges = c.ranges(0).await.unwrap_or_default();

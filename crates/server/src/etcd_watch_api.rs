@@ -127,25 +127,30 @@ impl StreamTask {
         self.shared.header(store, rev, term)
     }
 
+    /// The store, or the stream ends with the reason it cannot be served.
+    async fn store_or_end(&self) -> Result<kvserver::StoreHandle, Ended> {
+        match self.store() {
+            Ok(s) => Ok(s),
+            Err(st) => Err(self.fail(st).await),
+        }
+    }
+
+    /// Ends the stream with `st`.
+    async fn fail(&self, st: Status) -> Ended {
+        let _ = self.out.send(Err(st)).await;
+        Ended
+    }
+
     async fn send(&self, r: WatchResponse) -> Result<(), Ended> {
         self.out.send(Ok(r)).await.map_err(|_| Ended)
     }
 
     async fn create(&mut self, c: WatchCreateRequest) -> Result<(), Ended> {
-        let store = match self.store() {
-            Ok(s) => s,
-            Err(st) => {
-                let _ = self.out.send(Err(st)).await;
-                return Err(Ended);
-            }
-        };
+        let store = self.store_or_end().await?;
         let snap = store.engine().snapshot();
         let state = match store.rev_state(&snap) {
             Ok(s) => s,
-            Err(e) => {
-                let _ = self.out.send(Err(Status::internal(e.to_string()))).await;
-                return Err(Ended);
-            }
+            Err(e) => return Err(self.fail(Status::internal(e.to_string())).await),
         };
         let header = Some(self.header(&store, state.rev));
         if let Err(why) = check_create(&c) {
@@ -227,21 +232,12 @@ impl StreamTask {
         if self.watchers.is_empty() {
             return Ok(());
         }
-        let store = match self.store() {
-            Ok(s) => s,
-            Err(st) => {
-                let _ = self.out.send(Err(st)).await;
-                return Err(Ended);
-            }
-        };
+        let store = self.store_or_end().await?;
         loop {
             let snap = store.engine().snapshot();
             let state = match store.rev_state(&snap) {
                 Ok(s) => s,
-                Err(e) => {
-                    let _ = self.out.send(Err(Status::internal(e.to_string()))).await;
-                    return Err(Ended);
-                }
+                Err(e) => return Err(self.fail(Status::internal(e.to_string())).await),
             };
             // Watchers grouped by cursor: the history is read once per group.
             let mut groups: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
@@ -274,10 +270,7 @@ impl StreamTask {
                 let prev = ids.iter().any(|id| self.watchers.get(id).is_some_and(|w| w.prev_kv));
                 let revs = match etcd_history::read(&snap, from, state.rev, MAX_REVS_PER_PASS, prev) {
                     Ok(r) => r,
-                    Err(e) => {
-                        let _ = self.out.send(Err(Status::internal(e.to_string()))).await;
-                        return Err(Ended);
-                    }
+                    Err(e) => return Err(self.fail(Status::internal(e.to_string())).await),
                 };
                 let upto = if revs.len() >= MAX_REVS_PER_PASS {
                     more = true;
@@ -340,13 +333,7 @@ impl StreamTask {
     /// A progress request: the revision every watcher of the stream has
     /// seen everything up to.
     async fn progress(&mut self) -> Result<(), Ended> {
-        let store = match self.store() {
-            Ok(s) => s,
-            Err(st) => {
-                let _ = self.out.send(Err(st)).await;
-                return Err(Ended);
-            }
-        };
+        let store = self.store_or_end().await?;
         let snap = store.engine().snapshot();
         let rev = store.rev_state(&snap).map(|s| s.rev).unwrap_or(0);
         let seen = self.watchers.values().map(|w| w.next - 1).min().unwrap_or(rev).min(rev);
