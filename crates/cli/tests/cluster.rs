@@ -317,7 +317,7 @@ async fn the_register_workload_under_the_nemesis_is_linearizable() {
         ])
         .args([
             "--duration",
-            "25",
+            "20",
             "--nemesis",
             "--pids",
             &pids.join(","),
