@@ -320,8 +320,10 @@ async fn watches_leases_and_fenced_locks_hold_under_the_nemesis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_watcher_holds_back_neither_writes_nor_other_watchers() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("n")).unwrap();
     let mut node = common::start_tardigrade(&dir.path().join("n"));
+    // Once failed after 32 s in a full run and never again: a failure now
+    // shows the node's log.
+    let _log = LogOnPanic(dir.path().join("n.log"));
     node.wait_healthy(Duration::from_secs(30));
     // Each watcher on its own connection (HTTP/2 flow control is shared by
     // a connection's streams: one unread stream would stall the client's
@@ -382,4 +384,20 @@ async fn a_slow_watcher_holds_back_neither_writes_nor_other_watchers() {
     }
     assert_eq!(slow_keys, want, "the slow watcher's events");
     println!("{n} puts of 16 KiB in {wrote:?} with one watcher not reading; it then caught up in order");
+}
+
+/// Prints the tail of a node's log if the test panics.
+struct LogOnPanic(std::path::PathBuf);
+
+impl Drop for LogOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.0).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!("---- {} (last 60 lines) ----", self.0.display());
+            for l in &lines[lines.len().saturating_sub(60)..] {
+                eprintln!("{l}");
+            }
+        }
+    }
 }

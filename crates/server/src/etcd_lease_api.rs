@@ -48,14 +48,10 @@ fn new_lease_id(shared: &Shared) -> i64 {
 }
 
 impl EtcdApi {
-    async fn lease_read(&self, method: &str, req: batch_request::Request) -> Result<batch_response::Response, Status> {
-        self.send(method, req).await
-    }
-
     /// One keep-alive, answered by the leaseholder.
     pub async fn keep_alive_once(&self, id: i64) -> Result<LeaseKeepAliveResponse, Status> {
         let req = batch_request::Request::EtcdLeaseKeepAlive(LeaseKeepAliveRequest { id });
-        match self.lease_read("lease_keep_alive", req).await? {
+        match self.send("lease_keep_alive", req).await? {
             batch_response::Response::EtcdLeaseKeepAlive(r) => Ok(r),
             other => Err(unexpected(other)),
         }
@@ -126,7 +122,7 @@ impl Lease for EtcdApi {
         req: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         let r = batch_request::Request::EtcdLeaseTimeToLive(req.into_inner());
-        match self.lease_read("lease_time_to_live", r).await? {
+        match self.send("lease_time_to_live", r).await? {
             batch_response::Response::EtcdLeaseTimeToLive(resp) => Ok(Response::new(resp)),
             other => Err(unexpected(other)),
         }
@@ -134,7 +130,7 @@ impl Lease for EtcdApi {
 
     async fn lease_leases(&self, _req: Request<LeaseLeasesRequest>) -> Result<Response<LeaseLeasesResponse>, Status> {
         let r = batch_request::Request::EtcdLeaseLeases(LeaseLeasesRequest {});
-        match self.lease_read("lease_leases", r).await? {
+        match self.send("lease_leases", r).await? {
             batch_response::Response::EtcdLeaseLeases(resp) => Ok(Response::new(resp)),
             other => Err(unexpected(other)),
         }

@@ -153,29 +153,22 @@ impl StreamTask {
             Err(e) => return Err(self.fail(Status::internal(e.to_string())).await),
         };
         let header = Some(self.header(&store, state.rev));
+        // A refused watch is created and cancelled at once, id -1, as etcd does.
+        let refuse = |why: &str| WatchResponse {
+            header,
+            watch_id: -1,
+            created: true,
+            canceled: true,
+            cancel_reason: why.into(),
+            ..Default::default()
+        };
         if let Err(why) = check_create(&c) {
-            return self
-                .send(WatchResponse {
-                    header,
-                    watch_id: -1,
-                    created: true,
-                    canceled: true,
-                    cancel_reason: why.into(),
-                    ..Default::default()
-                })
-                .await;
+            return self.send(refuse(why)).await;
         }
         let id = if c.watch_id != 0 {
             if self.watchers.contains_key(&c.watch_id) {
                 return self
-                    .send(WatchResponse {
-                        header,
-                        watch_id: -1,
-                        created: true,
-                        canceled: true,
-                        cancel_reason: "mvcc: duplicate watch ID provided on the WatchStream".into(),
-                        ..Default::default()
-                    })
+                    .send(refuse("mvcc: duplicate watch ID provided on the WatchStream"))
                     .await;
             }
             c.watch_id
@@ -209,7 +202,6 @@ impl StreamTask {
                 })
                 .await;
         }
-        let filters: Vec<i32> = c.filters.clone();
         self.watchers.insert(
             id,
             Watcher {
@@ -217,8 +209,8 @@ impl StreamTask {
                 range_end: c.range_end,
                 next,
                 prev_kv: c.prev_kv,
-                no_put: filters.contains(&(FilterType::Noput as i32)),
-                no_delete: filters.contains(&(FilterType::Nodelete as i32)),
+                no_put: c.filters.contains(&(FilterType::Noput as i32)),
+                no_delete: c.filters.contains(&(FilterType::Nodelete as i32)),
                 progress_notify: c.progress_notify,
                 fragment: c.fragment,
                 active: false,
